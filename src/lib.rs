@@ -1,6 +1,13 @@
 //! formid-ledger: collects WeChat mini-program message credentials per user and
 //! spends each use at most once.
 
+pub mod cli;
+pub mod db;
+pub mod http;
+pub mod ledger;
 pub mod secret;
+pub mod settings;
 pub mod sim;
+pub mod startup;
+pub mod time;
 pub mod wechat;

@@ -1,0 +1,220 @@
+//! The database: one binary, SQLite or PostgreSQL chosen by the URL.
+//!
+//! Queries are written once against concrete connections through [`dispatch!`]; a
+//! backend-specific branch exists only where the SQL differs (locking, transactions).
+
+pub mod schema;
+
+use std::time::Duration;
+
+use diesel::connection::{AnsiTransactionManager, SimpleConnection, TransactionManager};
+use diesel::prelude::*;
+use diesel::r2d2::{ConnectionManager, CustomizeConnection, Pool, PooledConnection};
+use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
+
+use crate::settings::DatabaseUrl;
+
+const PG_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
+const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
+
+/// Any lock id will do as long as it is this service's own.
+const MIGRATION_LOCK: i64 = 0x666f_726d_6964; // "formid"
+
+#[derive(diesel::MultiConnection)]
+pub enum DbConn {
+    Pg(PgConnection),
+    Sqlite(SqliteConnection),
+}
+
+/// Runs `$body` with `$c` bound to the concrete connection of either backend, so a
+/// query is written once and compiled for both.
+#[macro_export]
+macro_rules! dispatch {
+    ($conn:expr, |$c:ident| $body:expr) => {
+        match $conn {
+            $crate::db::DbConn::Pg($c) => $body,
+            $crate::db::DbConn::Sqlite($c) => $body,
+        }
+    };
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Postgres,
+    Sqlite,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// No connection within the pool's timeout, or the database does not answer.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    #[error(transparent)]
+    Query(#[from] diesel::result::Error),
+}
+
+pub type DbResult<T> = Result<T, DbError>;
+
+/// Per-connection SQLite settings: WAL so readers never wait for the writer, a busy
+/// timeout so writers queue instead of failing, and foreign keys on.
+#[derive(Debug, Clone, Copy)]
+struct SqlitePragmas;
+
+impl CustomizeConnection<DbConn, diesel::r2d2::Error> for SqlitePragmas {
+    fn on_acquire(&self, conn: &mut DbConn) -> Result<(), diesel::r2d2::Error> {
+        if let DbConn::Sqlite(c) = conn {
+            // synchronous=NORMAL in WAL mode: a commit survives the process being
+            // killed (what the chaos tests do); only an OS crash can lose the last ones.
+            c.batch_execute(
+                "PRAGMA busy_timeout = 10000; PRAGMA journal_mode = WAL; \
+                 PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;",
+            )
+            .map_err(diesel::r2d2::Error::QueryError)?;
+        }
+        Ok(())
+    }
+}
+
+/// The pool, shared by every request and background task of one instance.
+#[derive(Clone)]
+pub struct Db {
+    pool: Pool<ConnectionManager<DbConn>>,
+    backend: Backend,
+}
+
+impl Db {
+    /// Builds the pool (and for SQLite creates the file's folder). Does not connect
+    /// eagerly beyond one connection, so a down database is reported at once.
+    pub fn connect(url: &DatabaseUrl, max_size: u32) -> DbResult<Db> {
+        let (conn_url, backend) = match url {
+            DatabaseUrl::Sqlite(path) => {
+                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(dir).map_err(|e| {
+                        DbError::Unavailable(format!("cannot create {}: {e}", dir.display()))
+                    })?;
+                }
+                (format!("sqlite://{}", path.display()), Backend::Sqlite)
+            }
+            DatabaseUrl::Postgres(url) => (url.expose().to_string(), Backend::Postgres),
+        };
+        let pool = Pool::builder()
+            .max_size(max_size)
+            .min_idle(Some(1))
+            .connection_timeout(Duration::from_secs(5))
+            .connection_customizer(Box::new(SqlitePragmas))
+            .build(ConnectionManager::<DbConn>::new(conn_url))
+            .map_err(|e| DbError::Unavailable(e.to_string()))?;
+        Ok(Db { pool, backend })
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// A connection for synchronous code (CLI, tests, background threads).
+    pub fn get(&self) -> DbResult<PooledConnection<ConnectionManager<DbConn>>> {
+        self.pool
+            .get()
+            .map_err(|e| DbError::Unavailable(e.to_string()))
+    }
+
+    /// Runs `f` with a pooled connection on the blocking thread pool, never on an
+    /// async worker. A pool timeout is [`DbError::Unavailable`].
+    pub async fn run<T, F>(&self, f: F) -> DbResult<T>
+    where
+        F: FnOnce(&mut DbConn) -> DbResult<T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let db = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut conn = db.get()?;
+            f(&mut conn)
+        })
+        .await
+        .map_err(|e| DbError::Unavailable(format!("database task failed: {e}")))?
+    }
+
+    /// Applies the embedded migrations of this backend. On PostgreSQL several
+    /// instances may start at once: an advisory lock lets one migrate at a time.
+    pub fn migrate(&self) -> DbResult<Vec<String>> {
+        let mut conn = self.get()?;
+        let applied = match &mut *conn {
+            DbConn::Pg(c) => {
+                diesel::sql_query(format!("SELECT pg_advisory_lock({MIGRATION_LOCK})"))
+                    .execute(c)?;
+                let result = c.run_pending_migrations(PG_MIGRATIONS).map(names);
+                diesel::sql_query(format!("SELECT pg_advisory_unlock({MIGRATION_LOCK})"))
+                    .execute(c)?;
+                result
+            }
+            DbConn::Sqlite(c) => c.run_pending_migrations(SQLITE_MIGRATIONS).map(names),
+        };
+        applied.map_err(|e| DbError::Unavailable(format!("migration failed: {e}")))
+    }
+}
+
+/// `SELECT 1`: does the database answer?
+pub fn ping(conn: &mut DbConn) -> DbResult<()> {
+    dispatch!(conn, |c| diesel::sql_query("SELECT 1").execute(c))?;
+    Ok(())
+}
+
+fn names(versions: Vec<diesel::migration::MigrationVersion<'_>>) -> Vec<String> {
+    versions.into_iter().map(|v| v.to_string()).collect()
+}
+
+/// Runs `f` in a write transaction: `BEGIN IMMEDIATE` on SQLite, so a read-then-write
+/// takes the write lock up front and never fails on a lock upgrade; an ordinary
+/// transaction on PostgreSQL (row locks do the rest there).
+pub fn write_tx<T, E, F>(conn: &mut DbConn, f: F) -> Result<T, E>
+where
+    F: FnOnce(&mut DbConn) -> Result<T, E>,
+    E: From<diesel::result::Error>,
+{
+    if !matches!(conn, DbConn::Sqlite(_)) {
+        return conn.transaction(f);
+    }
+    // SqliteConnection::immediate_transaction, but `f` gets the enum back. The state
+    // lives in the inner connection's transaction manager, so nested transactions
+    // inside `f` become savepoints as usual.
+    fn inner(conn: &mut DbConn) -> &mut SqliteConnection {
+        match conn {
+            DbConn::Sqlite(c) => c,
+            DbConn::Pg(_) => unreachable!("checked above"),
+        }
+    }
+    AnsiTransactionManager::begin_transaction_sql(inner(conn), "BEGIN IMMEDIATE")?;
+    match f(conn) {
+        Ok(value) => {
+            AnsiTransactionManager::commit_transaction(inner(conn))?;
+            Ok(value)
+        }
+        Err(e) => {
+            AnsiTransactionManager::rollback_transaction(inner(conn))?;
+            Err(e)
+        }
+    }
+}
+
+/// Runs one read-then-write statement: in an immediate transaction on SQLite (a
+/// deferred one could fail on upgrading its read snapshot), as it is on PostgreSQL,
+/// where a single statement is atomic and a transaction would only add round trips.
+pub fn single_write<T, E, F>(conn: &mut DbConn, f: F) -> Result<T, E>
+where
+    F: FnOnce(&mut DbConn) -> Result<T, E>,
+    E: From<diesel::result::Error>,
+{
+    match conn {
+        DbConn::Sqlite(_) => write_tx(conn, f),
+        DbConn::Pg(_) => f(conn),
+    }
+}
+
+/// Raw SQL is written with PostgreSQL's `$N` parameters; SQLite numbers `$N` by first
+/// appearance, so it gets the positional `?N` instead.
+pub fn native_sql(conn: &DbConn, sql: &str) -> String {
+    match conn {
+        DbConn::Pg(_) => sql.to_string(),
+        DbConn::Sqlite(_) => sql.replace('$', "?"),
+    }
+}

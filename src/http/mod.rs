@@ -1,0 +1,133 @@
+//! The HTTP face of the service: thin handlers that parse, authorize, call the
+//! domain and map the result. One module per resource, each with `config`.
+
+pub mod admin;
+pub mod auth;
+pub mod credentials;
+pub mod error;
+pub mod health;
+
+use std::sync::Arc;
+
+use actix_web::error::{JsonPayloadError, PayloadError};
+use actix_web::{web, HttpRequest, HttpResponse};
+
+use crate::db::Db;
+use crate::ledger::{self, Rules};
+use crate::settings::Settings;
+use auth::KeyRing;
+use error::ApiError;
+
+/// Largest request body the contract allows.
+pub const BODY_LIMIT: usize = 64 * 1024;
+
+/// What every handler may use, shared through `web::Data`.
+pub struct AppState {
+    pub db: Db,
+    pub settings: Arc<Settings>,
+    pub rules: Rules,
+    pub keys: KeyRing,
+}
+
+impl AppState {
+    pub fn new(db: Db, settings: Arc<Settings>) -> Self {
+        let rules = Rules {
+            prepay_id_uses: settings.prepay_id_uses,
+            expiry_margin: chrono::TimeDelta::from_std(settings.expiry_margin)
+                .unwrap_or(chrono::TimeDelta::minutes(10)),
+            user_cap: settings.user_cap,
+        };
+        AppState {
+            keys: KeyRing::new(&settings.api_keys),
+            db,
+            settings,
+            rules,
+        }
+    }
+
+    /// The app a request is about: the named one, or the only one configured.
+    pub fn resolve_app(&self, app_id: Option<&str>) -> Result<String, ApiError> {
+        match app_id {
+            Some(id) => self
+                .settings
+                .app(id)
+                .map(|a| a.app_id.clone())
+                .ok_or_else(|| {
+                    ApiError::new(
+                        actix_web::http::StatusCode::NOT_FOUND,
+                        "unknown_app",
+                        format!("no app {id:?} is configured"),
+                    )
+                }),
+            None => match self.settings.apps.as_slice() {
+                [only] => Ok(only.app_id.clone()),
+                _ => Err(ApiError::new(
+                    actix_web::http::StatusCode::BAD_REQUEST,
+                    "app_id_required",
+                    "several apps are configured: say which with app_id",
+                )),
+            },
+        }
+    }
+}
+
+/// An openid as the ledger stores it: 1..128 printable ASCII, no white space.
+pub fn check_openid(openid: &str) -> Result<(), ApiError> {
+    if ledger::is_valid_value(openid) {
+        Ok(())
+    } else {
+        Err(ApiError::invalid_request(
+            "openid must be 1..128 printable ASCII characters without white space",
+        ))
+    }
+}
+
+/// Mounts every route and the extractor settings that give contract-shaped errors.
+pub fn config(cfg: &mut web::ServiceConfig) {
+    cfg.app_data(
+        web::JsonConfig::default()
+            .limit(BODY_LIMIT)
+            .content_type_required(false)
+            .error_handler(|err, _| json_error(err).into()),
+    )
+    .app_data(web::PayloadConfig::new(BODY_LIMIT))
+    .app_data(
+        web::QueryConfig::default()
+            .error_handler(|err, _| ApiError::invalid_request(err.to_string()).into()),
+    )
+    .app_data(
+        web::PathConfig::default()
+            .error_handler(|err, _| ApiError::invalid_request(err.to_string()).into()),
+    )
+    .configure(health::config)
+    .configure(credentials::config)
+    .configure(admin::config)
+    .default_service(web::to(not_found));
+}
+
+fn json_error(err: JsonPayloadError) -> ApiError {
+    match err {
+        JsonPayloadError::Overflow { .. }
+        | JsonPayloadError::OverflowKnownLength { .. }
+        | JsonPayloadError::Payload(PayloadError::Overflow) => {
+            ApiError::payload_too_large(BODY_LIMIT)
+        }
+        JsonPayloadError::Deserialize(e) => ApiError::invalid_request(e.to_string()),
+        other => ApiError::invalid_request(other.to_string()),
+    }
+}
+
+/// A resource that answers a wrong method with the contract's JSON, not an empty 405.
+pub fn resource(path: &str) -> actix_web::Resource {
+    web::resource(path).default_service(web::to(|req: HttpRequest| async move {
+        Err::<HttpResponse, _>(ApiError::new(
+            actix_web::http::StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            format!("{} is not allowed here", req.method()),
+        ))
+    }))
+}
+
+async fn not_found(req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    Err(ApiError::not_found(format!("no route {}", req.path())))
+}

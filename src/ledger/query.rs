@@ -1,0 +1,246 @@
+//! Reading the ledger (quota, users, stats) and purging what is dead.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, NaiveDateTime, TimeDelta, Utc};
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Timestamp};
+use serde::Serialize;
+
+use super::{db_time, Kind};
+use crate::db::schema::credentials::dsl as c;
+use crate::db::{native_sql, DbConn, DbResult};
+use crate::dispatch;
+
+/// Live: uses left, not found invalid, not expired (subscriptions never expire).
+macro_rules! live {
+    ($query:expr, $now:expr) => {
+        $query
+            .filter(c::uses_left.gt(0))
+            .filter(c::invalid.eq(false))
+            .filter(c::expires_at.is_null().or(c::expires_at.gt($now)))
+    };
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct KindQuota {
+    pub credentials: u32,
+    pub uses_left: u32,
+    #[serde(with = "crate::time::rfc3339::option")]
+    pub next_expiry: Option<DateTime<Utc>>,
+}
+
+impl KindQuota {
+    fn add(&mut self, uses_left: i32, expires_at: Option<DateTime<Utc>>) {
+        self.credentials += 1;
+        self.uses_left += u32::try_from(uses_left).unwrap_or(0);
+        if let Some(t) = expires_at {
+            self.next_expiry = Some(self.next_expiry.map_or(t, |n| n.min(t)));
+        }
+    }
+}
+
+/// What one user can be sent, as the quota endpoint shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Quota {
+    pub app_id: String,
+    pub openid: String,
+    /// Uses left of form_id and prepay_id credentials.
+    pub sendable: u32,
+    pub by_kind: BTreeMap<Kind, KindQuota>,
+    /// Template id → sends left.
+    pub subscriptions: BTreeMap<String, u32>,
+    pub expiring_within_24h: u32,
+}
+
+/// The user's live credentials, summed up. A user never seen has zeros.
+pub fn quota(conn: &mut DbConn, app_id: &str, openid: &str, now: DateTime<Utc>) -> DbResult<Quota> {
+    let now_db = db_time(now);
+    type Row = (String, Option<String>, i32, Option<NaiveDateTime>);
+    let rows: Vec<Row> = dispatch!(conn, |conn| live!(
+        c::credentials
+            .filter(c::app_id.eq(app_id))
+            .filter(c::openid.eq(openid)),
+        now_db
+    )
+    .select((c::kind, c::template_id, c::uses_left, c::expires_at))
+    .load(conn))?;
+
+    let soon = now + TimeDelta::hours(24);
+    let mut quota = Quota {
+        app_id: app_id.into(),
+        openid: openid.into(),
+        sendable: 0,
+        by_kind: [Kind::FormId, Kind::PrepayId]
+            .into_iter()
+            .map(|k| (k, KindQuota::default()))
+            .collect(),
+        subscriptions: BTreeMap::new(),
+        expiring_within_24h: 0,
+    };
+    for (kind, template_id, uses_left, expires_at) in rows {
+        let expires_at = expires_at.map(|t| t.and_utc());
+        let uses = u32::try_from(uses_left).unwrap_or(0);
+        match Kind::from_db(&kind) {
+            Kind::Subscription => {
+                *quota
+                    .subscriptions
+                    .entry(template_id.unwrap_or_default())
+                    .or_default() += uses;
+            }
+            kind => {
+                quota.sendable += uses;
+                quota
+                    .by_kind
+                    .entry(kind)
+                    .or_default()
+                    .add(uses_left, expires_at);
+            }
+        }
+        if expires_at.is_some_and(|t| t <= soon) {
+            quota.expiring_within_24h += 1;
+        }
+    }
+    Ok(quota)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UserSummary {
+    pub openid: String,
+    /// Live credentials of every kind.
+    pub credentials: u32,
+    /// Uses left of every kind.
+    pub uses_left: u32,
+    #[serde(with = "crate::time::rfc3339::option")]
+    pub next_expiry: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UserPage {
+    pub users: Vec<UserSummary>,
+    /// Pass as `cursor` for the next page; None on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// Users of the app with live credentials, by openid, `limit` at a time after
+/// `cursor` (the last openid of the previous page).
+pub fn users(
+    conn: &mut DbConn,
+    app_id: &str,
+    limit: u32,
+    cursor: Option<&str>,
+    now: DateTime<Utc>,
+) -> DbResult<UserPage> {
+    use diesel::dsl::{count_star, min, sum};
+    let now_db = db_time(now);
+    let after = cursor.unwrap_or("");
+    let fetch = i64::from(limit) + 1;
+    type Row = (String, i64, Option<i64>, Option<NaiveDateTime>);
+    let mut rows: Vec<Row> = dispatch!(conn, |conn| live!(
+        c::credentials
+            .filter(c::app_id.eq(app_id))
+            .filter(c::openid.gt(after)),
+        now_db
+    )
+    .group_by(c::openid)
+    .select((
+        c::openid,
+        count_star(),
+        sum(c::uses_left),
+        min(c::expires_at)
+    ))
+    .order(c::openid)
+    .limit(fetch)
+    .load(conn))?;
+    let more = rows.len() > limit as usize;
+    rows.truncate(limit as usize);
+    let users: Vec<UserSummary> = rows
+        .into_iter()
+        .map(|(openid, n, uses, next)| UserSummary {
+            openid,
+            credentials: u32::try_from(n).unwrap_or(u32::MAX),
+            uses_left: u32::try_from(uses.unwrap_or(0)).unwrap_or(u32::MAX),
+            next_expiry: next.map(|t| t.and_utc()),
+        })
+        .collect();
+    let next_cursor = more
+        .then(|| users.last().map(|u| u.openid.clone()))
+        .flatten();
+    Ok(UserPage { users, next_cursor })
+}
+
+/// Totals of one app's live credentials. (Message totals join these once messages exist.)
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Stats {
+    pub app_id: String,
+    /// Kind → live credentials and their uses left.
+    pub live: BTreeMap<Kind, KindTotals>,
+    pub expiring_within_24h: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct KindTotals {
+    pub credentials: u64,
+    pub uses_left: u64,
+}
+
+pub fn stats(conn: &mut DbConn, app_id: &str, now: DateTime<Utc>) -> DbResult<Stats> {
+    use diesel::dsl::{count_star, sum};
+    let now_db = db_time(now);
+    let soon = db_time(now + TimeDelta::hours(24));
+    let (by_kind, expiring): (Vec<(String, i64, Option<i64>)>, i64) = dispatch!(conn, |conn| {
+        let by_kind = live!(c::credentials.filter(c::app_id.eq(app_id)), now_db)
+            .group_by(c::kind)
+            .select((c::kind, count_star(), sum(c::uses_left)))
+            .load(conn)?;
+        let expiring = live!(c::credentials.filter(c::app_id.eq(app_id)), now_db)
+            .filter(c::expires_at.le(soon))
+            .count()
+            .get_result(conn)?;
+        (by_kind, expiring)
+    });
+    let mut live: BTreeMap<Kind, KindTotals> = [Kind::FormId, Kind::PrepayId, Kind::Subscription]
+        .into_iter()
+        .map(|k| (k, KindTotals::default()))
+        .collect();
+    for (kind, n, uses) in by_kind {
+        live.insert(
+            Kind::from_db(&kind),
+            KindTotals {
+                credentials: u64::try_from(n).unwrap_or(0),
+                uses_left: u64::try_from(uses.unwrap_or(0)).unwrap_or(0),
+            },
+        );
+    }
+    Ok(Stats {
+        app_id: app_id.into(),
+        live,
+        expiring_within_24h: u64::try_from(expiring).unwrap_or(0),
+    })
+}
+
+/// Deletes credentials that expired, or were used up or found invalid, before
+/// `older_than`, `batch` rows per statement so no lock is held for long. Returns
+/// how many rows went.
+pub fn purge(conn: &mut DbConn, older_than: DateTime<Utc>, batch: u32) -> DbResult<u64> {
+    const EXPIRED: &str = "DELETE FROM credentials WHERE id IN \
+        (SELECT id FROM credentials WHERE expires_at < $1 LIMIT $2)";
+    const DEAD: &str = "DELETE FROM credentials WHERE id IN \
+        (SELECT id FROM credentials WHERE (uses_left = 0 OR invalid) AND updated_at < $1 LIMIT $2)";
+    let cutoff = db_time(older_than);
+    let mut total = 0u64;
+    for sql in [EXPIRED, DEAD] {
+        let sql = native_sql(conn, sql);
+        loop {
+            let n = dispatch!(conn, |conn| diesel::sql_query(&sql)
+                .bind::<Timestamp, _>(cutoff)
+                .bind::<BigInt, _>(i64::from(batch))
+                .execute(conn))?;
+            total += n as u64;
+            if n < batch as usize {
+                break;
+            }
+        }
+    }
+    Ok(total)
+}

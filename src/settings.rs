@@ -1,0 +1,456 @@
+//! Settings: every value from a `LEDGER_*` environment variable, optionally from the
+//! TOML file named by `LEDGER_CONFIG` (same names, lower case, without the prefix);
+//! the environment wins. A bad value is a [`SettingsError`] naming the setting.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::ToSocketAddrs;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::secret::Secret;
+
+/// Every setting the service reads: (name without prefix, default shown in errors/docs).
+const KNOWN: &[&str] = &[
+    "bind",
+    "database_url",
+    "db_pool_size",
+    "wechat_api_base",
+    "apps",
+    "api_keys",
+    "session_secret",
+    "prepay_id_uses",
+    "token_api",
+    "user_cap",
+    "expiry_margin_s",
+    "http_workers",
+];
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid setting {name}: {problem}")]
+pub struct SettingsError {
+    pub name: String,
+    pub problem: String,
+}
+
+impl SettingsError {
+    fn new(key: &str, problem: impl Into<String>) -> Self {
+        SettingsError {
+            name: env_name(key),
+            problem: problem.into(),
+        }
+    }
+}
+
+fn env_name(key: &str) -> String {
+    format!("LEDGER_{}", key.to_ascii_uppercase())
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DatabaseUrl {
+    /// `sqlite://PATH` (relative paths are relative to the working directory).
+    Sqlite(PathBuf),
+    /// `postgres://…` or `postgresql://…`, passed to libpq as is.
+    Postgres(Secret),
+}
+
+impl DatabaseUrl {
+    pub fn parse(url: &str) -> Result<Self, String> {
+        if let Some(path) = url.strip_prefix("sqlite://") {
+            if path.is_empty() {
+                return Err("sqlite:// needs a file path, e.g. sqlite://data/ledger.db".into());
+            }
+            Ok(DatabaseUrl::Sqlite(PathBuf::from(path)))
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(DatabaseUrl::Postgres(Secret::new(url)))
+        } else {
+            Err("expected sqlite://PATH or postgres://…".into())
+        }
+    }
+}
+
+/// A mini-program the service serves: its appid and app secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct App {
+    pub app_id: String,
+    pub secret: Secret,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Role {
+    Send,
+    Admin,
+    Token,
+}
+
+impl Role {
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Send => "send",
+            Role::Admin => "admin",
+            Role::Token => "token",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Role> {
+        [Role::Send, Role::Admin, Role::Token]
+            .into_iter()
+            .find(|r| r.name() == s)
+    }
+}
+
+/// An API key: `name:role+role:key`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiKey {
+    pub name: String,
+    pub roles: Vec<Role>,
+    pub key: Secret,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenApi {
+    Classic,
+    Stable,
+}
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub bind: String,
+    pub database_url: DatabaseUrl,
+    pub db_pool_size: u32,
+    pub wechat_api_base: String,
+    /// Empty: sandbox mode.
+    pub apps: Vec<App>,
+    pub api_keys: Vec<ApiKey>,
+    pub session_secret: Option<Secret>,
+    pub prepay_id_uses: u32,
+    pub token_api: TokenApi,
+    /// Live credentials one user may hold.
+    pub user_cap: u32,
+    /// The ledger stops using a credential this long before WeChat's 7 days end.
+    pub expiry_margin: Duration,
+    /// HTTP worker threads; 0 means one per core.
+    pub http_workers: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            bind: "127.0.0.1:8080".into(),
+            database_url: DatabaseUrl::Sqlite(PathBuf::from("data/ledger.db")),
+            db_pool_size: 10,
+            wechat_api_base: "https://api.weixin.qq.com".into(),
+            apps: Vec::new(),
+            api_keys: Vec::new(),
+            session_secret: None,
+            prepay_id_uses: 1,
+            token_api: TokenApi::Stable,
+            user_cap: 200,
+            expiry_margin: Duration::from_secs(600),
+            http_workers: 0,
+        }
+    }
+}
+
+impl Settings {
+    /// Reads the process environment (and the file `LEDGER_CONFIG` names).
+    pub fn from_env() -> Result<Self, SettingsError> {
+        let env: HashMap<String, String> = std::env::vars()
+            .filter(|(k, _)| k.starts_with("LEDGER_"))
+            .collect();
+        let file = match env.get("LEDGER_CONFIG") {
+            Some(path) => Some(std::fs::read_to_string(path).map_err(|e| SettingsError {
+                name: "LEDGER_CONFIG".into(),
+                problem: format!("cannot read {path}: {e}"),
+            })?),
+            None => None,
+        };
+        Self::from_sources(file.as_deref(), &env)
+    }
+
+    /// Builds settings from a TOML text (if any) and `LEDGER_*` variables.
+    pub fn from_sources(
+        toml_text: Option<&str>,
+        env: &HashMap<String, String>,
+    ) -> Result<Self, SettingsError> {
+        let mut values = match toml_text {
+            Some(text) => toml_values(text)?,
+            None => BTreeMap::new(),
+        };
+        for key in KNOWN {
+            if let Some(v) = env.get(&env_name(key)) {
+                values.insert((*key).to_string(), v.clone());
+            }
+        }
+        for name in env.keys() {
+            let key = name.trim_start_matches("LEDGER_").to_ascii_lowercase();
+            if name != "LEDGER_CONFIG" && !KNOWN.contains(&key.as_str()) {
+                log::warn!("ignoring unknown environment variable {name}");
+            }
+        }
+        let mut s = Settings::default();
+        for (key, raw) in &values {
+            s.apply(key, raw.trim())
+                .map_err(|problem| SettingsError::new(key, problem))?;
+        }
+        s.check_consistency()?;
+        Ok(s)
+    }
+
+    fn apply(&mut self, key: &str, raw: &str) -> Result<(), String> {
+        match key {
+            "bind" => {
+                raw.to_socket_addrs()
+                    .map_err(|e| format!("{raw:?} is not host:port ({e})"))?;
+                self.bind = raw.into();
+            }
+            "database_url" => self.database_url = DatabaseUrl::parse(raw)?,
+            "db_pool_size" => self.db_pool_size = parse_int(raw, 1, 1000)?,
+            "wechat_api_base" => {
+                if !(raw.starts_with("http://") || raw.starts_with("https://")) {
+                    return Err(format!("{raw:?} is not an http(s) URL"));
+                }
+                self.wechat_api_base = raw.trim_end_matches('/').into();
+            }
+            "apps" => self.apps = parse_apps(raw)?,
+            "api_keys" => self.api_keys = parse_api_keys(raw)?,
+            "session_secret" => {
+                if raw.len() < 32 {
+                    return Err("must be at least 32 characters".into());
+                }
+                self.session_secret = Some(Secret::new(raw));
+            }
+            "prepay_id_uses" => self.prepay_id_uses = parse_int(raw, 1, 100)?,
+            "token_api" => {
+                self.token_api = match raw {
+                    "classic" => TokenApi::Classic,
+                    "stable" => TokenApi::Stable,
+                    _ => return Err(format!("{raw:?} is neither classic nor stable")),
+                }
+            }
+            "user_cap" => self.user_cap = parse_int(raw, 1, 100_000)?,
+            "expiry_margin_s" => {
+                self.expiry_margin = Duration::from_secs(parse_int(raw, 0, 86_400)?.into())
+            }
+            "http_workers" => self.http_workers = parse_int(raw, 0, 256)? as usize,
+            _ => return Err("unknown setting".into()),
+        }
+        Ok(())
+    }
+
+    fn check_consistency(&self) -> Result<(), SettingsError> {
+        if !self.apps.is_empty() && self.api_keys.is_empty() {
+            return Err(SettingsError::new(
+                "api_keys",
+                "apps are configured but no API key is: nobody could send, read quotas or fetch tokens",
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn app(&self, app_id: &str) -> Option<&App> {
+        self.apps.iter().find(|a| a.app_id == app_id)
+    }
+}
+
+/// Flattens the TOML file into `key → text`; numbers and booleans become text so the
+/// file and the environment go through one parser.
+fn toml_values(text: &str) -> Result<BTreeMap<String, String>, SettingsError> {
+    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| SettingsError {
+        name: "LEDGER_CONFIG".into(),
+        problem: format!("not valid TOML: {}", e.message()),
+    })?;
+    let mut out = BTreeMap::new();
+    for (key, value) in table {
+        if !KNOWN.contains(&key.as_str()) {
+            return Err(SettingsError {
+                name: "LEDGER_CONFIG".into(),
+                problem: format!("unknown setting {key:?}"),
+            });
+        }
+        let text = match value {
+            toml::Value::String(s) => s,
+            toml::Value::Integer(i) => i.to_string(),
+            toml::Value::Boolean(b) => b.to_string(),
+            toml::Value::Array(items) => items
+                .iter()
+                .map(|v| v.as_str().map(str::to_string))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| SettingsError::new(&key, "an array may only hold strings"))?
+                .join(","),
+            _ => return Err(SettingsError::new(&key, "expected a string or a number")),
+        };
+        out.insert(key, text);
+    }
+    Ok(out)
+}
+
+fn parse_int(raw: &str, min: u32, max: u32) -> Result<u32, String> {
+    match raw.parse::<u32>() {
+        Ok(n) if (min..=max).contains(&n) => Ok(n),
+        _ => Err(format!("{raw:?} is not a whole number in {min}..={max}")),
+    }
+}
+
+fn is_plain_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_graphic() && b != b',' && b != b':')
+}
+
+fn parse_apps(raw: &str) -> Result<Vec<App>, String> {
+    let mut apps: Vec<App> = Vec::new();
+    for entry in raw.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let (app_id, secret) = entry
+            .split_once(':')
+            .ok_or("expected appid:secret[,appid:secret…]")?;
+        if !is_plain_token(app_id) || app_id.len() > 64 {
+            return Err(format!("{app_id:?} is not an appid"));
+        }
+        if !is_plain_token(secret) {
+            return Err(format!("the secret of {app_id} is empty or malformed"));
+        }
+        if apps.iter().any(|a| a.app_id == app_id) {
+            return Err(format!("{app_id} is listed twice"));
+        }
+        apps.push(App {
+            app_id: app_id.into(),
+            secret: Secret::new(secret),
+        });
+    }
+    Ok(apps)
+}
+
+fn parse_api_keys(raw: &str) -> Result<Vec<ApiKey>, String> {
+    let mut keys: Vec<ApiKey> = Vec::new();
+    for entry in raw.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let mut parts = entry.splitn(3, ':');
+        let (Some(name), Some(roles), Some(key)) = (parts.next(), parts.next(), parts.next())
+        else {
+            return Err("expected name:role+role:key[,…]".into());
+        };
+        if !is_plain_token(name) {
+            return Err(format!("{name:?} is not a key name"));
+        }
+        let mut parsed = Vec::new();
+        for r in roles.split('+') {
+            let role = Role::parse(r)
+                .ok_or_else(|| format!("key {name}: unknown role {r:?} (send, admin, token)"))?;
+            if !parsed.contains(&role) {
+                parsed.push(role);
+            }
+        }
+        if key.len() < 16 || !key.bytes().all(|b| b.is_ascii_graphic() && b != b',') {
+            return Err(format!(
+                "key {name}: the key must be at least 16 printable characters"
+            ));
+        }
+        if keys.iter().any(|k| k.name == name) {
+            return Err(format!("key {name} is listed twice"));
+        }
+        keys.push(ApiKey {
+            name: name.into(),
+            roles: parsed,
+            key: Secret::new(key),
+        });
+    }
+    Ok(keys)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let s = Settings::from_sources(None, &env(&[])).unwrap();
+        assert_eq!(s.bind, "127.0.0.1:8080");
+        assert_eq!(
+            s.database_url,
+            DatabaseUrl::Sqlite(PathBuf::from("data/ledger.db"))
+        );
+        assert_eq!(s.wechat_api_base, "https://api.weixin.qq.com");
+        assert!(s.apps.is_empty());
+        assert_eq!(s.prepay_id_uses, 1);
+        assert_eq!(s.token_api, TokenApi::Stable);
+        assert_eq!(s.user_cap, 200);
+        assert_eq!(s.expiry_margin, Duration::from_secs(600));
+    }
+
+    #[test]
+    fn environment_wins_over_the_file() {
+        let file = "prepay_id_uses = 3\nuser_cap = 5\napps = [\"wxa:s1\", \"wxb:s2\"]\napi_keys = \"ops:admin:0123456789abcdef\"\n";
+        let s =
+            Settings::from_sources(Some(file), &env(&[("LEDGER_PREPAY_ID_USES", "2")])).unwrap();
+        assert_eq!(s.prepay_id_uses, 2);
+        assert_eq!(s.user_cap, 5);
+        assert_eq!(s.apps.len(), 2);
+        assert_eq!(s.apps[1].app_id, "wxb");
+        assert_eq!(s.api_keys[0].roles, vec![Role::Admin]);
+    }
+
+    #[test]
+    fn api_keys_carry_roles() {
+        let s = Settings::from_sources(
+            None,
+            &env(&[
+                ("LEDGER_APPS", "wx1:sec"),
+                (
+                    "LEDGER_API_KEYS",
+                    "shop:send+admin+token:s3cr3t-s3cr3t-s3cr3t,ops:admin:0123456789abcdef",
+                ),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.api_keys[0].name, "shop");
+        assert_eq!(
+            s.api_keys[0].roles,
+            vec![Role::Send, Role::Admin, Role::Token]
+        );
+        assert_eq!(s.api_keys[0].key.expose(), "s3cr3t-s3cr3t-s3cr3t");
+        assert_eq!(s.api_keys[1].name, "ops");
+    }
+
+    #[test]
+    fn a_bad_value_names_the_setting_and_hides_secrets() {
+        let cases = [
+            ("LEDGER_PREPAY_ID_USES", "many"),
+            ("LEDGER_DATABASE_URL", "mysql://x"),
+            ("LEDGER_TOKEN_API", "fast"),
+            ("LEDGER_APPS", "wx1"),
+            ("LEDGER_API_KEYS", "shop:sudo:0123456789abcdef"),
+            ("LEDGER_API_KEYS", "shop:send:short"),
+            ("LEDGER_BIND", "nowhere"),
+            ("LEDGER_WECHAT_API_BASE", "ftp://x"),
+        ];
+        for (name, value) in cases {
+            let err = Settings::from_sources(None, &env(&[(name, value)])).unwrap_err();
+            assert_eq!(err.name, name, "{value}");
+        }
+        let err = Settings::from_sources(
+            None,
+            &env(&[("LEDGER_API_KEYS", "shop:sudo:topsecretvalue123")]),
+        )
+        .unwrap_err();
+        assert!(!err.to_string().contains("topsecretvalue123"), "{err}");
+    }
+
+    #[test]
+    fn apps_without_keys_are_refused() {
+        let err = Settings::from_sources(None, &env(&[("LEDGER_APPS", "wx1:sec")])).unwrap_err();
+        assert_eq!(err.name, "LEDGER_API_KEYS");
+    }
+
+    #[test]
+    fn the_file_rejects_unknown_keys() {
+        let err = Settings::from_sources(Some("prepay_uses = 2"), &env(&[])).unwrap_err();
+        assert_eq!(err.name, "LEDGER_CONFIG");
+        assert!(err.problem.contains("prepay_uses"));
+    }
+}

@@ -1,0 +1,225 @@
+//! Test support: a fresh database per test (a temp SQLite file, or a new PostgreSQL
+//! database dropped afterwards) and the real application on port 0.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use diesel::prelude::*;
+use formid_ledger::db::Db;
+use formid_ledger::secret::Secret;
+use formid_ledger::settings::{ApiKey, App, DatabaseUrl, Role, Settings};
+use formid_ledger::startup::Application;
+
+/// The PostgreSQL server tests create their databases on.
+pub fn postgres_admin_url() -> String {
+    std::env::var("LEDGER_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// Runs each test body once per backend: `mod name { fn sqlite(); fn postgres(); }`,
+/// so `cargo test postgres` selects one backend and CI can count them.
+#[macro_export]
+macro_rules! backend_tests {
+    ($( $(#[$meta:meta])* fn $name:ident($db:ident) $body:block )*) => {$(
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            fn run($db: $crate::common::TestDb) $body
+            $(#[$meta])* #[test]
+            fn sqlite() { run($crate::common::TestDb::sqlite()) }
+            $(#[$meta])* #[test]
+            fn postgres() { run($crate::common::TestDb::postgres()) }
+        }
+    )*};
+}
+
+/// The same for async tests against the running app.
+#[macro_export]
+macro_rules! backend_app_tests {
+    ($( $(#[$meta:meta])* async fn $name:ident($db:ident) $body:block )*) => {$(
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            async fn run($db: $crate::common::TestDb) $body
+            $(#[$meta])* #[actix_web::test]
+            async fn sqlite() { run($crate::common::TestDb::sqlite()).await }
+            $(#[$meta])* #[actix_web::test]
+            async fn postgres() { run($crate::common::TestDb::postgres()).await }
+        }
+    )*};
+}
+
+/// A database of its own for one test.
+pub enum TestDb {
+    Sqlite {
+        _dir: tempfile::TempDir,
+        url: DatabaseUrl,
+    },
+    Postgres {
+        name: String,
+        url: DatabaseUrl,
+    },
+}
+
+impl TestDb {
+    pub fn sqlite() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let url = DatabaseUrl::Sqlite(dir.path().join("ledger.db"));
+        TestDb::Sqlite { _dir: dir, url }
+    }
+
+    /// A new database on the test server. Fails the test if PostgreSQL is not
+    /// reachable: a backend whose tests did not run must not pass silently.
+    pub fn postgres() -> Self {
+        static SEQ: AtomicU32 = AtomicU32::new(0);
+        let admin = postgres_admin_url();
+        let name = format!(
+            "ledger_test_{}_{}_{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed),
+            rand::random::<u32>()
+        );
+        let mut conn = PgConnection::establish(&admin).unwrap_or_else(|e| {
+            panic!("PostgreSQL tests need a server at {admin} (set LEDGER_TEST_POSTGRES_URL): {e}")
+        });
+        diesel::sql_query(format!("CREATE DATABASE {name}"))
+            .execute(&mut conn)
+            .expect("create test database");
+        let base = admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b);
+        let url = DatabaseUrl::Postgres(Secret::new(format!("{base}/{name}")));
+        TestDb::Postgres { name, url }
+    }
+
+    pub fn url(&self) -> DatabaseUrl {
+        match self {
+            TestDb::Sqlite { url, .. } | TestDb::Postgres { url, .. } => url.clone(),
+        }
+    }
+
+    pub fn is_postgres(&self) -> bool {
+        matches!(self, TestDb::Postgres { .. })
+    }
+
+    /// A migrated pool on this database (call again for another "instance").
+    pub fn connect(&self, pool_size: u32) -> Db {
+        let db = Db::connect(&self.url(), pool_size).expect("connect");
+        db.migrate().expect("migrate");
+        db
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if let TestDb::Postgres { name, .. } = self {
+            if let Ok(mut conn) = PgConnection::establish(&postgres_admin_url()) {
+                let _ = diesel::sql_query(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .execute(&mut conn);
+            }
+        }
+    }
+}
+
+pub const APP: &str = "wxtestapp0000001";
+pub const KEY_ALL: &str = "key-all-roles-000001";
+pub const KEY_SEND: &str = "key-send-only-000001";
+pub const KEY_ADMIN: &str = "key-admin-only-00001";
+pub const KEY_TOKEN: &str = "key-token-only-00001";
+
+/// Settings for a test app: one app, one key per role and one with every role.
+pub fn test_settings(db: &TestDb) -> Settings {
+    let key = |name: &str, roles: &[Role], key: &str| ApiKey {
+        name: name.into(),
+        roles: roles.to_vec(),
+        key: Secret::new(key),
+    };
+    Settings {
+        bind: "127.0.0.1:0".into(),
+        database_url: db.url(),
+        db_pool_size: 4,
+        apps: vec![App {
+            app_id: APP.into(),
+            secret: Secret::new("test-app-secret"),
+        }],
+        api_keys: vec![
+            key("all", &[Role::Send, Role::Admin, Role::Token], KEY_ALL),
+            key("sender", &[Role::Send], KEY_SEND),
+            key("admin", &[Role::Admin], KEY_ADMIN),
+            key("token", &[Role::Token], KEY_TOKEN),
+        ],
+        http_workers: 2,
+        ..Settings::default()
+    }
+}
+
+/// The real application, serving on a free port.
+pub struct TestApp {
+    pub base: String,
+    pub http: reqwest::Client,
+    pub db: Db,
+    pub test_db: TestDb,
+}
+
+impl TestApp {
+    pub async fn spawn(test_db: TestDb) -> TestApp {
+        Self::spawn_with(test_db, |_| {}).await
+    }
+
+    pub async fn spawn_with(test_db: TestDb, tweak: impl FnOnce(&mut Settings)) -> TestApp {
+        let mut settings = test_settings(&test_db);
+        tweak(&mut settings);
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let app = Application::build(settings, listener)
+            .await
+            .expect("build app");
+        let base = format!("http://127.0.0.1:{}", app.port());
+        let db = app.db().clone();
+        actix_web::rt::spawn(app.run_until_stopped());
+        TestApp {
+            base,
+            http: reqwest::Client::new(),
+            db,
+            test_db,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    /// POST JSON with a bearer key; returns (status, body as JSON or Null).
+    pub async fn post(
+        &self,
+        path: &str,
+        key: Option<&str>,
+        body: &serde_json::Value,
+    ) -> (u16, serde_json::Value) {
+        let mut req = self.http.post(self.url(path)).json(body);
+        if let Some(key) = key {
+            req = req.bearer_auth(key);
+        }
+        read(req.send().await.expect("request")).await
+    }
+
+    pub async fn get(&self, path: &str, key: Option<&str>) -> (u16, serde_json::Value) {
+        let mut req = self.http.get(self.url(path));
+        if let Some(key) = key {
+            req = req.bearer_auth(key);
+        }
+        read(req.send().await.expect("request")).await
+    }
+
+    /// Rows in the credentials table: "nothing stored" checks.
+    pub fn credential_count(&self) -> i64 {
+        use formid_ledger::db::schema::credentials::dsl::credentials;
+        let mut conn = self.db.get().expect("connection");
+        formid_ledger::dispatch!(&mut *conn, |c| credentials.count().get_result(c)).expect("count")
+    }
+}
+
+pub async fn read(res: reqwest::Response) -> (u16, serde_json::Value) {
+    let status = res.status().as_u16();
+    let text = res.text().await.expect("body");
+    let json = serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);
+    (status, json)
+}
