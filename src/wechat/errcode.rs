@@ -50,6 +50,7 @@ pub const ERRCODES: &[(i64, ErrorClass, &str)] = &[
     (40125, ErrorClass::Caller, "invalid appsecret"),
     (40164, ErrorClass::Caller, "caller IP not whitelisted"),
     (40226, ErrorClass::Caller, "high-risk user blocked"),
+    (41001, ErrorClass::Caller, "access_token missing"),
     (41002, ErrorClass::Caller, "appid missing"),
     (41004, ErrorClass::Caller, "secret missing"),
     (41008, ErrorClass::Caller, "code missing"),

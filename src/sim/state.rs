@@ -1,0 +1,802 @@
+//! The simulator's state and every rule of WECHAT.md, as plain methods that take
+//! `now` and need no HTTP.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+
+use super::config::{FaultSet, Faults, Latency, SimConfig};
+use super::data_rules;
+use super::record::{Delivery, MessageKind, Stats, TokenApi, TokenFetch};
+use crate::secret::Secret;
+use crate::wechat::wire::{
+    ApiStatus, Code2SessionQuery, Code2SessionResponse, StableTokenRequest, SubscribeMessage,
+    SubscribeSendResponse, TemplateMessage, TokenQuery, TokenResponse,
+};
+
+/// Tokens are forgotten this long after they expired (then they answer 40001).
+const FORGET_TOKENS_AFTER: Duration = Duration::from_secs(3600);
+/// The most credentials or grants one control call may mint.
+const MAX_MINT: u32 = 10_000;
+/// msgids of subscribe sends are this plus the delivery's seq.
+const MSGID_BASE: i64 = 3_000_000_000;
+
+/// A control request the simulator cannot serve.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SimError {
+    #[error("unknown app {0}")]
+    UnknownApp(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// One call of a WeChat endpoint, parsed.
+pub(crate) enum Call {
+    ClassicToken(TokenQuery),
+    StableToken(StableTokenRequest),
+    Login(Code2SessionQuery),
+    /// The body is `Err` when it was not valid JSON (WeChat answers 47001).
+    Template {
+        token: String,
+        msg: Result<TemplateMessage, ApiStatus>,
+    },
+    Subscribe {
+        token: String,
+        msg: Result<SubscribeMessage, ApiStatus>,
+    },
+}
+
+impl Call {
+    fn api(&self) -> &'static str {
+        match self {
+            Call::ClassicToken(_) => "token",
+            Call::StableToken(_) => "stable_token",
+            Call::Login(_) => "jscode2session",
+            Call::Template { .. } => "template_send",
+            Call::Subscribe { .. } => "subscribe_send",
+        }
+    }
+
+    fn faults<'f>(&self, faults: &'f Faults) -> &'f FaultSet {
+        match self {
+            Call::ClassicToken(_) | Call::StableToken(_) => &faults.token,
+            Call::Login(_) => &faults.login,
+            Call::Template { .. } | Call::Subscribe { .. } => &faults.send,
+        }
+    }
+
+    fn token_fetch(&self) -> Option<(String, TokenApi, bool)> {
+        match self {
+            Call::ClassicToken(q) => Some((q.appid.clone(), TokenApi::Classic, false)),
+            Call::StableToken(r) => Some((r.appid.clone(), TokenApi::Stable, r.force_refresh)),
+            _ => None,
+        }
+    }
+}
+
+/// How to answer a call.
+pub(crate) enum Reply {
+    /// HTTP 200 with this JSON body.
+    Json(Vec<u8>),
+    /// HTTP 500 (injected).
+    Http500,
+    /// Start answering this body, then break the connection (injected).
+    Dropped(Vec<u8>),
+}
+
+struct TokenInfo {
+    appid: String,
+    expires_at: Instant,
+    /// Superseded or revoked: answers 40001 from then on.
+    dies_at: Option<Instant>,
+}
+
+#[derive(Default)]
+struct Tokens(HashMap<String, TokenInfo>);
+
+impl Tokens {
+    fn issue(&mut self, rng: &mut StdRng, appid: &str, life: Duration, now: Instant) -> String {
+        self.0
+            .retain(|_, t| now < t.expires_at + FORGET_TOKENS_AFTER);
+        let token = random_string(rng, 96, ALNUM);
+        self.0.insert(
+            token.clone(),
+            TokenInfo {
+                appid: appid.to_owned(),
+                expires_at: now + life,
+                dies_at: None,
+            },
+        );
+        token
+    }
+
+    /// Makes `token` answer 40001 from `at` on (or earlier if it already was to).
+    fn kill(&mut self, token: &str, at: Instant) {
+        if let Some(t) = self.0.get_mut(token) {
+            t.dies_at = Some(t.dies_at.map_or(at, |d| d.min(at)));
+        }
+    }
+
+    /// The app of a token usable at `now`.
+    fn check(&self, token: &str, now: Instant) -> Result<&str, ApiStatus> {
+        if token.is_empty() {
+            return Err(wx(41001, "access_token missing"));
+        }
+        let Some(t) = self.0.get(token) else {
+            let well_formed = token.len() >= 64
+                && token
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+            return Err(if well_formed {
+                wx(
+                    40001,
+                    "invalid credential, access_token is invalid or not latest",
+                )
+            } else {
+                wx(40014, "invalid access_token")
+            });
+        };
+        if t.dies_at.is_some_and(|d| now >= d) {
+            return Err(wx(
+                40001,
+                "invalid credential, access_token is invalid or not latest",
+            ));
+        }
+        if now >= t.expires_at {
+            return Err(wx(42001, "access_token expired"));
+        }
+        Ok(&t.appid)
+    }
+
+    /// Time left of a usable token.
+    fn remaining(&self, token: &str, now: Instant) -> Option<Duration> {
+        self.check(token, now).ok()?;
+        self.0.get(token).map(|t| t.expires_at - now)
+    }
+}
+
+struct Code {
+    openid: String,
+    expires_at: Instant,
+}
+
+struct Credential {
+    openid: String,
+    uses_left: u32,
+    active_at: Instant,
+    expires_at: Instant,
+}
+
+struct App {
+    appid: String,
+    secret: Secret,
+    classic: Option<String>,
+    stable: Option<String>,
+    token_calls: u32,
+    force_refreshes: u32,
+    last_force: Option<Instant>,
+    sends: u32,
+    codes: HashMap<String, Code>,
+    known: HashSet<String>,
+    blocked: HashSet<String>,
+    /// form_ids and prepay_ids by value.
+    credentials: HashMap<String, Credential>,
+    /// One-time grants left per (openid, template_id).
+    grants: HashMap<(String, String), u32>,
+}
+
+impl App {
+    fn new(appid: &str, secret: &Secret) -> Self {
+        App {
+            appid: appid.to_owned(),
+            secret: secret.clone(),
+            classic: None,
+            stable: None,
+            token_calls: 0,
+            force_refreshes: 0,
+            last_force: None,
+            sends: 0,
+            codes: HashMap::new(),
+            known: HashSet::new(),
+            blocked: HashSet::new(),
+            credentials: HashMap::new(),
+            grants: HashMap::new(),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Record {
+    deliveries: Vec<Delivery>,
+    token_fetches: Vec<TokenFetch>,
+    stats: Stats,
+}
+
+impl Record {
+    /// Stores `d` with the next seq and returns the seq.
+    fn deliver(&mut self, mut d: Delivery) -> u64 {
+        d.seq = self.deliveries.len() as u64 + 1;
+        let seq = d.seq;
+        self.deliveries.push(d);
+        seq
+    }
+}
+
+/// The fields of a send that every send checks.
+struct Target<'m> {
+    token: &'m str,
+    template_id: &'m str,
+    page: Option<&'m str>,
+    touser: &'m str,
+}
+
+pub(crate) struct State {
+    cfg: SimConfig,
+    apps: HashMap<String, App>,
+    tokens: Tokens,
+    rng: StdRng,
+    faults: Faults,
+    record: Record,
+}
+
+impl State {
+    pub(crate) fn new(cfg: SimConfig) -> Self {
+        let rng = cfg
+            .seed
+            .map_or_else(StdRng::from_os_rng, StdRng::seed_from_u64);
+        let mut state = State {
+            apps: HashMap::new(),
+            tokens: Tokens::default(),
+            rng,
+            faults: cfg.faults.clone(),
+            record: Record::default(),
+            cfg,
+        };
+        for (appid, secret) in state.cfg.apps.clone() {
+            state.add_app(&appid, &secret);
+        }
+        state
+    }
+
+    /// Serves one WeChat call: rolls the faults, acts, records. Returns the
+    /// answer and the latency to add before writing it.
+    pub(crate) fn call(&mut self, call: Call, now: Instant) -> (Reply, Duration) {
+        let api = call.api();
+        let fetch = call.token_fetch();
+        let set = call.faults(&self.faults).clone();
+        let latency = match set.latency_ms {
+            None => 0,
+            Some(Latency::Fixed(ms)) => ms,
+            Some(Latency::Range(a, b)) => self.rng.random_range(a.min(b)..=a.max(b)),
+        };
+        let roll: f64 = self.rng.random();
+        let (reply, outcome) = if roll < set.busy {
+            (
+                Reply::Json(to_json(&wx(-1, "system error"))),
+                "injected_busy".to_owned(),
+            )
+        } else if roll < set.busy + set.http_500 {
+            (Reply::Http500, "injected_http_500".to_owned())
+        } else {
+            let drop = roll < set.busy + set.http_500 + set.drop_after_read;
+            let delivered_before = self.record.deliveries.len();
+            let (body, outcome) = match call {
+                Call::ClassicToken(q) => encode(self.classic_token(&q, now)),
+                Call::StableToken(r) => encode(self.stable_token(&r, now)),
+                Call::Login(q) => encode(self.login(&q, now)),
+                Call::Template { token, msg } => {
+                    encode(msg.and_then(|m| self.send_template(&token, &m, now)))
+                }
+                Call::Subscribe { token, msg } => {
+                    encode(msg.and_then(|m| self.send_subscribe(&token, &m, now)))
+                }
+            };
+            if drop {
+                for d in &mut self.record.deliveries[delivered_before..] {
+                    d.response_dropped = true;
+                }
+                (Reply::Dropped(body), format!("dropped:{outcome}"))
+            } else {
+                (Reply::Json(body), outcome)
+            }
+        };
+        self.record.stats.add(api, &outcome);
+        if let Some((appid, api, force_refresh)) = fetch {
+            self.record.token_fetches.push(TokenFetch {
+                at: Utc::now(),
+                appid,
+                api,
+                force_refresh,
+                outcome,
+            });
+        }
+        (reply, Duration::from_millis(latency))
+    }
+
+    fn classic_token(&mut self, q: &TokenQuery, now: Instant) -> Result<TokenResponse, ApiStatus> {
+        if q.grant_type != "client_credential" {
+            return Err(wx(40002, "invalid grant_type"));
+        }
+        let app = authenticate(&mut self.apps, &q.appid, &q.secret)?;
+        if app.token_calls >= self.cfg.token_daily_limit {
+            return Err(wx(45009, "reach max api daily quota limit"));
+        }
+        app.token_calls += 1;
+        let life = self.cfg.token_expires_in;
+        let token = self.tokens.issue(&mut self.rng, &app.appid, life, now);
+        if let Some(old) = app.classic.replace(token.clone()) {
+            self.tokens.kill(&old, now + self.cfg.token_overlap);
+        }
+        Ok(TokenResponse {
+            access_token: token,
+            expires_in: secs_ceil(life),
+        })
+    }
+
+    /// Normal mode: the current token while more than `min(300 s, life / 4)` of it
+    /// is left; in that last stretch a new one, the old one living on to its expiry.
+    /// `force_refresh`: the current token dies now and a new one is issued.
+    fn stable_token(
+        &mut self,
+        r: &StableTokenRequest,
+        now: Instant,
+    ) -> Result<TokenResponse, ApiStatus> {
+        if r.grant_type != "client_credential" {
+            return Err(wx(40002, "invalid grant_type"));
+        }
+        let app = authenticate(&mut self.apps, &r.appid, &r.secret)?;
+        let life = self.cfg.token_expires_in;
+        if r.force_refresh {
+            if app.force_refreshes >= self.cfg.stable_force_daily_limit {
+                return Err(wx(45009, "reach max api daily quota limit"));
+            }
+            if app
+                .last_force
+                .is_some_and(|t| now < t + self.cfg.stable_force_interval)
+            {
+                return Err(wx(
+                    45011,
+                    "api minute-quota reach limit, force refresh too often",
+                ));
+            }
+            app.force_refreshes += 1;
+            app.last_force = Some(now);
+            if let Some(old) = app.stable.take() {
+                self.tokens.kill(&old, now);
+            }
+        } else if let Some(current) = &app.stable {
+            let window = (life / 4).min(Duration::from_secs(300));
+            if let Some(left) = self.tokens.remaining(current, now).filter(|l| *l > window) {
+                return Ok(TokenResponse {
+                    access_token: current.clone(),
+                    expires_in: secs_ceil(left),
+                });
+            }
+        }
+        let token = self.tokens.issue(&mut self.rng, &app.appid, life, now);
+        app.stable = Some(token.clone());
+        Ok(TokenResponse {
+            access_token: token,
+            expires_in: secs_ceil(life),
+        })
+    }
+
+    fn login(
+        &mut self,
+        q: &Code2SessionQuery,
+        now: Instant,
+    ) -> Result<Code2SessionResponse, ApiStatus> {
+        let app = authenticate(&mut self.apps, &q.appid, &q.secret)?;
+        if !q.grant_type.is_empty() && q.grant_type != "authorization_code" {
+            return Err(wx(40002, "invalid grant_type"));
+        }
+        if q.js_code.is_empty() {
+            return Err(wx(41008, "missing code"));
+        }
+        let code = app
+            .codes
+            .remove(&q.js_code)
+            .filter(|c| now < c.expires_at)
+            .ok_or_else(|| wx(40029, "invalid code"))?;
+        if app.blocked.contains(&code.openid) {
+            return Err(wx(40226, "high risk user blocked"));
+        }
+        Ok(Code2SessionResponse {
+            openid: code.openid,
+            session_key: random_string(&mut self.rng, 24, ALNUM),
+            unionid: None,
+        })
+    }
+
+    fn send_template(
+        &mut self,
+        token: &str,
+        msg: &TemplateMessage,
+        now: Instant,
+    ) -> Result<ApiStatus, ApiStatus> {
+        let target = Target {
+            token,
+            template_id: &msg.template_id,
+            page: msg.page.as_deref(),
+            touser: &msg.touser,
+        };
+        let app = self.sender(&target, now)?;
+        let credential = app
+            .credentials
+            .get_mut(&msg.form_id)
+            .filter(|c| c.openid == msg.touser)
+            .ok_or_else(|| wx(41028, "invalid form id"))?;
+        if credential.uses_left == 0 {
+            return Err(wx(41029, "form id used count reach limit"));
+        }
+        if now >= credential.expires_at || now < credential.active_at {
+            return Err(wx(41028, "invalid form id"));
+        }
+        credential.uses_left -= 1;
+        app.sends += 1;
+        let appid = app.appid.clone();
+        self.record.deliver(Delivery {
+            seq: 0,
+            at: Utc::now(),
+            appid,
+            touser: msg.touser.clone(),
+            template_id: msg.template_id.clone(),
+            kind: MessageKind::Template,
+            credential: Some(msg.form_id.clone()),
+            page: msg.page.clone(),
+            data: msg.data.clone(),
+            msgid: None,
+            response_dropped: false,
+        });
+        Ok(wx(0, "ok"))
+    }
+
+    fn send_subscribe(
+        &mut self,
+        token: &str,
+        msg: &SubscribeMessage,
+        now: Instant,
+    ) -> Result<SubscribeSendResponse, ApiStatus> {
+        let target = Target {
+            token,
+            template_id: &msg.template_id,
+            page: msg.page.as_deref(),
+            touser: &msg.touser,
+        };
+        let app = self.sender(&target, now)?;
+        if msg
+            .miniprogram_state
+            .as_deref()
+            .is_some_and(|s| !matches!(s, "developer" | "trial" | "formal"))
+        {
+            return Err(wx(47003, "argument invalid! miniprogram_state"));
+        }
+        if msg
+            .lang
+            .as_deref()
+            .is_some_and(|l| !matches!(l, "zh_CN" | "en_US" | "zh_HK" | "zh_TW"))
+        {
+            return Err(wx(47003, "argument invalid! lang"));
+        }
+        if let Some(field) = data_rules::first_invalid(&msg.data) {
+            return Err(wx(47003, &format!("argument invalid! {field}")));
+        }
+        let grants = app
+            .grants
+            .get_mut(&(msg.touser.clone(), msg.template_id.clone()))
+            .filter(|n| **n > 0)
+            .ok_or_else(|| wx(43101, "user refuse to accept the msg"))?;
+        *grants -= 1;
+        app.sends += 1;
+        let appid = app.appid.clone();
+        let seq = self.record.deliver(Delivery {
+            seq: 0,
+            at: Utc::now(),
+            appid,
+            touser: msg.touser.clone(),
+            template_id: msg.template_id.clone(),
+            kind: MessageKind::Subscribe,
+            credential: None,
+            page: msg.page.clone(),
+            data: msg.data.clone(),
+            msgid: None,
+            response_dropped: false,
+        });
+        let msgid = MSGID_BASE.saturating_add_unsigned(seq);
+        if let Some(d) = self.record.deliveries.last_mut() {
+            d.msgid = Some(msgid);
+        }
+        Ok(SubscribeSendResponse {
+            errcode: 0,
+            errmsg: "ok".into(),
+            msgid: Some(msgid),
+        })
+    }
+
+    /// The checks every send makes before looking at the credential, in WeChat's
+    /// order of concerns: token, account quota, template, page, user.
+    fn sender(&mut self, t: &Target<'_>, now: Instant) -> Result<&mut App, ApiStatus> {
+        let appid = self.tokens.check(t.token, now)?;
+        let app = self
+            .apps
+            .get_mut(appid)
+            .ok_or_else(|| wx(40001, "invalid credential"))?;
+        if self.faults.daily_send_limit.is_some_and(|l| app.sends >= l) {
+            return Err(wx(45009, "reach max api daily quota limit"));
+        }
+        let template_ok = match &self.cfg.templates {
+            None => !t.template_id.is_empty(),
+            Some(list) => list.iter().any(|x| x == t.template_id),
+        };
+        if !template_ok {
+            return Err(wx(40037, "invalid template_id"));
+        }
+        let page_ok = match (&self.cfg.pages, t.page.filter(|p| !p.is_empty())) {
+            (Some(list), Some(page)) => {
+                let path = page.split('?').next().unwrap_or_default();
+                list.iter().any(|x| x == path)
+            }
+            _ => true,
+        };
+        if !page_ok {
+            return Err(wx(41030, "invalid page"));
+        }
+        if !app.known.contains(t.touser) {
+            return Err(wx(40003, "invalid openid"));
+        }
+        Ok(app)
+    }
+
+    // ----- control -----
+
+    pub(crate) fn add_app(&mut self, appid: &str, secret: &Secret) {
+        self.apps
+            .entry(appid.to_owned())
+            .and_modify(|a| a.secret = secret.clone())
+            .or_insert_with(|| App::new(appid, secret));
+    }
+
+    pub(crate) fn mint_code(
+        &mut self,
+        appid: &str,
+        openid: &str,
+        now: Instant,
+    ) -> Result<String, SimError> {
+        let app = user_app(&mut self.apps, appid, openid)?;
+        app.codes.retain(|_, c| now < c.expires_at);
+        let code = random_string(&mut self.rng, 32, ALNUM);
+        app.codes.insert(
+            code.clone(),
+            Code {
+                openid: openid.to_owned(),
+                expires_at: now + self.cfg.code_life,
+            },
+        );
+        Ok(code)
+    }
+
+    pub(crate) fn mint_form_ids(
+        &mut self,
+        appid: &str,
+        openid: &str,
+        count: u32,
+        now: Instant,
+    ) -> Result<Vec<String>, SimError> {
+        let expires_at = now + self.cfg.form_id_life;
+        let app = user_app(&mut self.apps, appid, openid)?;
+        check_count(count)?;
+        Ok((0..count)
+            .map(|_| {
+                let value = random_string(&mut self.rng, 32, HEX);
+                app.credentials.insert(
+                    value.clone(),
+                    Credential {
+                        openid: openid.to_owned(),
+                        uses_left: 1,
+                        active_at: now,
+                        expires_at,
+                    },
+                );
+                value
+            })
+            .collect())
+    }
+
+    pub(crate) fn mint_prepay_ids(
+        &mut self,
+        appid: &str,
+        openid: &str,
+        count: u32,
+        uses: Option<u32>,
+        activation_delay: Option<Duration>,
+        now: Instant,
+    ) -> Result<Vec<String>, SimError> {
+        let uses = uses.unwrap_or(self.cfg.prepay_uses);
+        let active_at = now + activation_delay.unwrap_or(self.cfg.prepay_activation_delay);
+        let expires_at = now + self.cfg.form_id_life;
+        let app = user_app(&mut self.apps, appid, openid)?;
+        check_count(count)?;
+        Ok((0..count)
+            .map(|_| {
+                let value = format!("wx{}", random_string(&mut self.rng, 32, LOWER_ALNUM));
+                app.credentials.insert(
+                    value.clone(),
+                    Credential {
+                        openid: openid.to_owned(),
+                        uses_left: uses,
+                        active_at,
+                        expires_at,
+                    },
+                );
+                value
+            })
+            .collect())
+    }
+
+    /// Adds `count` one-time grants; returns the grants now left.
+    pub(crate) fn grant_subscriptions(
+        &mut self,
+        appid: &str,
+        openid: &str,
+        template_id: &str,
+        count: u32,
+    ) -> Result<u32, SimError> {
+        let app = user_app(&mut self.apps, appid, openid)?;
+        check_count(count)?;
+        let n = app
+            .grants
+            .entry((openid.to_owned(), template_id.to_owned()))
+            .or_default();
+        *n = n.saturating_add(count);
+        Ok(*n)
+    }
+
+    pub(crate) fn set_faults(&mut self, faults: Faults) -> Result<(), SimError> {
+        faults.send.check("send").map_err(SimError::Invalid)?;
+        faults.token.check("token").map_err(SimError::Invalid)?;
+        faults.login.check("login").map_err(SimError::Invalid)?;
+        if let Some(seed) = faults.seed {
+            self.rng = StdRng::seed_from_u64(seed);
+        }
+        self.faults = faults;
+        Ok(())
+    }
+
+    pub(crate) fn faults(&self) -> Faults {
+        self.faults.clone()
+    }
+
+    /// Every token of the app (classic and stable, current or in overlap) dies now.
+    /// Returns how many were still usable.
+    pub(crate) fn invalidate_tokens(
+        &mut self,
+        appid: &str,
+        now: Instant,
+    ) -> Result<usize, SimError> {
+        let app = find_app(&mut self.apps, appid)?;
+        app.classic = None;
+        app.stable = None;
+        let mut killed = 0;
+        for t in self.tokens.0.values_mut().filter(|t| t.appid == appid) {
+            if t.dies_at.is_none_or(|d| d > now) && t.expires_at > now {
+                killed += 1;
+            }
+            t.dies_at = Some(t.dies_at.map_or(now, |d| d.min(now)));
+        }
+        Ok(killed)
+    }
+
+    /// A new day: token, force-refresh and send counters of every app back to 0.
+    pub(crate) fn reset_limits(&mut self) {
+        for app in self.apps.values_mut() {
+            app.token_calls = 0;
+            app.force_refreshes = 0;
+            app.last_force = None;
+            app.sends = 0;
+        }
+    }
+
+    pub(crate) fn block(&mut self, appid: &str, openid: &str) -> Result<(), SimError> {
+        let app = user_app(&mut self.apps, appid, openid)?;
+        app.blocked.insert(openid.to_owned());
+        Ok(())
+    }
+
+    pub(crate) fn deliveries(&self) -> Vec<Delivery> {
+        self.record.deliveries.clone()
+    }
+
+    pub(crate) fn token_fetches(&self) -> Vec<TokenFetch> {
+        self.record.token_fetches.clone()
+    }
+
+    pub(crate) fn stats(&self) -> Stats {
+        self.record.stats.clone()
+    }
+}
+
+fn wx(errcode: i64, errmsg: &str) -> ApiStatus {
+    ApiStatus {
+        errcode,
+        errmsg: errmsg.to_owned(),
+    }
+}
+
+fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
+    // Our own plain types: serialising cannot fail.
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+/// The body and the stats outcome of a result.
+fn encode<T: Serialize>(result: Result<T, ApiStatus>) -> (Vec<u8>, String) {
+    match result {
+        Ok(v) => (to_json(&v), "ok".to_owned()),
+        Err(e) => (to_json(&e), e.errcode.to_string()),
+    }
+}
+
+fn secs_ceil(d: Duration) -> i64 {
+    i64::try_from(d.as_millis().div_ceil(1000)).unwrap_or(i64::MAX)
+}
+
+fn authenticate<'a>(
+    apps: &'a mut HashMap<String, App>,
+    appid: &str,
+    secret: &str,
+) -> Result<&'a mut App, ApiStatus> {
+    if appid.is_empty() {
+        return Err(wx(41002, "appid missing"));
+    }
+    if secret.is_empty() {
+        return Err(wx(41004, "appsecret missing"));
+    }
+    let app = apps
+        .get_mut(appid)
+        .ok_or_else(|| wx(40013, "invalid appid"))?;
+    if app.secret.expose() != secret {
+        return Err(wx(40125, "invalid appsecret"));
+    }
+    Ok(app)
+}
+
+fn find_app<'a>(apps: &'a mut HashMap<String, App>, appid: &str) -> Result<&'a mut App, SimError> {
+    apps.get_mut(appid)
+        .ok_or_else(|| SimError::UnknownApp(appid.to_owned()))
+}
+
+/// The app, for minting something for `openid`, who is known from then on.
+fn user_app<'a>(
+    apps: &'a mut HashMap<String, App>,
+    appid: &str,
+    openid: &str,
+) -> Result<&'a mut App, SimError> {
+    if openid.is_empty() || openid.chars().any(char::is_whitespace) {
+        return Err(SimError::Invalid(
+            "openid must be non-empty without white space".into(),
+        ));
+    }
+    let app = find_app(apps, appid)?;
+    app.known.insert(openid.to_owned());
+    Ok(app)
+}
+
+fn check_count(count: u32) -> Result<(), SimError> {
+    if count == 0 || count > MAX_MINT {
+        return Err(SimError::Invalid(format!("count must be 1..={MAX_MINT}")));
+    }
+    Ok(())
+}
+
+const ALNUM: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+const LOWER_ALNUM: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+const HEX: &[u8] = b"0123456789abcdef";
+
+fn random_string(rng: &mut StdRng, len: usize, charset: &[u8]) -> String {
+    (0..len)
+        .map(|_| char::from(charset[rng.random_range(0..charset.len())]))
+        .collect()
+}
