@@ -180,11 +180,13 @@ impl Simulator {
 
 /// Serves the simulator alone on `listener` until the server stops.
 pub async fn serve(listener: TcpListener, sim: Simulator) -> std::io::Result<()> {
-    HttpServer::new(move || {
+    // Built in its own statement: the `HttpServer` must not live across the await
+    // (it is not `Send`, and callers spawn this future).
+    let server = HttpServer::new(move || {
         let sim = sim.clone();
         App::new().configure(move |cfg| sim.configure(cfg))
     })
     .listen(listener)?
-    .run()
-    .await
+    .run();
+    server.await
 }
