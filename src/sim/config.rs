@@ -34,6 +34,11 @@ pub struct SimConfig {
     pub form_id_life: Duration,
     /// Life of a `wx.login()` code (WeChat: 5 min).
     pub code_life: Duration,
+    /// Logins per user per minute (WeChat: 100) → 45011.
+    pub login_rate_per_minute: u32,
+    /// The template-message API answers 45103, as for mini-programs created after
+    /// 2020-01-10.
+    pub template_api_retired: bool,
     /// Seed of the simulator's RNG (ids, tokens, fault rolls); `None` = from the OS.
     pub seed: Option<u64>,
     /// Faults active from the start.
@@ -55,6 +60,8 @@ impl Default for SimConfig {
             templates: None,
             form_id_life: Duration::from_secs(7 * 24 * 3600),
             code_life: Duration::from_secs(300),
+            login_rate_per_minute: 100,
+            template_api_retired: false,
             seed: None,
             faults: Faults::default(),
         }

@@ -21,7 +21,11 @@ pub(super) fn config(cfg: &mut web::ServiceConfig, sim: &Simulator) {
     let data = web::Data::new(sim.clone());
     let json = web::JsonConfig::default()
         .error_handler(|err, _| SimError::Invalid(format!("invalid JSON body: {err}")).into());
-    let wx = |path: &str| web::resource(path.to_owned()).app_data(data.clone());
+    let wx = |path: &str| {
+        web::resource(path.to_owned())
+            .app_data(data.clone())
+            .default_service(web::to(method_not_allowed))
+    };
     let control = |path: &str| wx(path).app_data(json.clone());
     cfg.service(wx("/cgi-bin/token").route(web::get().to(classic_token)))
         .service(wx("/cgi-bin/stable_token").route(web::post().to(stable_token)))
@@ -47,6 +51,17 @@ pub(super) fn config(cfg: &mut web::ServiceConfig, sim: &Simulator) {
 }
 
 // ----- WeChat endpoints -----
+
+async fn method_not_allowed() -> HttpResponse {
+    HttpResponse::MethodNotAllowed()
+        .json(json!({"error": {"code": "method_not_allowed", "message": "method not allowed"}}))
+}
+
+/// Standalone only: an unknown path is a JSON 404, like everything else.
+pub(super) async fn not_found() -> HttpResponse {
+    HttpResponse::NotFound()
+        .json(json!({"error": {"code": "not_found", "message": "no such endpoint"}}))
+}
 
 /// A query as WeChat reads it: a field that is missing or unreadable is empty.
 fn query<T: DeserializeOwned + Default>(req: &HttpRequest) -> T {

@@ -24,7 +24,10 @@
 //!   repeated send of a spent credential answers 41029), for a subscribe message
 //!   `miniprogram_state`, `lang` and data (47003, "argument invalid! data.thing1.value")
 //!   and then the grant (43101);
-//! - a body that is not JSON answers 47001;
+//! - a body that is not JSON answers 47001; with `template_api_retired` every
+//!   template send with a valid token answers 45103;
+//! - more than `login_rate_per_minute` logins of one user in a minute answer 45011
+//!   (the code stays usable);
 //! - limits never reset by themselves: `POST /sim/reset-limits` is the new day.
 //!
 //! # Control and record endpoints (JSON; errors `{"error": {"code", "message"}}`,
@@ -184,7 +187,9 @@ pub async fn serve(listener: TcpListener, sim: Simulator) -> std::io::Result<()>
     // (it is not `Send`, and callers spawn this future).
     let server = HttpServer::new(move || {
         let sim = sim.clone();
-        App::new().configure(move |cfg| sim.configure(cfg))
+        App::new()
+            .configure(move |cfg| sim.configure(cfg))
+            .default_service(web::to(handlers::not_found))
     })
     .listen(listener)?
     .run();

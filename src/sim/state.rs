@@ -1,7 +1,7 @@
 //! The simulator's state and every rule of WECHAT.md, as plain methods that take
 //! `now` and need no HTTP.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
@@ -181,6 +181,8 @@ struct App {
     last_force: Option<Instant>,
     sends: u32,
     codes: HashMap<String, Code>,
+    /// Login times within the last minute, per openid.
+    logins: HashMap<String, VecDeque<Instant>>,
     known: HashSet<String>,
     blocked: HashSet<String>,
     /// form_ids and prepay_ids by value.
@@ -201,6 +203,7 @@ impl App {
             last_force: None,
             sends: 0,
             codes: HashMap::new(),
+            logins: HashMap::new(),
             known: HashSet::new(),
             blocked: HashSet::new(),
             credentials: HashMap::new(),
@@ -397,16 +400,30 @@ impl State {
         if q.js_code.is_empty() {
             return Err(wx(41008, "missing code"));
         }
-        let code = app
+        let openid = app
             .codes
-            .remove(&q.js_code)
+            .get(&q.js_code)
             .filter(|c| now < c.expires_at)
+            .map(|c| c.openid.clone())
             .ok_or_else(|| wx(40029, "invalid code"))?;
-        if app.blocked.contains(&code.openid) {
+        // A rate-limited login leaves the code usable, as a retry would expect.
+        let recent = app.logins.entry(openid.clone()).or_default();
+        while recent
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(60))
+        {
+            recent.pop_front();
+        }
+        if recent.len() >= self.cfg.login_rate_per_minute as usize {
+            return Err(wx(45011, "api minute-quota reach limit"));
+        }
+        recent.push_back(now);
+        app.codes.remove(&q.js_code);
+        if app.blocked.contains(&openid) {
             return Err(wx(40226, "high risk user blocked"));
         }
         Ok(Code2SessionResponse {
-            openid: code.openid,
+            openid,
             session_key: random_string(&mut self.rng, 24, ALNUM),
             unionid: None,
         })
@@ -424,6 +441,10 @@ impl State {
             page: msg.page.as_deref(),
             touser: &msg.touser,
         };
+        if self.cfg.template_api_retired {
+            self.tokens.check(token, now)?;
+            return Err(wx(45103, "This API has been unsupported"));
+        }
         let app = self.sender(&target, now)?;
         let credential = app
             .credentials
@@ -799,4 +820,156 @@ fn random_string(rng: &mut StdRng, len: usize, charset: &[u8]) -> String {
     (0..len)
         .map(|_| char::from(charset[rng.random_range(0..charset.len())]))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: fn(u64) -> Duration = Duration::from_secs;
+
+    fn state(cfg: SimConfig) -> State {
+        State::new(SimConfig {
+            apps: vec![("wxa".into(), Secret::new("s"))],
+            seed: Some(1),
+            ..cfg
+        })
+    }
+
+    fn classic(st: &mut State, now: Instant) -> String {
+        let q = TokenQuery {
+            grant_type: "client_credential".into(),
+            appid: "wxa".into(),
+            secret: "s".into(),
+        };
+        st.classic_token(&q, now).expect("token").access_token
+    }
+
+    fn stable(st: &mut State, force_refresh: bool, now: Instant) -> Result<String, i64> {
+        let r = StableTokenRequest {
+            grant_type: "client_credential".into(),
+            appid: "wxa".into(),
+            secret: "s".into(),
+            force_refresh,
+        };
+        st.stable_token(&r, now)
+            .map(|t| t.access_token)
+            .map_err(|e| e.errcode)
+    }
+
+    fn check(st: &State, token: &str, now: Instant) -> Result<(), i64> {
+        st.tokens.check(token, now).map(drop).map_err(|e| e.errcode)
+    }
+
+    #[test]
+    fn a_superseded_classic_token_works_for_the_overlap_only() {
+        let mut st = state(SimConfig {
+            token_overlap: S(10),
+            token_expires_in: S(100),
+            ..SimConfig::default()
+        });
+        let t0 = Instant::now();
+        let a = classic(&mut st, t0);
+        let b = classic(&mut st, t0 + S(5));
+        assert_eq!(
+            check(&st, &a, t0 + S(15) - Duration::from_millis(1)),
+            Ok(())
+        );
+        assert_eq!(check(&st, &a, t0 + S(15)), Err(40001));
+        assert_eq!(
+            check(&st, &b, t0 + S(105) - Duration::from_millis(1)),
+            Ok(())
+        );
+        assert_eq!(check(&st, &b, t0 + S(105)), Err(42001));
+    }
+
+    #[test]
+    fn without_overlap_the_old_token_dies_at_once() {
+        let mut st = state(SimConfig {
+            token_overlap: Duration::ZERO,
+            ..SimConfig::default()
+        });
+        let t0 = Instant::now();
+        let a = classic(&mut st, t0);
+        let _b = classic(&mut st, t0);
+        assert_eq!(check(&st, &a, t0), Err(40001));
+    }
+
+    #[test]
+    fn stable_token_renews_in_the_last_quarter_and_force_refresh_kills() {
+        let mut st = state(SimConfig {
+            token_expires_in: S(100),
+            ..SimConfig::default()
+        });
+        let t0 = Instant::now();
+        let a = stable(&mut st, false, t0).expect("a");
+        assert_eq!(stable(&mut st, false, t0 + S(74)), Ok(a.clone()));
+        let b = stable(&mut st, false, t0 + S(76)).expect("b");
+        assert_ne!(a, b);
+        assert_eq!(check(&st, &a, t0 + S(99)), Ok(()));
+        assert_eq!(check(&st, &a, t0 + S(100)), Err(42001));
+        assert_eq!(stable(&mut st, false, t0 + S(80)), Ok(b.clone()));
+
+        let c = stable(&mut st, true, t0 + S(80)).expect("c");
+        assert_eq!(check(&st, &b, t0 + S(80)), Err(40001));
+        assert_eq!(stable(&mut st, true, t0 + S(109)), Err(45011));
+        assert!(stable(&mut st, true, t0 + S(110)).is_ok_and(|d| d != c));
+    }
+
+    #[test]
+    fn a_prepay_id_waits_for_activation_then_has_its_uses() {
+        let mut st = state(SimConfig {
+            token_expires_in: S(8 * 24 * 3600),
+            ..SimConfig::default()
+        });
+        let t0 = Instant::now();
+        let token = classic(&mut st, t0);
+        let prepay = st
+            .mint_prepay_ids("wxa", "o", 1, Some(2), Some(S(5)), t0)
+            .expect("prepay")
+            .remove(0);
+        let fid = st.mint_form_ids("wxa", "o", 1, t0).expect("fid").remove(0);
+        let mut send = |value: &str, at: Instant| {
+            let msg = TemplateMessage {
+                touser: "o".into(),
+                template_id: "T".into(),
+                form_id: value.into(),
+                ..TemplateMessage::default()
+            };
+            st.send_template(&token, &msg, at)
+                .map(drop)
+                .map_err(|e| e.errcode)
+        };
+        assert_eq!(send(&prepay, t0 + S(4)), Err(41028));
+        assert_eq!(send(&prepay, t0 + S(5)), Ok(()));
+        assert_eq!(send(&prepay, t0 + S(6)), Ok(()));
+        assert_eq!(send(&prepay, t0 + S(7)), Err(41029));
+        // A form_id lives 7 days.
+        assert_eq!(send(&fid, t0 + S(7 * 24 * 3600)), Err(41028));
+    }
+
+    #[test]
+    fn logins_are_rate_limited_per_user_without_losing_the_code() {
+        let mut st = state(SimConfig {
+            login_rate_per_minute: 1,
+            ..SimConfig::default()
+        });
+        let t0 = Instant::now();
+        let login = |st: &mut State, code: &str, at: Instant| {
+            let q = Code2SessionQuery {
+                appid: "wxa".into(),
+                secret: "s".into(),
+                js_code: code.into(),
+                grant_type: "authorization_code".into(),
+            };
+            st.login(&q, at).map(|r| r.openid).map_err(|e| e.errcode)
+        };
+        let first = st.mint_code("wxa", "o", t0).expect("code");
+        let second = st.mint_code("wxa", "o", t0).expect("code");
+        assert_eq!(login(&mut st, &first, t0), Ok("o".to_owned()));
+        assert_eq!(login(&mut st, &second, t0 + S(59)), Err(45011));
+        assert_eq!(login(&mut st, &second, t0 + S(60)), Ok("o".to_owned()));
+        let late = st.mint_code("wxa", "o", t0).expect("code");
+        assert_eq!(login(&mut st, &late, t0 + S(300)), Err(40029));
+    }
 }
