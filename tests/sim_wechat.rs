@@ -642,3 +642,28 @@ async fn invalidated_tokens_answer_40001_and_bad_control_calls_are_json_errors()
     let body: Value = resp.json().await.expect("json");
     assert_eq!(body["error"]["code"], "invalid_request");
 }
+
+#[tokio::test]
+async fn concurrent_sends_to_one_user_answer_43108_when_enabled() {
+    let h = start(config());
+    let token = h.token().await;
+    let fids = h.sim.mint_form_ids(APP, "o-alice", 3).expect("fids");
+    h.control(
+        "/sim/faults",
+        json!({"reject_concurrent_sends": true, "send": {"latency_ms": 500}}),
+    )
+    .await;
+    let (first, second) = (template("o-alice", &fids[0]), template("o-alice", &fids[1]));
+    let (a, b) = tokio::join!(
+        h.wx.send_template(&token, &first),
+        h.wx.send_template(&token, &second),
+    );
+    let mut outcomes = [a.map_err(|e| e.errcode), b.map_err(|e| e.errcode)];
+    outcomes.sort();
+    assert_eq!(outcomes, [Ok(()), Err(Some(43108))]);
+    assert_eq!(h.sim.deliveries().len(), 1);
+    // Once the first answer is written the user can be sent to again.
+    h.wx.send_template(&token, &template("o-alice", &fids[2]))
+        .await
+        .expect("sequential send");
+}

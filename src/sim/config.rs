@@ -81,6 +81,9 @@ pub struct Faults {
     pub login: FaultSet,
     /// Accepted sends per app until `/sim/reset-limits`; then 45009.
     pub daily_send_limit: Option<u32>,
+    /// A send to a user while another send to that user is still being answered
+    /// (see `latency_ms`) answers 43108 without acting, as WeChat does.
+    pub reject_concurrent_sends: bool,
     /// Reseeds the RNG when set, so the fault rolls that follow are reproducible.
     pub seed: Option<u64>,
 }

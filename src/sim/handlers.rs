@@ -123,11 +123,15 @@ async fn send_subscribe(sim: web::Data<Simulator>, req: HttpRequest, bytes: Byte
 }
 
 async fn answer(sim: &Simulator, call: Call) -> HttpResponse {
-    let (reply, latency) = sim.lock().call(call, Instant::now());
-    if !latency.is_zero() {
-        tokio::time::sleep(latency).await;
+    let answer = sim.lock().call(call, Instant::now());
+    let _in_flight = answer.in_flight.map(|key| InFlight {
+        sim: sim.clone(),
+        key,
+    });
+    if !answer.latency.is_zero() {
+        tokio::time::sleep(answer.latency).await;
     }
-    match reply {
+    match answer.reply {
         Reply::Json(body) => HttpResponse::Ok()
             .content_type("application/json")
             .body(body),
@@ -136,6 +140,19 @@ async fn answer(sim: &Simulator, call: Call) -> HttpResponse {
         Reply::Dropped(body) => HttpResponse::Ok()
             .content_type("application/json")
             .body(Broken::new(body)),
+    }
+}
+
+/// A send being answered; dropped when the handler ends, also when the client
+/// went away during the latency.
+struct InFlight {
+    sim: Simulator,
+    key: (String, String),
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.sim.lock().landed(&self.key);
     }
 }
 

@@ -28,6 +28,8 @@
 //!   template send with a valid token answers 45103;
 //! - more than `login_rate_per_minute` logins of one user in a minute answer 45011
 //!   (the code stays usable);
+//! - with the fault knob `reject_concurrent_sends`, a send to a user while another
+//!   send to that user is still being answered answers 43108 (checked first);
 //! - limits never reset by themselves: `POST /sim/reset-limits` is the new day.
 //!
 //! # Control and record endpoints (JSON; errors `{"error": {"code", "message"}}`,

@@ -78,6 +78,16 @@ impl Call {
     }
 }
 
+/// What [`State::call`] decided.
+pub(crate) struct Answer {
+    pub(crate) reply: Reply,
+    /// To add before writing the reply.
+    pub(crate) latency: Duration,
+    /// `(appid, openid)` of a send whose answer is not written yet: pass it to
+    /// [`State::landed`] once it is.
+    pub(crate) in_flight: Option<(String, String)>,
+}
+
 /// How to answer a call.
 pub(crate) enum Reply {
     /// HTTP 200 with this JSON body.
@@ -244,6 +254,8 @@ pub(crate) struct State {
     rng: StdRng,
     faults: Faults,
     record: Record,
+    /// Sends per `(appid, openid)` processed but not yet answered.
+    in_flight: HashMap<(String, String), u32>,
 }
 
 impl State {
@@ -257,6 +269,7 @@ impl State {
             rng,
             faults: cfg.faults.clone(),
             record: Record::default(),
+            in_flight: HashMap::new(),
             cfg,
         };
         for (appid, secret) in state.cfg.apps.clone() {
@@ -265,9 +278,8 @@ impl State {
         state
     }
 
-    /// Serves one WeChat call: rolls the faults, acts, records. Returns the
-    /// answer and the latency to add before writing it.
-    pub(crate) fn call(&mut self, call: Call, now: Instant) -> (Reply, Duration) {
+    /// Serves one WeChat call: rolls the faults, acts, records.
+    pub(crate) fn call(&mut self, call: Call, now: Instant) -> Answer {
         let api = call.api();
         let fetch = call.token_fetch();
         let set = call.faults(&self.faults).clone();
@@ -277,6 +289,7 @@ impl State {
             Some(Latency::Range(a, b)) => self.rng.random_range(a.min(b)..=a.max(b)),
         };
         let roll: f64 = self.rng.random();
+        let mut in_flight = None;
         let (reply, outcome) = if roll < set.busy {
             (
                 Reply::Json(to_json(&wx(-1, "system error"))),
@@ -285,26 +298,23 @@ impl State {
         } else if roll < set.busy + set.http_500 {
             (Reply::Http500, "injected_http_500".to_owned())
         } else {
-            let drop = roll < set.busy + set.http_500 + set.drop_after_read;
-            let delivered_before = self.record.deliveries.len();
-            let (body, outcome) = match call {
-                Call::ClassicToken(q) => encode(self.classic_token(&q, now)),
-                Call::StableToken(r) => encode(self.stable_token(&r, now)),
-                Call::Login(q) => encode(self.login(&q, now)),
-                Call::Template { token, msg } => {
-                    encode(msg.and_then(|m| self.send_template(&token, &m, now)))
-                }
-                Call::Subscribe { token, msg } => {
-                    encode(msg.and_then(|m| self.send_subscribe(&token, &m, now)))
-                }
-            };
-            if drop {
-                for d in &mut self.record.deliveries[delivered_before..] {
-                    d.response_dropped = true;
-                }
-                (Reply::Dropped(body), format!("dropped:{outcome}"))
+            let flight = self.flight_key(&call, now);
+            if flight
+                .as_ref()
+                .is_some_and(|k| self.in_flight.contains_key(k))
+            {
+                let busy = wx(43108, "concurrent calls to the same openid");
+                (Reply::Json(to_json(&busy)), "43108".to_owned())
             } else {
-                (Reply::Json(body), outcome)
+                if let Some(key) = &flight {
+                    *self.in_flight.entry(key.clone()).or_default() += 1;
+                }
+                in_flight = flight;
+                self.act(
+                    call,
+                    roll < set.busy + set.http_500 + set.drop_after_read,
+                    now,
+                )
             }
         };
         self.record.stats.add(api, &outcome);
@@ -317,7 +327,60 @@ impl State {
                 outcome,
             });
         }
-        (reply, Duration::from_millis(latency))
+        Answer {
+            reply,
+            latency: Duration::from_millis(latency),
+            in_flight,
+        }
+    }
+
+    /// Processes a call; with `drop` the answer will be broken after processing.
+    /// Returns the reply and the stats outcome.
+    fn act(&mut self, call: Call, drop: bool, now: Instant) -> (Reply, String) {
+        let delivered_before = self.record.deliveries.len();
+        let (body, outcome) = match call {
+            Call::ClassicToken(q) => encode(self.classic_token(&q, now)),
+            Call::StableToken(r) => encode(self.stable_token(&r, now)),
+            Call::Login(q) => encode(self.login(&q, now)),
+            Call::Template { token, msg } => {
+                encode(msg.and_then(|m| self.send_template(&token, &m, now)))
+            }
+            Call::Subscribe { token, msg } => {
+                encode(msg.and_then(|m| self.send_subscribe(&token, &m, now)))
+            }
+        };
+        if drop {
+            for d in &mut self.record.deliveries[delivered_before..] {
+                d.response_dropped = true;
+            }
+            (Reply::Dropped(body), format!("dropped:{outcome}"))
+        } else {
+            (Reply::Json(body), outcome)
+        }
+    }
+
+    /// `(appid, openid)` of a send when `reject_concurrent_sends` is on.
+    fn flight_key(&self, call: &Call, now: Instant) -> Option<(String, String)> {
+        if !self.faults.reject_concurrent_sends {
+            return None;
+        }
+        let (token, touser) = match call {
+            Call::Template { token, msg: Ok(m) } => (token, &m.touser),
+            Call::Subscribe { token, msg: Ok(m) } => (token, &m.touser),
+            _ => return None,
+        };
+        let appid = self.tokens.check(token, now).ok()?;
+        Some((appid.to_owned(), touser.clone()))
+    }
+
+    /// The answer to a send that was in flight has been written (or abandoned).
+    pub(crate) fn landed(&mut self, key: &(String, String)) {
+        if let Some(n) = self.in_flight.get_mut(key) {
+            *n -= 1;
+            if *n == 0 {
+                self.in_flight.remove(key);
+            }
+        }
     }
 
     fn classic_token(&mut self, q: &TokenQuery, now: Instant) -> Result<TokenResponse, ApiStatus> {
