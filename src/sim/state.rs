@@ -230,12 +230,9 @@ struct Record {
 }
 
 impl Record {
-    /// Stores `d` with the next seq and returns the seq.
-    fn deliver(&mut self, mut d: Delivery) -> u64 {
-        d.seq = self.deliveries.len() as u64 + 1;
-        let seq = d.seq;
-        self.deliveries.push(d);
-        seq
+    /// The seq of the next delivery.
+    fn next_seq(&self) -> u64 {
+        self.deliveries.len() as u64 + 1
     }
 }
 
@@ -523,8 +520,8 @@ impl State {
         credential.uses_left -= 1;
         app.sends += 1;
         let appid = app.appid.clone();
-        self.record.deliver(Delivery {
-            seq: 0,
+        self.record.deliveries.push(Delivery {
+            seq: self.record.next_seq(),
             at: Utc::now(),
             appid,
             touser: msg.touser.clone(),
@@ -577,8 +574,10 @@ impl State {
         *grants -= 1;
         app.sends += 1;
         let appid = app.appid.clone();
-        let seq = self.record.deliver(Delivery {
-            seq: 0,
+        let seq = self.record.next_seq();
+        let msgid = MSGID_BASE.saturating_add_unsigned(seq);
+        self.record.deliveries.push(Delivery {
+            seq,
             at: Utc::now(),
             appid,
             touser: msg.touser.clone(),
@@ -587,13 +586,9 @@ impl State {
             credential: None,
             page: msg.page.clone(),
             data: msg.data.clone(),
-            msgid: None,
+            msgid: Some(msgid),
             response_dropped: false,
         });
-        let msgid = MSGID_BASE.saturating_add_unsigned(seq);
-        if let Some(d) = self.record.deliveries.last_mut() {
-            d.msgid = Some(msgid);
-        }
         Ok(SubscribeSendResponse {
             errcode: 0,
             errmsg: "ok".into(),
