@@ -1,1 +1,13 @@
 //! The WeChat server API as this service uses it. Knows nothing of the database.
+//!
+//! - [`wire`]: the JSON shapes of the five endpoints (shared with the simulator);
+//! - [`errcode`]: the one table that says what each `errcode` means for a caller;
+//! - [`client`]: [`WechatClient`], one HTTP client for all apps.
+
+pub mod client;
+pub mod errcode;
+pub mod wire;
+
+pub use client::{AccessToken, LoginSession, WechatClient, WechatError};
+pub use errcode::{classify, ErrorClass};
+pub use wire::{DataValue, SubscribeMessage, TemplateMessage};
