@@ -23,18 +23,40 @@ enum Command {
     Serve,
     /// Apply pending database migrations and exit.
     Migrate,
+    /// Run the WeChat simulator on its own (for tests, benchmarks, a sandbox peer).
+    Sim {
+        /// Address to listen on.
+        #[arg(long, env = "LEDGER_SIM_BIND", default_value = "127.0.0.1:8081")]
+        bind: String,
+        /// Apps the simulator knows, `appid:secret[,…]` (more can be added over HTTP).
+        #[arg(long, env = "LEDGER_SIM_APPS", default_value = "")]
+        apps: String,
+    },
+    /// Show an app's current access_token expiry (the token itself only with --show).
+    Token {
+        app_id: String,
+        /// Print the token too.
+        #[arg(long)]
+        show: bool,
+    },
 }
 
 pub fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
+    let command = cli.command.unwrap_or(Command::Serve);
+    if let Command::Sim { bind, apps } = &command {
+        return sim(bind, apps);
+    }
     let settings = match Settings::from_env() {
         Ok(s) => s,
         Err(e) => return fail(e),
     };
-    match cli.command.unwrap_or(Command::Serve) {
+    match command {
         Command::Serve => serve(settings),
         Command::Migrate => migrate(&settings),
+        Command::Token { app_id, show } => token(&settings, &app_id, show),
+        Command::Sim { .. } => unreachable!("handled above"),
     }
 }
 
@@ -62,24 +84,86 @@ fn migrate(settings: &Settings) -> ExitCode {
 }
 
 fn serve(settings: Settings) -> ExitCode {
-    if settings.apps.is_empty() {
-        return fail(
-            "no app configured: set LEDGER_APPS=appid:secret (sandbox mode, with the \
-             built-in WeChat simulator, is not available yet)",
-        );
-    }
     let listener = match TcpListener::bind(&settings.bind) {
         Ok(l) => l,
         Err(e) => return fail(format!("cannot listen on {}: {e}", settings.bind)),
     };
     let result = actix_web::rt::System::new().block_on(async move {
         let app = Application::build(settings, listener).await?;
+        if let Some(sandbox) = app.sandbox() {
+            print_sandbox_banner(app.port(), sandbox);
+        }
         log::info!("formid-ledger listening on port {}", app.port());
         app.run_until_stopped().await?;
         Ok::<_, crate::startup::StartupError>(())
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(e),
+    }
+}
+
+fn print_sandbox_banner(port: u16, sandbox: &crate::startup::Sandbox) {
+    let key = match &sandbox.api_key {
+        Some(k) => k.expose().to_string(),
+        None => "(the keys of LEDGER_API_KEYS)".into(),
+    };
+    let line = "=".repeat(78);
+    println!(
+        "{line}\n SANDBOX MODE: no LEDGER_APPS configured.\n \
+         The built-in WeChat SIMULATOR answers on this port (/cgi-bin, /sns, /sim) for\n \
+         the app `{app}`. Nothing reaches the real WeChat. Do not use in production.\n\n \
+         API key (roles send+admin+token): {key}\n \
+         Try:  curl -s -XPOST localhost:{port}/sim/codes -d '{{\"appid\":\"{app}\",\"openid\":\"o-demo\"}}'\n{line}",
+        app = crate::startup::SANDBOX_APP,
+    );
+}
+
+fn sim(bind: &str, apps: &str) -> ExitCode {
+    let apps = match crate::settings::parse_apps(apps) {
+        Ok(apps) => apps,
+        Err(problem) => return fail(format!("--apps: {problem}")),
+    };
+    let listener = match TcpListener::bind(bind) {
+        Ok(l) => l,
+        Err(e) => return fail(format!("cannot listen on {bind}: {e}")),
+    };
+    let sim = crate::sim::Simulator::new(crate::sim::SimConfig {
+        apps: apps.into_iter().map(|a| (a.app_id, a.secret)).collect(),
+        ..crate::sim::SimConfig::default()
+    });
+    log::info!("WeChat simulator listening on {bind}");
+    match actix_web::rt::System::new().block_on(crate::sim::serve(listener, sim)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(e),
+    }
+}
+
+fn token(settings: &Settings, app_id: &str, show: bool) -> ExitCode {
+    let result = Db::connect(&settings.database_url, 1).and_then(|db| {
+        db.migrate()?;
+        let mut conn = db.get()?;
+        crate::tokens::store::load(&mut conn, app_id)
+    });
+    match result {
+        Ok(Some(row)) if !row.token.is_empty() => {
+            let left = row.expires_at - crate::time::now();
+            println!(
+                "{app_id}: expires at {} ({} s left){}",
+                crate::time::rfc3339::format(&row.expires_at),
+                left.num_seconds(),
+                row.last_error
+                    .map(|e| format!("; last refresh failed: {e}"))
+                    .unwrap_or_default()
+            );
+            if show {
+                println!("{}", row.token);
+            }
+            ExitCode::SUCCESS
+        }
+        Ok(_) => fail(format!(
+            "no token stored for {app_id} yet (is the service running with it configured?)"
+        )),
         Err(e) => fail(e),
     }
 }

@@ -23,6 +23,9 @@ const KNOWN: &[&str] = &[
     "user_cap",
     "expiry_margin_s",
     "http_workers",
+    "token_refresh_margin_s",
+    "session_ttl_s",
+    "wechat_timeout_s",
 ];
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -130,6 +133,12 @@ pub struct Settings {
     pub expiry_margin: Duration,
     /// HTTP worker threads; 0 means one per core.
     pub http_workers: usize,
+    /// Refresh an app's access_token this long before it expires.
+    pub token_refresh_margin: Duration,
+    /// Lifetime of a client session.
+    pub session_ttl: Duration,
+    /// Bound on one WeChat call (connect is bounded by a third of it).
+    pub wechat_timeout: Duration,
 }
 
 impl Default for Settings {
@@ -147,6 +156,9 @@ impl Default for Settings {
             user_cap: 200,
             expiry_margin: Duration::from_secs(600),
             http_workers: 0,
+            token_refresh_margin: Duration::from_secs(300),
+            session_ttl: Duration::from_secs(30 * 86_400),
+            wechat_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -232,6 +244,15 @@ impl Settings {
                 self.expiry_margin = Duration::from_secs(parse_int(raw, 0, 86_400)?.into())
             }
             "http_workers" => self.http_workers = parse_int(raw, 0, 256)? as usize,
+            "token_refresh_margin_s" => {
+                self.token_refresh_margin = Duration::from_secs(parse_int(raw, 0, 3600)?.into())
+            }
+            "session_ttl_s" => {
+                self.session_ttl = Duration::from_secs(parse_int(raw, 60, 365 * 86_400)?.into())
+            }
+            "wechat_timeout_s" => {
+                self.wechat_timeout = Duration::from_secs(parse_int(raw, 1, 120)?.into())
+            }
             _ => return Err("unknown setting".into()),
         }
         Ok(())
@@ -297,7 +318,8 @@ fn is_plain_token(s: &str) -> bool {
             .all(|b| b.is_ascii_graphic() && b != b',' && b != b':')
 }
 
-fn parse_apps(raw: &str) -> Result<Vec<App>, String> {
+/// `appid:secret[,appid:secret…]`.
+pub fn parse_apps(raw: &str) -> Result<Vec<App>, String> {
     let mut apps: Vec<App> = Vec::new();
     for entry in raw.split(',').map(str::trim).filter(|e| !e.is_empty()) {
         let (app_id, secret) = entry

@@ -1,14 +1,24 @@
 //! Builds the whole service from [`Settings`] and a bound listener (port 0 in tests).
 
-use std::net::TcpListener;
+use std::net::{IpAddr, Ipv4Addr, TcpListener};
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix_web::dev::Server;
 use actix_web::{middleware, web, App, HttpServer};
+use base64::Engine;
 
 use crate::db::{Db, DbError};
 use crate::http::{self, AppState};
-use crate::settings::Settings;
+use crate::secret::Secret;
+use crate::session::SessionKey;
+use crate::settings::{ApiKey, Role, Settings};
+use crate::sim::{SimConfig, Simulator};
+use crate::tokens::{TokenError, TokenManager};
+use crate::wechat::client::WechatClient;
+
+/// The app sandbox mode serves, backed by the built-in simulator.
+pub const SANDBOX_APP: &str = "wxsandbox";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
@@ -16,46 +26,103 @@ pub enum StartupError {
     Db(#[from] DbError),
     #[error("cannot serve: {0}")]
     Io(#[from] std::io::Error),
+    #[error("invalid setting LEDGER_WECHAT_API_BASE: {0}")]
+    Wechat(String),
+    #[error(transparent)]
+    Tokens(#[from] TokenError),
+}
+
+/// What sandbox mode set up, for the start-up banner.
+pub struct Sandbox {
+    pub simulator: Simulator,
+    /// The generated key with every role, if no key was configured.
+    pub api_key: Option<Secret>,
 }
 
 pub struct Application {
     port: u16,
     server: Server,
     db: Db,
+    sandbox: Option<Sandbox>,
+    tokens: Arc<TokenManager>,
+    stop: tokio::sync::watch::Sender<bool>,
 }
 
 impl Application {
-    /// Connects to the database, applies pending migrations and binds the HTTP server.
-    pub async fn build(settings: Settings, listener: TcpListener) -> Result<Self, StartupError> {
+    /// Connects to the database, applies pending migrations, starts the background
+    /// tasks and binds the HTTP server. With no app configured: sandbox mode.
+    pub async fn build(
+        mut settings: Settings,
+        listener: TcpListener,
+    ) -> Result<Self, StartupError> {
+        let addr = listener.local_addr()?;
+        let sandbox = sandbox(&mut settings, addr.ip(), addr.port());
         let settings = Arc::new(settings);
-        let db = {
+        let (db, session_secret) = {
             let settings = settings.clone();
-            tokio::task::spawn_blocking(move || -> Result<Db, DbError> {
+            tokio::task::spawn_blocking(move || -> Result<(Db, Secret), DbError> {
                 let db = Db::connect(&settings.database_url, settings.db_pool_size)?;
                 for version in db.migrate()? {
                     log::info!("applied migration {version}");
                 }
-                Ok(db)
+                let secret = match &settings.session_secret {
+                    Some(s) => s.clone(),
+                    None => crate::db::service_secret(&mut *db.get()?, "session_secret", || {
+                        random_secret(32)
+                    })?,
+                };
+                Ok((db, secret))
             })
             .await
             .map_err(|e| DbError::Unavailable(e.to_string()))??
         };
-        let port = listener.local_addr()?.port();
-        let state = web::Data::new(AppState::new(db.clone(), settings.clone()));
+        let wechat = WechatClient::new(
+            &settings.wechat_api_base,
+            (settings.wechat_timeout / 3).max(Duration::from_secs(1)),
+            settings.wechat_timeout,
+        )
+        .map_err(|e| StartupError::Wechat(e.message))?;
+        let tokens = Arc::new(TokenManager::new(
+            db.clone(),
+            wechat.clone(),
+            &settings.apps,
+            settings.token_api,
+            settings.token_refresh_margin,
+        ));
+        tokens.init().await?;
+
+        let state = web::Data::new(AppState::new(
+            db.clone(),
+            settings.clone(),
+            SessionKey::new(session_secret),
+            wechat,
+            tokens.clone(),
+        ));
+        let simulator = sandbox.as_ref().map(|s| s.simulator.clone());
         let mut server = HttpServer::new(move || {
+            let simulator = simulator.clone();
             App::new()
                 .wrap(middleware::Logger::new("%s %r %Dms").exclude("/healthz"))
                 .app_data(state.clone())
+                .configure(move |cfg| {
+                    if let Some(sim) = &simulator {
+                        sim.configure(cfg);
+                    }
+                })
                 .configure(http::config)
         })
         .listen(listener)?;
         if settings.http_workers > 0 {
             server = server.workers(settings.http_workers);
         }
+        let (stop, _) = tokio::sync::watch::channel(false);
         Ok(Application {
-            port,
+            port: addr.port(),
             server: server.run(),
             db,
+            sandbox,
+            tokens,
+            stop,
         })
     }
 
@@ -67,8 +134,63 @@ impl Application {
         &self.db
     }
 
-    /// Serves until SIGINT/SIGTERM (actix finishes in-flight requests first).
-    pub async fn run_until_stopped(self) -> std::io::Result<()> {
-        self.server.await
+    pub fn sandbox(&self) -> Option<&Sandbox> {
+        self.sandbox.as_ref()
     }
+
+    pub fn tokens(&self) -> &Arc<TokenManager> {
+        &self.tokens
+    }
+
+    /// Serves until SIGINT/SIGTERM (actix finishes in-flight requests first), with
+    /// the token refreshers running alongside.
+    pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        self.tokens.spawn_refreshers(self.stop.subscribe());
+        let result = self.server.await;
+        let _ = self.stop.send(true);
+        result
+    }
+}
+
+/// Sandbox mode: with no app configured, one app `wxsandbox` served by the built-in
+/// simulator on this very port, and (if none is configured) a generated API key with
+/// every role. Never used when apps are configured.
+fn sandbox(settings: &mut Settings, ip: IpAddr, port: u16) -> Option<Sandbox> {
+    if !settings.apps.is_empty() {
+        return None;
+    }
+    let secret = Secret::new(random_secret(24));
+    settings.apps = vec![crate::settings::App {
+        app_id: SANDBOX_APP.into(),
+        secret: secret.clone(),
+    }];
+    let host = if ip.is_unspecified() {
+        IpAddr::V4(Ipv4Addr::LOCALHOST)
+    } else {
+        ip
+    };
+    settings.wechat_api_base = match host {
+        IpAddr::V4(v4) => format!("http://{v4}:{port}"),
+        IpAddr::V6(v6) => format!("http://[{v6}]:{port}"),
+    };
+    let api_key = settings.api_keys.is_empty().then(|| {
+        let key = Secret::new(format!("sandbox-{}", random_secret(24)));
+        settings.api_keys = vec![ApiKey {
+            name: "sandbox".into(),
+            roles: vec![Role::Send, Role::Admin, Role::Token],
+            key: key.clone(),
+        }];
+        key
+    });
+    let simulator = Simulator::new(SimConfig {
+        apps: vec![(SANDBOX_APP.to_string(), secret)],
+        ..SimConfig::default()
+    });
+    Some(Sandbox { simulator, api_key })
+}
+
+/// `bytes` random bytes, base64url.
+fn random_secret(bytes: usize) -> String {
+    let raw: Vec<u8> = (0..bytes).map(|_| rand::random::<u8>()).collect();
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
 }

@@ -251,7 +251,7 @@ async fn readiness_fails_when_postgres_is_gone() {
     let tdb = common::TestDb::postgres();
     let app = TestApp::spawn(tdb).await;
     assert_eq!(app.get("/readyz", None).await.0, 200);
-    let common::TestDb::Postgres { name, .. } = &app.test_db else {
+    let common::TestDb::Postgres { name, .. } = &*app.test_db else {
         unreachable!()
     };
     use diesel::prelude::*;

@@ -218,3 +218,27 @@ pub fn native_sql(conn: &DbConn, sql: &str) -> String {
         DbConn::Sqlite(_) => sql.replace('$', "?"),
     }
 }
+
+/// A secret the service generated and every instance shares (kept in the database:
+/// the data folder on SQLite, the shared database on PostgreSQL). The first caller's
+/// `fresh` value wins; everyone reads the stored one.
+pub fn service_secret(
+    conn: &mut DbConn,
+    name: &str,
+    fresh: impl FnOnce() -> String,
+) -> DbResult<crate::secret::Secret> {
+    use schema::service_secrets::dsl as s;
+    let value = fresh();
+    let now = crate::time::to_db(crate::time::now());
+    let stored: String = dispatch!(conn, |c| {
+        diesel::insert_into(s::service_secrets)
+            .values((s::name.eq(name), s::value.eq(&value), s::created_at.eq(now)))
+            .on_conflict_do_nothing()
+            .execute(c)?;
+        s::service_secrets
+            .filter(s::name.eq(name))
+            .select(s::value)
+            .first(c)?
+    });
+    Ok(crate::secret::Secret::new(stored))
+}

@@ -3,9 +3,11 @@
 
 pub mod admin;
 pub mod auth;
+pub mod client;
 pub mod credentials;
 pub mod error;
 pub mod health;
+pub mod tokens;
 
 use std::sync::Arc;
 
@@ -14,7 +16,10 @@ use actix_web::{web, HttpRequest, HttpResponse};
 
 use crate::db::Db;
 use crate::ledger::{self, Rules};
+use crate::session::SessionKey;
 use crate::settings::Settings;
+use crate::tokens::TokenManager;
+use crate::wechat::client::WechatClient;
 use auth::KeyRing;
 use error::ApiError;
 
@@ -27,10 +32,19 @@ pub struct AppState {
     pub settings: Arc<Settings>,
     pub rules: Rules,
     pub keys: KeyRing,
+    pub sessions: SessionKey,
+    pub wechat: WechatClient,
+    pub tokens: Arc<TokenManager>,
 }
 
 impl AppState {
-    pub fn new(db: Db, settings: Arc<Settings>) -> Self {
+    pub fn new(
+        db: Db,
+        settings: Arc<Settings>,
+        sessions: SessionKey,
+        wechat: WechatClient,
+        tokens: Arc<TokenManager>,
+    ) -> Self {
         let rules = Rules {
             prepay_id_uses: settings.prepay_id_uses,
             expiry_margin: chrono::TimeDelta::from_std(settings.expiry_margin)
@@ -42,6 +56,9 @@ impl AppState {
             db,
             settings,
             rules,
+            sessions,
+            wechat,
+            tokens,
         }
     }
 
@@ -101,6 +118,8 @@ pub fn config(cfg: &mut web::ServiceConfig) {
     )
     .configure(health::config)
     .configure(credentials::config)
+    .configure(client::config)
+    .configure(tokens::config)
     .configure(admin::config)
     .default_service(web::to(not_found));
 }

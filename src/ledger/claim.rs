@@ -5,10 +5,11 @@ use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use diesel::sql_types::{Text, Timestamp};
 
-use super::{db_time, Credential, CredentialRow};
+use super::{Credential, CredentialRow};
 use crate::db::schema::credentials::dsl as c;
 use crate::db::{native_sql, single_write, DbConn, DbResult};
 use crate::dispatch;
+use crate::time::to_db;
 
 /// One use of a credential, taken by [`claim`]. Hand it back with [`release`] when the
 /// message failed for a reason that is not the credential's; otherwise it is spent.
@@ -67,7 +68,7 @@ pub fn claim(
                         .into_boxed()
                         .bind::<Text, _>(app_id)
                         .bind::<Text, _>(openid)
-                        .bind::<Timestamp, _>(db_time(now));
+                        .bind::<Timestamp, _>(to_db(now));
                     // SQLite refuses a parameter the statement does not use.
                     let query = match template_id {
                         Some(t) if picker == SUBSCRIPTION => query.bind::<Text, _>(t),
@@ -107,7 +108,7 @@ pub fn release(conn: &mut DbConn, used: Use, now: DateTime<Utc>) -> DbResult<boo
     )
     .set((
         c::uses_left.eq(c::uses_left + 1),
-        c::updated_at.eq(db_time(now))
+        c::updated_at.eq(to_db(now))
     ))
     .execute(conn))?;
     Ok(changed == 1)
@@ -126,7 +127,7 @@ pub fn invalidate(
     .set((
         c::invalid.eq(true),
         c::invalid_reason.eq(reason),
-        c::updated_at.eq(db_time(now))
+        c::updated_at.eq(to_db(now))
     ))
     .execute(conn))?;
     Ok(changed == 1)

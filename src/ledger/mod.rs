@@ -142,11 +142,6 @@ impl From<CredentialRow> for Credential {
     }
 }
 
-/// Database time: UTC without zone, the column type on both backends.
-pub(crate) fn db_time(t: DateTime<Utc>) -> NaiveDateTime {
-    t.naive_utc()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

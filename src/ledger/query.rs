@@ -7,10 +7,11 @@ use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Timestamp};
 use serde::Serialize;
 
-use super::{db_time, Kind};
+use super::Kind;
 use crate::db::schema::credentials::dsl as c;
 use crate::db::{native_sql, DbConn, DbResult};
 use crate::dispatch;
+use crate::time::to_db;
 
 /// Live: uses left, not found invalid, not expired (subscriptions never expire).
 macro_rules! live {
@@ -55,7 +56,7 @@ pub struct Quota {
 
 /// The user's live credentials, summed up. A user never seen has zeros.
 pub fn quota(conn: &mut DbConn, app_id: &str, openid: &str, now: DateTime<Utc>) -> DbResult<Quota> {
-    let now_db = db_time(now);
+    let now_db = to_db(now);
     type Row = (String, Option<String>, i32, Option<NaiveDateTime>);
     let rows: Vec<Row> = dispatch!(conn, |conn| live!(
         c::credentials
@@ -132,7 +133,7 @@ pub fn users(
     now: DateTime<Utc>,
 ) -> DbResult<UserPage> {
     use diesel::dsl::{count_star, min, sum};
-    let now_db = db_time(now);
+    let now_db = to_db(now);
     let after = cursor.unwrap_or("");
     let fetch = i64::from(limit) + 1;
     type Row = (String, i64, Option<i64>, Option<NaiveDateTime>);
@@ -186,8 +187,8 @@ pub struct KindTotals {
 
 pub fn stats(conn: &mut DbConn, app_id: &str, now: DateTime<Utc>) -> DbResult<Stats> {
     use diesel::dsl::{count_star, sum};
-    let now_db = db_time(now);
-    let soon = db_time(now + TimeDelta::hours(24));
+    let now_db = to_db(now);
+    let soon = to_db(now + TimeDelta::hours(24));
     let (by_kind, expiring): (Vec<(String, i64, Option<i64>)>, i64) = dispatch!(conn, |conn| {
         let by_kind = live!(c::credentials.filter(c::app_id.eq(app_id)), now_db)
             .group_by(c::kind)
@@ -227,7 +228,7 @@ pub fn purge(conn: &mut DbConn, older_than: DateTime<Utc>, batch: u32) -> DbResu
         (SELECT id FROM credentials WHERE expires_at < $1 LIMIT $2)";
     const DEAD: &str = "DELETE FROM credentials WHERE id IN \
         (SELECT id FROM credentials WHERE (uses_left = 0 OR invalid) AND updated_at < $1 LIMIT $2)";
-    let cutoff = db_time(older_than);
+    let cutoff = to_db(older_than);
     let mut total = 0u64;
     for sql in [EXPIRED, DEAD] {
         let sql = native_sql(conn, sql);

@@ -6,10 +6,11 @@ use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use serde::Serialize;
 
-use super::{db_time, is_valid_value, Kind, Rules, MOCK_FORM_ID, VALIDITY};
+use super::{is_valid_value, Kind, Rules, MOCK_FORM_ID, VALIDITY};
 use crate::db::schema::credentials::dsl as c;
 use crate::db::{write_tx, DbConn, DbError, DbResult};
 use crate::dispatch;
+use crate::time::to_db;
 
 /// One reported item, before validation.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -200,7 +201,7 @@ fn store_user(
             .bind::<diesel::sql_types::Text, _>(openid)
             .execute(pg)?;
     }
-    let now_db = db_time(now);
+    let now_db = to_db(now);
     let values: Vec<&str> = candidates.iter().filter_map(|c| c.value).collect();
     let (live, known): (i64, Vec<Option<String>>) = dispatch!(conn, |conn| {
         let live = c::credentials
@@ -252,8 +253,8 @@ fn store_user(
             template_id: cand.template_id,
             uses_total: cand.uses,
             uses_left: cand.uses,
-            issued_at: db_time(cand.issued_at),
-            expires_at: cand.expires_at.map(db_time),
+            issued_at: to_db(cand.issued_at),
+            expires_at: cand.expires_at.map(to_db),
             created_at: now_db,
             updated_at: now_db,
         });

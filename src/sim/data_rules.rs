@@ -77,9 +77,7 @@ fn is_number(v: &str) -> bool {
     let frac = parts.next();
     !int.is_empty()
         && int.chars().all(|c| c.is_ascii_digit())
-        && frac.map_or(true, |f| {
-            !f.is_empty() && f.chars().all(|c| c.is_ascii_digit())
-        })
+        && frac.is_none_or(|f| !f.is_empty() && f.chars().all(|c| c.is_ascii_digit()))
 }
 
 /// One currency sign (optional), ≤ 10 digits (a decimal part allowed), may end in 元.

@@ -19,7 +19,9 @@ use crate::wechat::wire::{ApiStatus, Code2SessionQuery, StableTokenRequest, Toke
 
 pub(super) fn config(cfg: &mut web::ServiceConfig, sim: &Simulator) {
     let data = web::Data::new(sim.clone());
+    // curl -d sends form content-type: the control endpoints take JSON whatever it says.
     let json = web::JsonConfig::default()
+        .content_type_required(false)
         .error_handler(|err, _| SimError::Invalid(format!("invalid JSON body: {err}")).into());
     let wx = |path: &str| {
         web::resource(path.to_owned())

@@ -761,7 +761,7 @@ impl State {
         app.stable = None;
         let mut killed = 0;
         for t in self.tokens.0.values_mut().filter(|t| t.appid == appid) {
-            if t.dies_at.map_or(true, |d| d > now) && t.expires_at > now {
+            if t.dies_at.is_none_or(|d| d > now) && t.expires_at > now {
                 killed += 1;
             }
             t.dies_at = Some(t.dies_at.map_or(now, |d| d.min(now)));

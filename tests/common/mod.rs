@@ -4,11 +4,13 @@
 
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 
 use diesel::prelude::*;
 use formid_ledger::db::Db;
 use formid_ledger::secret::Secret;
 use formid_ledger::settings::{ApiKey, App, DatabaseUrl, Role, Settings};
+use formid_ledger::sim::{SimConfig, Simulator};
 use formid_ledger::startup::Application;
 
 /// The PostgreSQL server tests create their databases on.
@@ -121,6 +123,7 @@ impl Drop for TestDb {
 }
 
 pub const APP: &str = "wxtestapp0000001";
+pub const APP_SECRET: &str = "test-app-secret";
 pub const KEY_ALL: &str = "key-all-roles-000001";
 pub const KEY_SEND: &str = "key-send-only-000001";
 pub const KEY_ADMIN: &str = "key-admin-only-00001";
@@ -139,7 +142,7 @@ pub fn test_settings(db: &TestDb) -> Settings {
         db_pool_size: 4,
         apps: vec![App {
             app_id: APP.into(),
-            secret: Secret::new("test-app-secret"),
+            secret: Secret::new(APP_SECRET),
         }],
         api_keys: vec![
             key("all", &[Role::Send, Role::Admin, Role::Token], KEY_ALL),
@@ -147,17 +150,45 @@ pub fn test_settings(db: &TestDb) -> Settings {
             key("admin", &[Role::Admin], KEY_ADMIN),
             key("token", &[Role::Token], KEY_TOKEN),
         ],
+        session_secret: Some(Secret::new("test-session-secret-0123456789abcdef")),
         http_workers: 2,
         ..Settings::default()
     }
 }
 
-/// The real application, serving on a free port.
+/// The WeChat simulator on a port of its own, knowing the test app.
+#[derive(Clone)]
+pub struct TestSim {
+    pub sim: Simulator,
+    pub base: String,
+}
+
+impl TestSim {
+    pub fn spawn() -> TestSim {
+        Self::spawn_with(|_| {})
+    }
+
+    pub fn spawn_with(tweak: impl FnOnce(&mut SimConfig)) -> TestSim {
+        let mut cfg = SimConfig {
+            apps: vec![(APP.to_string(), Secret::new(APP_SECRET))],
+            ..SimConfig::default()
+        };
+        tweak(&mut cfg);
+        let sim = Simulator::new(cfg);
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let base = format!("http://127.0.0.1:{}", listener.local_addr().unwrap().port());
+        actix_web::rt::spawn(formid_ledger::sim::serve(listener, sim.clone()));
+        TestSim { sim, base }
+    }
+}
+
+/// The real application, serving on a free port, talking to a simulator.
 pub struct TestApp {
     pub base: String,
     pub http: reqwest::Client,
     pub db: Db,
-    pub test_db: TestDb,
+    pub sim: TestSim,
+    pub test_db: Arc<TestDb>,
 }
 
 impl TestApp {
@@ -166,7 +197,17 @@ impl TestApp {
     }
 
     pub async fn spawn_with(test_db: TestDb, tweak: impl FnOnce(&mut Settings)) -> TestApp {
+        Self::start(Arc::new(test_db), TestSim::spawn(), tweak).await
+    }
+
+    /// One more instance: on a shared database and simulator, as a fleet would run.
+    pub async fn start(
+        test_db: Arc<TestDb>,
+        sim: TestSim,
+        tweak: impl FnOnce(&mut Settings),
+    ) -> TestApp {
         let mut settings = test_settings(&test_db);
+        settings.wechat_api_base = sim.base.clone();
         tweak(&mut settings);
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let app = Application::build(settings, listener)
@@ -179,6 +220,7 @@ impl TestApp {
             base,
             http: reqwest::Client::new(),
             db,
+            sim,
             test_db,
         }
     }
@@ -215,6 +257,20 @@ impl TestApp {
         let mut conn = self.db.get().expect("connection");
         formid_ledger::dispatch!(&mut *conn, |c| credentials.count().get_result(c)).expect("count")
     }
+
+    /// Logs `openid` in through the simulator's code; returns the session.
+    pub async fn login(&self, openid: &str) -> String {
+        let code = self.sim.sim.mint_code(APP, openid).expect("mint code");
+        let (status, res) = self
+            .post(
+                "/v1/client/session",
+                None,
+                &serde_json::json!({"code": code}),
+            )
+            .await;
+        assert_eq!(status, 200, "login: {res}");
+        res["session"].as_str().expect("session").to_string()
+    }
 }
 
 pub async fn read(res: reqwest::Response) -> (u16, serde_json::Value) {
@@ -222,4 +278,20 @@ pub async fn read(res: reqwest::Response) -> (u16, serde_json::Value) {
     let text = res.text().await.expect("body");
     let json = serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);
     (status, json)
+}
+
+/// Polls `check` every 20 ms until it holds or `timeout` passes.
+pub async fn eventually<F, Fut>(timeout: std::time::Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        if check().await {
+            return true;
+        }
+        actix_web::rt::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    check().await
 }

@@ -1,0 +1,2 @@
+DROP TABLE service_secrets;
+DROP TABLE access_tokens;

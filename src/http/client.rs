@@ -1,0 +1,195 @@
+//! Mini-program endpoints: log in with a `wx.login()` code, then report credentials
+//! with the session that login returned.
+
+use std::future::{ready, Ready};
+
+use actix_web::dev::Payload;
+use actix_web::http::StatusCode;
+use actix_web::{web, FromRequest, HttpRequest, HttpResponse};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::auth::bearer;
+use super::error::ApiError;
+use super::{check_openid, resource, AppState};
+use crate::ledger::{self, Item, Kind, Report};
+use crate::session::SessionClaims;
+use crate::wechat::errcode::ErrorClass;
+
+/// Most items one report may carry.
+pub const MAX_ITEMS: usize = 50;
+
+pub fn config(cfg: &mut web::ServiceConfig) {
+    cfg.service(resource("/v1/client/session").route(web::post().to(login)))
+        .service(resource("/v1/client/credentials").route(web::post().to(report)));
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LoginBody {
+    app_id: Option<String>,
+    code: String,
+}
+
+async fn login(
+    state: web::Data<AppState>,
+    body: web::Json<LoginBody>,
+) -> Result<HttpResponse, ApiError> {
+    let LoginBody { app_id, code } = body.into_inner();
+    let app_id = state.resolve_app(app_id.as_deref())?;
+    if !ledger::is_valid_value(&code) {
+        return Err(ApiError::invalid_request(
+            "code must be the 1..128 character value wx.login() returned",
+        ));
+    }
+    let secret = state
+        .settings
+        .app(&app_id)
+        .map(|a| a.secret.clone())
+        .ok_or_else(|| ApiError::internal(&"resolved app has no secret"))?;
+    let login = state
+        .wechat
+        .code_to_session(&app_id, &secret, &code)
+        .await
+        .map_err(|e| {
+            let (status, code, message) = match (e.errcode, e.class) {
+                (Some(40029), _) => (
+                    StatusCode::UNAUTHORIZED,
+                    "invalid_code",
+                    "the code is invalid, used or expired: call wx.login() again",
+                ),
+                (Some(40226), _) => (
+                    StatusCode::FORBIDDEN,
+                    "user_blocked",
+                    "WeChat blocked this user as high-risk",
+                ),
+                (Some(45011), _) => (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limited",
+                    "WeChat's login rate limit for this user: try again in a minute",
+                ),
+                (_, ErrorClass::Transient | ErrorClass::Ambiguous) => (
+                    StatusCode::BAD_GATEWAY,
+                    "wechat_unavailable",
+                    "WeChat did not answer; try again",
+                ),
+                _ => {
+                    log::error!("app {app_id}: jscode2session refused: {e}");
+                    (
+                        StatusCode::BAD_GATEWAY,
+                        "wechat_unavailable",
+                        "WeChat refused the login; see the service log",
+                    )
+                }
+            };
+            ApiError::new(status, code, message)
+        })?;
+    // login.session_key is dropped here: it is neither stored, logged nor returned.
+    check_openid(&login.openid).map_err(|_| {
+        ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "wechat_unavailable",
+            "WeChat returned no usable openid",
+        )
+    })?;
+    let expires_at = crate::time::now()
+        + chrono::TimeDelta::from_std(state.settings.session_ttl)
+            .unwrap_or(chrono::TimeDelta::days(30));
+    let session = state.sessions.sign(&app_id, &login.openid, expires_at);
+    Ok(HttpResponse::Ok().json(json!({
+        "session": session.expose(),
+        "openid": login.openid,
+        "expires_at": crate::time::rfc3339::format(&expires_at),
+    })))
+}
+
+/// Extractor: a valid client session (401 otherwise). API keys are not sessions.
+pub struct ClientSession(pub SessionClaims);
+
+impl FromRequest for ClientSession {
+    type Error = ApiError;
+    type Future = Ready<Result<Self, ApiError>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        let unauthorized = || {
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "missing, forged or expired session: log in again",
+            )
+        };
+        let claims = req.app_data::<web::Data<AppState>>().and_then(|state| {
+            let claims = state
+                .sessions
+                .verify(bearer(req)?, crate::time::now())
+                .ok()?;
+            // A session of an app no longer configured is worthless.
+            state.settings.app(&claims.app_id).map(|_| claims)
+        });
+        ready(claims.map(ClientSession).ok_or_else(unauthorized))
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SubscriptionResult {
+    template_id: String,
+    result: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClientReport {
+    #[serde(default)]
+    form_ids: Vec<String>,
+    #[serde(default)]
+    prepay_ids: Vec<String>,
+    #[serde(default)]
+    subscriptions: Vec<SubscriptionResult>,
+}
+
+async fn report(
+    session: ClientSession,
+    state: web::Data<AppState>,
+    body: web::Json<ClientReport>,
+) -> Result<HttpResponse, ApiError> {
+    let ClientReport {
+        form_ids,
+        prepay_ids,
+        subscriptions,
+    } = body.into_inner();
+    let total = form_ids.len() + prepay_ids.len() + subscriptions.len();
+    if total > MAX_ITEMS {
+        return Err(ApiError::invalid_request(format!(
+            "at most {MAX_ITEMS} items per report, got {total}"
+        )));
+    }
+    let token = |kind| {
+        move |value| Item::Token {
+            kind,
+            value,
+            issued_at: None,
+        }
+    };
+    let items: Vec<Item> = form_ids
+        .into_iter()
+        .map(token(Kind::FormId))
+        .chain(prepay_ids.into_iter().map(token(Kind::PrepayId)))
+        .chain(subscriptions.into_iter().map(|s| Item::Subscription {
+            template_id: s.template_id,
+            result: s.result,
+        }))
+        .collect();
+    let SessionClaims { app_id, openid, .. } = session.0;
+    let reports = [Report {
+        app_id,
+        openid,
+        items,
+    }];
+    let rules = state.rules.clone();
+    let outcome = state
+        .db
+        .run(move |conn| ledger::record(conn, &rules, crate::time::now(), &reports))
+        .await?;
+    Ok(HttpResponse::Ok().json(outcome))
+}

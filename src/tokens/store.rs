@@ -1,0 +1,162 @@
+//! The `access_tokens` rows: one per app, shared by every instance, with a lease
+//! that lets exactly one instance at a time call WeChat for a new token.
+
+use chrono::{DateTime, NaiveDateTime, TimeDelta, Utc};
+use diesel::prelude::*;
+
+use crate::db::schema::access_tokens::dsl as t;
+use crate::db::{single_write, DbConn, DbResult};
+use crate::dispatch;
+use crate::time::to_db;
+
+/// The longest a stored error message may be (it is shown to admins).
+const MAX_ERROR_LEN: usize = 200;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredToken {
+    /// Empty until the first fetch.
+    pub token: String,
+    pub expires_at: DateTime<Utc>,
+    pub fetched_at: Option<DateTime<Utc>>,
+    pub failures: i32,
+    pub last_error: Option<String>,
+}
+
+/// When a refresh is wanted; checked against the row under the lease.
+#[derive(Debug, Clone, Copy)]
+pub enum Need<'a> {
+    /// The token expires before this instant (or there is none).
+    ExpiresBefore(DateTime<Utc>),
+    /// The token is still this one (compare-and-refresh).
+    StillCurrent(&'a str),
+}
+
+impl Need<'_> {
+    pub fn holds(&self, row: &StoredToken) -> bool {
+        match self {
+            Need::ExpiresBefore(at) => row.token.is_empty() || row.expires_at <= *at,
+            Need::StillCurrent(stale) => row.token == *stale,
+        }
+    }
+}
+
+/// Creates the row of each app (with no token yet) if it is missing.
+pub fn ensure_rows(conn: &mut DbConn, app_ids: &[String]) -> DbResult<()> {
+    let never = DateTime::<Utc>::UNIX_EPOCH.naive_utc();
+    for app_id in app_ids {
+        dispatch!(conn, |c| diesel::insert_into(t::access_tokens)
+            .values((t::app_id.eq(app_id), t::expires_at.eq(never)))
+            .on_conflict_do_nothing()
+            .execute(c))?;
+    }
+    Ok(())
+}
+
+pub fn load(conn: &mut DbConn, app_id: &str) -> DbResult<Option<StoredToken>> {
+    type Row = (
+        String,
+        NaiveDateTime,
+        Option<NaiveDateTime>,
+        i32,
+        Option<String>,
+    );
+    let row: Option<Row> = dispatch!(conn, |c| t::access_tokens
+        .filter(t::app_id.eq(app_id))
+        .select((
+            t::token,
+            t::expires_at,
+            t::fetched_at,
+            t::failures,
+            t::last_error
+        ))
+        .first(c)
+        .optional())?;
+    Ok(row.map(
+        |(token, expires_at, fetched_at, failures, last_error)| StoredToken {
+            token,
+            expires_at: expires_at.and_utc(),
+            fetched_at: fetched_at.map(|f| f.and_utc()),
+            failures,
+            last_error,
+        },
+    ))
+}
+
+/// Takes the refresh lease if nobody holds an unexpired one and the refresh is still
+/// needed, in one statement: of N instances racing, one wins.
+pub fn take_lease(
+    conn: &mut DbConn,
+    app_id: &str,
+    owner: &str,
+    need: Need<'_>,
+    now: DateTime<Utc>,
+    lease: TimeDelta,
+) -> DbResult<bool> {
+    let now_db = to_db(now);
+    let until = to_db(now + lease);
+    let changed = single_write(conn, |conn| {
+        dispatch!(conn, |c| {
+            let free = t::access_tokens
+                .filter(t::app_id.eq(app_id))
+                .filter(t::lease_until.is_null().or(t::lease_until.lt(now_db)));
+            let target = (t::lease_owner.eq(owner), t::lease_until.eq(until));
+            match need {
+                Need::ExpiresBefore(at) => {
+                    diesel::update(free.filter(t::token.eq("").or(t::expires_at.le(to_db(at)))))
+                        .set(target)
+                        .execute(c)
+                }
+                Need::StillCurrent(stale) => diesel::update(free.filter(t::token.eq(stale)))
+                    .set(target)
+                    .execute(c),
+            }
+        })
+    })?;
+    Ok(changed == 1)
+}
+
+/// Stores a fetched token and gives the lease up. False if the lease was lost (it
+/// ran out and someone else took it): then the token is not stored.
+pub fn store(
+    conn: &mut DbConn,
+    app_id: &str,
+    owner: &str,
+    token: &str,
+    expires_at: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> DbResult<bool> {
+    let changed = dispatch!(conn, |c| diesel::update(
+        t::access_tokens
+            .filter(t::app_id.eq(app_id))
+            .filter(t::lease_owner.eq(owner))
+    )
+    .set((
+        t::token.eq(token),
+        t::expires_at.eq(to_db(expires_at)),
+        t::fetched_at.eq(to_db(now)),
+        t::lease_owner.eq(None::<String>),
+        t::lease_until.eq(None::<NaiveDateTime>),
+        t::failures.eq(0),
+        t::last_error.eq(None::<String>),
+    ))
+    .execute(c))?;
+    Ok(changed == 1)
+}
+
+/// Records a failed fetch and gives the lease up; the old token stays.
+pub fn fail(conn: &mut DbConn, app_id: &str, owner: &str, error: &str) -> DbResult<()> {
+    let error: String = error.chars().take(MAX_ERROR_LEN).collect();
+    dispatch!(conn, |c| diesel::update(
+        t::access_tokens
+            .filter(t::app_id.eq(app_id))
+            .filter(t::lease_owner.eq(owner))
+    )
+    .set((
+        t::lease_owner.eq(None::<String>),
+        t::lease_until.eq(None::<NaiveDateTime>),
+        t::failures.eq(t::failures + 1),
+        t::last_error.eq(error),
+    ))
+    .execute(c))?;
+    Ok(())
+}
