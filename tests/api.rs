@@ -26,6 +26,18 @@ fn endpoints() -> Vec<(&'static str, String, &'static str, Value)> {
         ),
         ("GET", "/v1/admin/users".into(), "admin", Value::Null),
         ("GET", "/v1/admin/stats".into(), "admin", Value::Null),
+        (
+            "GET",
+            format!("/v1/apps/{APP}/access-token"),
+            "token",
+            Value::Null,
+        ),
+        (
+            "POST",
+            format!("/v1/apps/{APP}/access-token/refresh"),
+            "token",
+            json!({"stale_token": "not-the-current-token"}),
+        ),
     ]
 }
 

@@ -1,0 +1,210 @@
+//! access_token central control against the simulator: one fetch per cycle across
+//! instances, compare-and-refresh bursts, WeChat down during a refresh.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{TestApp, TestSim, APP, KEY_TOKEN};
+use formid_ledger::settings::TokenApi;
+use formid_ledger::sim::{FaultSet, Faults, TokenApi as SimTokenApi};
+use serde_json::{json, Value};
+
+/// Does WeChat (the simulator) take this token right now? A template send to a
+/// user it never saw answers 40003 after the token check, or a token error.
+async fn token_errcode(sim: &TestSim, token: &str) -> i64 {
+    let res: Value = reqwest::Client::new()
+        .post(format!(
+            "{}/cgi-bin/message/wxopen/template/send?access_token={token}",
+            sim.base
+        ))
+        .json(&json!({"touser": "nobody", "template_id": "T", "form_id": "f", "data": {}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    res["errcode"].as_i64().unwrap_or(0)
+}
+
+fn fetches(sim: &TestSim) -> usize {
+    sim.sim
+        .token_fetches()
+        .iter()
+        .filter(|f| f.appid == APP)
+        .count()
+}
+
+async fn get_token(app: &TestApp) -> (u16, Value) {
+    app.get(&format!("/v1/apps/{APP}/access-token"), Some(KEY_TOKEN))
+        .await
+}
+
+async fn refresh(app: &TestApp, stale: &str) -> (u16, Value) {
+    app.post(
+        &format!("/v1/apps/{APP}/access-token/refresh"),
+        Some(KEY_TOKEN),
+        &json!({"stale_token": stale}),
+    )
+    .await
+}
+
+backend_app_tests! {
+    /// Three instances on one database, tokens living 3 s with a 1 s refresh margin:
+    /// one fetch per cycle, and every token handed out works at WeChat.
+    async fn instances_share_one_refresh_per_cycle(tdb) {
+        let sim = TestSim::spawn_with(|c| {
+            c.token_expires_in = Duration::from_secs(3);
+            c.token_overlap = Duration::from_secs(2);
+        });
+        let tdb = Arc::new(tdb);
+        let mut apps = Vec::new();
+        for _ in 0..3 {
+            apps.push(
+                TestApp::start(tdb.clone(), sim.clone(), |s| {
+                    s.token_api = TokenApi::Classic;
+                    s.token_refresh_margin = Duration::from_secs(1);
+                })
+                .await,
+            );
+        }
+        let started = Instant::now();
+        let mut seen = HashSet::new();
+        let mut checks = 0;
+        while started.elapsed() < Duration::from_secs(8) {
+            for app in &apps {
+                let (status, res) = get_token(app).await;
+                assert_eq!(status, 200, "{res}");
+                let token = res["access_token"].as_str().unwrap().to_string();
+                let errcode = token_errcode(&sim, &token).await;
+                assert!(![40001, 42001, 40014].contains(&errcode), "a handed-out token was refused: {errcode}");
+                seen.insert(token);
+                checks += 1;
+            }
+            actix_web::rt::time::sleep(Duration::from_millis(100)).await;
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        let n = fetches(&sim);
+        // A cycle is expires_in − margin = 2 s; the first fetch happens at start.
+        let most = (elapsed / 2.0).ceil() as usize + 1;
+        assert!(n <= most, "{n} fetches in {elapsed:.1} s, at most {most} expected");
+        assert!(n >= 3, "only {n} fetches: the refresher did not keep up");
+        assert!(seen.len() <= n, "{} tokens handed out, {n} fetched", seen.len());
+        assert!(checks > 30);
+    }
+
+    /// 100 concurrent compare-and-refresh calls with the same stale token: one fetch.
+    async fn a_burst_of_compare_and_refresh_fetches_once(tdb) {
+        let app = TestApp::spawn_with(tdb, |s| s.token_api = TokenApi::Classic).await;
+        let (_, first) = get_token(&app).await;
+        let stale = first["access_token"].as_str().unwrap().to_string();
+        let before = fetches(&app.sim);
+        let app = Arc::new(app);
+        let calls: Vec<_> = (0..100)
+            .map(|_| {
+                let (app, stale) = (app.clone(), stale.clone());
+                actix_web::rt::spawn(async move { refresh(&app, &stale).await })
+            })
+            .collect();
+        let mut tokens = HashSet::new();
+        let mut refreshed = 0;
+        for call in calls {
+            let (status, res) = call.await.unwrap();
+            assert_eq!(status, 200, "{res}");
+            tokens.insert(res["access_token"].as_str().unwrap().to_string());
+            refreshed += usize::from(res["refreshed"] == true);
+        }
+        assert_eq!(fetches(&app.sim) - before, 1, "WeChat fetches for one stale token");
+        assert_eq!(refreshed, 1);
+        assert_eq!(tokens.len(), 1, "everyone gets the one new token");
+        assert!(!tokens.contains(&stale));
+        // A token that is no longer current is answered without calling WeChat.
+        let (status, res) = refresh(&app, &stale).await;
+        assert_eq!((status, res["refreshed"].clone()), (200, json!(false)));
+        assert_eq!(fetches(&app.sim) - before, 1);
+    }
+
+    /// The stable API: the normal call hands the refused token back, so the one
+    /// refresh is forced; a burst still forces once.
+    async fn stable_compare_and_refresh_forces_once(tdb) {
+        let app = TestApp::spawn(tdb).await;
+        let (_, first) = get_token(&app).await;
+        let stale = first["access_token"].as_str().unwrap().to_string();
+        let app = Arc::new(app);
+        let calls: Vec<_> = (0..20)
+            .map(|_| {
+                let (app, stale) = (app.clone(), stale.clone());
+                actix_web::rt::spawn(async move { refresh(&app, &stale).await })
+            })
+            .collect();
+        for call in calls {
+            let (status, res) = call.await.unwrap();
+            assert_eq!(status, 200, "{res}");
+            assert_ne!(res["access_token"], stale.as_str());
+        }
+        let forced = app.sim.sim.token_fetches().iter()
+            .filter(|f| f.api == SimTokenApi::Stable && f.force_refresh)
+            .count();
+        assert_eq!(forced, 1);
+        assert_eq!(token_errcode(&app.sim, &stale).await, 40001, "the forced refresh retired the stale token");
+    }
+
+    /// WeChat fails every token call: the old token is served until it expires,
+    /// then 503 wechat_unavailable, and the service recovers by itself.
+    async fn wechat_down_during_a_refresh(tdb) {
+        let sim = TestSim::spawn_with(|c| {
+            c.token_expires_in = Duration::from_secs(3);
+            c.token_overlap = Duration::from_secs(3);
+        });
+        let app = TestApp::start(Arc::new(tdb), sim.clone(), |s| {
+            s.token_api = TokenApi::Classic;
+            s.token_refresh_margin = Duration::from_secs(2);
+        })
+        .await;
+        let (status, res) = get_token(&app).await;
+        assert_eq!(status, 200, "{res}");
+        let old = res["access_token"].as_str().unwrap().to_string();
+        let down = Faults { token: FaultSet { busy: 1.0, ..FaultSet::default() }, ..Faults::default() };
+        sim.sim.set_faults(down).unwrap();
+        // Until it expires, the old token is served although every refresh fails.
+        let mut served_old = 0;
+        let deadline = Instant::now() + Duration::from_secs(6);
+        let mut expired = false;
+        while !expired && Instant::now() < deadline {
+            let (status, res) = get_token(&app).await;
+            if status == 200 {
+                assert_eq!(res["access_token"], old.as_str());
+                served_old += 1;
+                actix_web::rt::time::sleep(Duration::from_millis(50)).await;
+            } else {
+                assert_eq!((status, res["error"]["code"].as_str()), (503, Some("wechat_unavailable")), "{res}");
+                expired = true;
+            }
+        }
+        assert!(expired, "the expired token was never reported unavailable");
+        assert!(served_old > 3, "the old token was served {served_old} times");
+        sim.sim.set_faults(Faults::default()).unwrap();
+        let recovered = common::eventually(Duration::from_secs(5), || async {
+            get_token(&app).await.0 == 200
+        })
+        .await;
+        assert!(recovered, "no new token after WeChat came back");
+        let (_, res) = get_token(&app).await;
+        assert_ne!(res["access_token"], old.as_str());
+    }
+
+    async fn token_endpoints_check_their_input(tdb) {
+        let app = TestApp::spawn(tdb).await;
+        let (status, res) = app.get("/v1/apps/wxnope/access-token", Some(KEY_TOKEN)).await;
+        assert_eq!((status, res["error"]["code"].as_str()), (404, Some("unknown_app")));
+        let (status, res) = app.post("/v1/apps/wxnope/access-token/refresh", Some(KEY_TOKEN), &json!({"stale_token": "x"})).await;
+        assert_eq!((status, res["error"]["code"].as_str()), (404, Some("unknown_app")));
+        for body in [json!({}), json!({"stale_token": 1}), json!({"stale_token": "x", "force": true})] {
+            let (status, res) = app.post(&format!("/v1/apps/{APP}/access-token/refresh"), Some(KEY_TOKEN), &body).await;
+            assert_eq!((status, res["error"]["code"].as_str()), (400, Some("invalid_request")), "{body}");
+        }
+    }
+}
