@@ -5,6 +5,7 @@ pub mod cli;
 pub mod db;
 pub mod http;
 pub mod ledger;
+pub mod outbox;
 pub mod secret;
 pub mod session;
 pub mod settings;

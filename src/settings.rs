@@ -26,6 +26,13 @@ const KNOWN: &[&str] = &[
     "token_refresh_margin_s",
     "session_ttl_s",
     "wechat_timeout_s",
+    "sender_workers",
+    "sender_lease_s",
+    "young_window_s",
+    "young_retry_s",
+    "send_max_retries",
+    "send_backoff_base_ms",
+    "shutdown_timeout_s",
 ];
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -139,6 +146,20 @@ pub struct Settings {
     pub session_ttl: Duration,
     /// Bound on one WeChat call (connect is bounded by a third of it).
     pub wechat_timeout: Duration,
+    /// Sender workers per instance.
+    pub sender_workers: usize,
+    /// A worker's hold on a message; a dead worker's messages are taken over after it.
+    pub sender_lease: Duration,
+    /// 41028 from a credential reported less than this ago: retry it (fresh prepay_id).
+    pub young_window: Duration,
+    /// Delay before that retry.
+    pub young_retry: Duration,
+    /// Transient failures retried with one credential before a message fails.
+    pub send_max_retries: u32,
+    /// First backoff after a transient failure (doubles, with jitter, up to 60 s).
+    pub send_backoff_base: Duration,
+    /// On SIGTERM, how long in-flight sends may take before their leases are handed back.
+    pub shutdown_timeout: Duration,
 }
 
 impl Default for Settings {
@@ -159,6 +180,13 @@ impl Default for Settings {
             token_refresh_margin: Duration::from_secs(300),
             session_ttl: Duration::from_secs(30 * 86_400),
             wechat_timeout: Duration::from_secs(10),
+            sender_workers: 8,
+            sender_lease: Duration::from_secs(30),
+            young_window: Duration::from_secs(60),
+            young_retry: Duration::from_secs(5),
+            send_max_retries: 5,
+            send_backoff_base: Duration::from_millis(500),
+            shutdown_timeout: Duration::from_secs(20),
         }
     }
 }
@@ -253,12 +281,35 @@ impl Settings {
             "wechat_timeout_s" => {
                 self.wechat_timeout = Duration::from_secs(parse_int(raw, 1, 120)?.into())
             }
+            "sender_workers" => self.sender_workers = parse_int(raw, 1, 256)? as usize,
+            "sender_lease_s" => {
+                self.sender_lease = Duration::from_secs(parse_int(raw, 2, 3600)?.into())
+            }
+            "young_window_s" => {
+                self.young_window = Duration::from_secs(parse_int(raw, 0, 3600)?.into())
+            }
+            "young_retry_s" => {
+                self.young_retry = Duration::from_secs(parse_int(raw, 0, 600)?.into())
+            }
+            "send_max_retries" => self.send_max_retries = parse_int(raw, 0, 100)?,
+            "send_backoff_base_ms" => {
+                self.send_backoff_base = Duration::from_millis(parse_int(raw, 1, 60_000)?.into())
+            }
+            "shutdown_timeout_s" => {
+                self.shutdown_timeout = Duration::from_secs(parse_int(raw, 0, 600)?.into())
+            }
             _ => return Err("unknown setting".into()),
         }
         Ok(())
     }
 
     fn check_consistency(&self) -> Result<(), SettingsError> {
+        if self.sender_lease <= self.wechat_timeout {
+            return Err(SettingsError::new(
+                "sender_lease_s",
+                "must be longer than LEDGER_WECHAT_TIMEOUT_S, or a slow call would be taken over mid-flight",
+            ));
+        }
         if !self.apps.is_empty() && self.api_keys.is_empty() {
             return Err(SettingsError::new(
                 "api_keys",

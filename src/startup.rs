@@ -10,6 +10,9 @@ use base64::Engine;
 
 use crate::db::{Db, DbError};
 use crate::http::{self, AppState};
+use crate::outbox::policy::Policy;
+use crate::outbox::sender::SenderConfig;
+use crate::outbox::Sender;
 use crate::secret::Secret;
 use crate::session::SessionKey;
 use crate::settings::{ApiKey, Role, Settings};
@@ -45,6 +48,8 @@ pub struct Application {
     db: Db,
     sandbox: Option<Sandbox>,
     tokens: Arc<TokenManager>,
+    sender: Arc<Sender>,
+    shutdown_timeout: Duration,
     stop: tokio::sync::watch::Sender<bool>,
 }
 
@@ -90,6 +95,22 @@ impl Application {
             settings.token_refresh_margin,
         ));
         tokens.init().await?;
+        let sender = Arc::new(Sender::new(
+            db.clone(),
+            wechat.clone(),
+            tokens.clone(),
+            SenderConfig {
+                workers: settings.sender_workers,
+                lease: settings.sender_lease,
+                policy: Policy {
+                    young_window: settings.young_window,
+                    young_retry_delay: settings.young_retry,
+                    max_retries: settings.send_max_retries,
+                    backoff_base: settings.send_backoff_base,
+                    ..Policy::default()
+                },
+            },
+        ));
 
         let state = web::Data::new(AppState::new(
             db.clone(),
@@ -97,6 +118,7 @@ impl Application {
             SessionKey::new(session_secret),
             wechat,
             tokens.clone(),
+            sender.clone(),
         ));
         let simulator = sandbox.as_ref().map(|s| s.simulator.clone());
         let mut server = HttpServer::new(move || {
@@ -122,6 +144,8 @@ impl Application {
             db,
             sandbox,
             tokens,
+            sender,
+            shutdown_timeout: settings.shutdown_timeout,
             stop,
         })
     }
@@ -142,12 +166,36 @@ impl Application {
         &self.tokens
     }
 
-    /// Serves until SIGINT/SIGTERM (actix finishes in-flight requests first), with
-    /// the token refreshers running alongside.
+    pub fn sender(&self) -> &Arc<Sender> {
+        &self.sender
+    }
+
+    /// Serves until SIGINT/SIGTERM, with the token refreshers and sender workers
+    /// running alongside. Shutdown: actix stops accepting and finishes in-flight
+    /// requests; then the workers stop claiming and finish their current step
+    /// (within the shutdown timeout), and the leases they hold are handed back so
+    /// another instance picks those messages up at once.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         self.tokens.spawn_refreshers(self.stop.subscribe());
+        let workers = self.sender.spawn(self.stop.subscribe());
         let result = self.server.await;
+        log::info!("shutting down: letting in-flight sends finish");
         let _ = self.stop.send(true);
+        let all = futures_util::future::join_all(workers);
+        if tokio::time::timeout(self.shutdown_timeout, all)
+            .await
+            .is_err()
+        {
+            log::warn!(
+                "sends still in flight after {:?}; their leases are handed back",
+                self.shutdown_timeout
+            );
+        }
+        match self.sender.release_leases().await {
+            Ok(n) if n > 0 => log::info!("handed back {n} message leases"),
+            Ok(_) => {}
+            Err(e) => log::warn!("could not hand back message leases: {e}"),
+        }
         result
     }
 }

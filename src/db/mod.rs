@@ -171,7 +171,14 @@ where
     F: FnOnce(&mut DbConn) -> Result<T, E>,
     E: From<diesel::result::Error>,
 {
-    if !matches!(conn, DbConn::Sqlite(_)) {
+    let nested = match conn {
+        DbConn::Sqlite(c) => AnsiTransactionManager::transaction_manager_status_mut(c)
+            .transaction_depth()?
+            .is_some(),
+        DbConn::Pg(_) => true,
+    };
+    if nested {
+        // PostgreSQL, or already inside a (write) transaction: a savepoint suffices.
         return conn.transaction(f);
     }
     // SqliteConnection::immediate_transaction, but `f` gets the enum back. The state

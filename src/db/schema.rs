@@ -40,4 +40,74 @@ diesel::table! {
     }
 }
 
-diesel::allow_tables_to_appear_in_same_query!(access_tokens, credentials, service_secrets,);
+diesel::table! {
+    messages (id) {
+        id -> Int8,
+        app_id -> Text,
+        openid -> Text,
+        template_id -> Text,
+        page -> Nullable<Text>,
+        body -> Text,
+        status -> Text,
+        credential_id -> Nullable<Int8>,
+        credential_kind -> Nullable<Text>,
+        credential_value -> Nullable<Text>,
+        credential_uses_total -> Nullable<Int4>,
+        credential_created_at -> Nullable<Timestamp>,
+        credentials_tried -> Int4,
+        retries -> Int4,
+        in_flight -> Bool,
+        ambiguous -> Bool,
+        error_code -> Nullable<Text>,
+        wechat_errcode -> Nullable<Int4>,
+        error_message -> Nullable<Text>,
+        await_until -> Nullable<Timestamp>,
+        next_attempt_at -> Timestamp,
+        lease_owner -> Nullable<Text>,
+        lease_until -> Nullable<Timestamp>,
+        created_at -> Timestamp,
+        updated_at -> Timestamp,
+        finished_at -> Nullable<Timestamp>,
+    }
+}
+
+diesel::table! {
+    message_attempts (id) {
+        id -> Int8,
+        message_id -> Int8,
+        at -> Timestamp,
+        credential_id -> Nullable<Int8>,
+        wechat_errcode -> Nullable<Int4>,
+        outcome -> Text,
+    }
+}
+
+diesel::table! {
+    idempotency_keys (scope, key) {
+        scope -> Text,
+        key -> Text,
+        request_hash -> Text,
+        message_id -> Int8,
+        created_at -> Timestamp,
+    }
+}
+
+diesel::table! {
+    app_pauses (app_id) {
+        app_id -> Text,
+        until -> Timestamp,
+        reason -> Text,
+    }
+}
+
+diesel::joinable!(message_attempts -> messages (message_id));
+
+diesel::allow_tables_to_appear_in_same_query!(
+    access_tokens,
+    app_pauses,
+    credentials,
+    idempotency_keys,
+    message_attempts,
+    messages,
+    service_secrets,
+);

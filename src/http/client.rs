@@ -186,10 +186,6 @@ async fn report(
         openid,
         items,
     }];
-    let rules = state.rules.clone();
-    let outcome = state
-        .db
-        .run(move |conn| ledger::record(conn, &rules, crate::time::now(), &reports))
-        .await?;
+    let outcome = state.record(reports.into()).await?;
     Ok(HttpResponse::Ok().json(outcome))
 }

@@ -8,7 +8,7 @@ use serde::Deserialize;
 use super::auth::{Authorized, SendRole};
 use super::error::ApiError;
 use super::{check_openid, resource, AppState};
-use crate::ledger::{self, Item, Kind, Report};
+use crate::ledger::{Item, Kind, Report};
 
 /// Most credentials one request may carry.
 pub const MAX_BATCH: usize = 500;
@@ -82,10 +82,6 @@ async fn register(
             }],
         });
     }
-    let rules = state.rules.clone();
-    let outcome = state
-        .db
-        .run(move |conn| ledger::record(conn, &rules, crate::time::now(), &reports))
-        .await?;
+    let outcome = state.record(reports).await?;
     Ok(HttpResponse::Ok().json(outcome))
 }

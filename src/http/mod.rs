@@ -2,11 +2,13 @@
 //! domain and map the result. One module per resource, each with `config`.
 
 pub mod admin;
+pub mod admin_page;
 pub mod auth;
 pub mod client;
 pub mod credentials;
 pub mod error;
 pub mod health;
+pub mod messages;
 pub mod tokens;
 
 use std::sync::Arc;
@@ -16,6 +18,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 
 use crate::db::Db;
 use crate::ledger::{self, Rules};
+use crate::outbox::Sender;
 use crate::session::SessionKey;
 use crate::settings::Settings;
 use crate::tokens::TokenManager;
@@ -35,6 +38,7 @@ pub struct AppState {
     pub sessions: SessionKey,
     pub wechat: WechatClient,
     pub tokens: Arc<TokenManager>,
+    pub sender: Arc<Sender>,
 }
 
 impl AppState {
@@ -44,6 +48,7 @@ impl AppState {
         sessions: SessionKey,
         wechat: WechatClient,
         tokens: Arc<TokenManager>,
+        sender: Arc<Sender>,
     ) -> Self {
         let rules = Rules {
             prepay_id_uses: settings.prepay_id_uses,
@@ -59,7 +64,32 @@ impl AppState {
             sessions,
             wechat,
             tokens,
+            sender,
         }
+    }
+
+    /// Records reports and wakes the messages of users who got credentials.
+    pub async fn record(
+        &self,
+        reports: Vec<ledger::Report>,
+    ) -> Result<ledger::RecordOutcome, error::ApiError> {
+        let rules = self.rules.clone();
+        let users: std::collections::BTreeSet<(String, String)> = reports
+            .iter()
+            .map(|r| (r.app_id.clone(), r.openid.clone()))
+            .collect();
+        let outcome = self
+            .db
+            .run(move |conn| ledger::record(conn, &rules, crate::time::now(), &reports))
+            .await?;
+        if outcome.accepted > 0 {
+            for (app_id, openid) in users {
+                if let Err(e) = self.sender.credentials_arrived(&app_id, &openid).await {
+                    log::warn!("could not wake messages waiting for {app_id}: {e}");
+                }
+            }
+        }
+        Ok(outcome)
     }
 
     /// The app a request is about: the named one, or the only one configured.
@@ -120,7 +150,9 @@ pub fn config(cfg: &mut web::ServiceConfig) {
     .configure(credentials::config)
     .configure(client::config)
     .configure(tokens::config)
+    .configure(messages::config)
     .configure(admin::config)
+    .configure(admin_page::config)
     .default_service(web::to(not_found));
 }
 

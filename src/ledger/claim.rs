@@ -101,9 +101,15 @@ fn spend_sql(conn: &DbConn, picker: &str, lock: &str) -> String {
 /// Gives a claimed use back: the message failed for a reason that is not the
 /// credential's. Returns false if there was nothing to give back (the row is gone).
 pub fn release(conn: &mut DbConn, used: Use, now: DateTime<Utc>) -> DbResult<bool> {
+    release_id(conn, used.credential.id, now)
+}
+
+/// [`release`] by credential id, for a use recorded elsewhere (the outbox keeps the
+/// id of the use a message holds, across restarts).
+pub fn release_id(conn: &mut DbConn, credential_id: i64, now: DateTime<Utc>) -> DbResult<bool> {
     let changed = dispatch!(conn, |conn| diesel::update(
         c::credentials
-            .filter(c::id.eq(used.credential.id))
+            .filter(c::id.eq(credential_id))
             .filter(c::uses_left.lt(c::uses_total))
     )
     .set((

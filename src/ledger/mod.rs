@@ -8,7 +8,7 @@ mod claim;
 mod query;
 mod record;
 
-pub use claim::{claim, invalidate, release, Use};
+pub use claim::{claim, invalidate, release, release_id, Use};
 pub use query::{purge, quota, stats, users, KindQuota, Quota, Stats, UserPage, UserSummary};
 pub use record::{record, Item, RecordOutcome, RejectReason, Rejection, Report};
 
@@ -43,7 +43,7 @@ impl Kind {
         }
     }
 
-    fn from_db(s: &str) -> Kind {
+    pub(crate) fn from_db(s: &str) -> Kind {
         match s {
             "form_id" => Kind::FormId,
             "prepay_id" => Kind::PrepayId,

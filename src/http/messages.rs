@@ -1,0 +1,230 @@
+//! `POST /v1/messages` ("notify user X") and `GET /v1/messages/{id}` (role `send`).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpRequest, HttpResponse};
+use serde::Deserialize;
+
+use super::auth::{Authorized, SendRole};
+use super::error::ApiError;
+use super::{check_openid, resource, AppState};
+use crate::ledger;
+use crate::outbox::{self, Content, IdempotencyKey, MessageView, NewMessage, Submitted};
+use crate::wechat::wire::DataValue;
+
+/// Longest `?wait=` and `await_credential_s` the contract allows.
+const MAX_WAIT_S: u64 = 30;
+const MAX_AWAIT_CREDENTIAL_S: u32 = 600;
+const MAX_IDEMPOTENCY_KEY: usize = 255;
+
+pub fn config(cfg: &mut web::ServiceConfig) {
+    cfg.service(resource("/v1/messages").route(web::post().to(create)))
+        .service(resource("/v1/messages/{id}").route(web::get().to(get)));
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DataIn {
+    value: String,
+    color: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MessageIn {
+    app_id: Option<String>,
+    openid: String,
+    template_id: String,
+    page: Option<String>,
+    #[serde(default)]
+    data: BTreeMap<String, DataIn>,
+    emphasis_keyword: Option<String>,
+    #[serde(default)]
+    await_credential_s: u32,
+    miniprogram_state: Option<String>,
+    lang: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct WaitQuery {
+    wait: Option<u64>,
+}
+
+fn invalid(message: impl Into<String>) -> ApiError {
+    ApiError::invalid_request(message)
+}
+
+/// Everything WeChat would refuse as the caller's mistake whatever the credential,
+/// refused here before a use is spent.
+fn validate(state: &AppState, m: MessageIn) -> Result<NewMessage, ApiError> {
+    check_openid(&m.openid)?;
+    let app_id = state.resolve_app(m.app_id.as_deref())?;
+    if !ledger::is_valid_value(&m.template_id) {
+        return Err(invalid(
+            "template_id must be 1..128 printable ASCII characters",
+        ));
+    }
+    if let Some(page) = &m.page {
+        if page.len() > 1024 || page.chars().any(char::is_control) {
+            return Err(invalid(
+                "page must be at most 1024 characters, no control characters",
+            ));
+        }
+    }
+    for (key, v) in &m.data {
+        let key_ok = (1..=64).contains(&key.len())
+            && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if !key_ok {
+            return Err(invalid(format!(
+                "data key {key:?} must be 1..64 letters, digits or _"
+            )));
+        }
+        if v.value.chars().count() > 1024 {
+            return Err(invalid(format!(
+                "data.{key}.value is longer than 1024 characters"
+            )));
+        }
+    }
+    if m.await_credential_s > MAX_AWAIT_CREDENTIAL_S {
+        return Err(invalid(format!(
+            "await_credential_s must be 0..={MAX_AWAIT_CREDENTIAL_S}"
+        )));
+    }
+    if let Some(s) = &m.miniprogram_state {
+        if !["developer", "trial", "formal"].contains(&s.as_str()) {
+            return Err(invalid(
+                "miniprogram_state must be developer, trial or formal",
+            ));
+        }
+    }
+    if let Some(lang) = &m.lang {
+        if !["zh_CN", "en_US", "zh_HK", "zh_TW"].contains(&lang.as_str()) {
+            return Err(invalid("lang must be zh_CN, en_US, zh_HK or zh_TW"));
+        }
+    }
+    Ok(NewMessage {
+        app_id,
+        openid: m.openid,
+        template_id: m.template_id,
+        page: m.page,
+        content: Content {
+            data: m
+                .data
+                .into_iter()
+                .map(|(k, v)| {
+                    (
+                        k,
+                        DataValue {
+                            value: v.value,
+                            color: v.color,
+                        },
+                    )
+                })
+                .collect(),
+            emphasis_keyword: m.emphasis_keyword,
+            miniprogram_state: m.miniprogram_state,
+            lang: m.lang,
+        },
+        await_credential_s: m.await_credential_s,
+    })
+}
+
+fn idempotency_key(req: &HttpRequest, scope: &str) -> Result<Option<IdempotencyKey>, ApiError> {
+    let Some(value) = req.headers().get("Idempotency-Key") else {
+        return Ok(None);
+    };
+    let key = value
+        .to_str()
+        .ok()
+        .filter(|k| {
+            (1..=MAX_IDEMPOTENCY_KEY).contains(&k.len()) && k.bytes().all(|b| b.is_ascii_graphic())
+        })
+        .ok_or_else(|| {
+            invalid(format!(
+                "Idempotency-Key must be 1..{MAX_IDEMPOTENCY_KEY} printable ASCII characters"
+            ))
+        })?;
+    Ok(Some(IdempotencyKey {
+        scope: scope.to_string(),
+        key: key.to_string(),
+    }))
+}
+
+fn wait_for(query: &WaitQuery) -> Result<Duration, ApiError> {
+    match query.wait {
+        Some(s) if s > MAX_WAIT_S => Err(invalid(format!("wait must be 0..={MAX_WAIT_S}"))),
+        s => Ok(Duration::from_secs(s.unwrap_or(0))),
+    }
+}
+
+async fn create(
+    auth: Authorized<SendRole>,
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    query: web::Query<WaitQuery>,
+    body: web::Json<MessageIn>,
+) -> Result<HttpResponse, ApiError> {
+    let wait = wait_for(&query)?;
+    let idempotency = idempotency_key(&req, &auth.key_name)?;
+    let message = validate(&state, body.into_inner())?;
+    let submitted = state
+        .db
+        .run(move |c| outbox::submit(c, &message, idempotency.as_ref(), crate::time::now()))
+        .await?;
+    let id = match submitted {
+        Submitted::Message(id) => id,
+        Submitted::Mismatch => {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "idempotency_mismatch",
+                "this Idempotency-Key was used with a different request",
+            ))
+        }
+    };
+    state.sender.nudge();
+    respond(&state, id, wait).await
+}
+
+async fn get(
+    _auth: Authorized<SendRole>,
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let id: i64 = id
+        .parse()
+        .map_err(|_| ApiError::not_found("no such message"))?;
+    let view = load(&state, id).await?;
+    Ok(HttpResponse::Ok().json(view))
+}
+
+async fn load(state: &AppState, id: i64) -> Result<MessageView, ApiError> {
+    state
+        .db
+        .run(move |c| outbox::view(c, id))
+        .await?
+        .ok_or_else(|| ApiError::not_found("no such message"))
+}
+
+/// 200 with the final state if it comes within `wait`, else 202 with the current.
+async fn respond(state: &AppState, id: i64, wait: Duration) -> Result<HttpResponse, ApiError> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut finished = state.sender.finished();
+    loop {
+        let view = load(state, id).await?;
+        if view.status.is_final() && !wait.is_zero() {
+            return Ok(HttpResponse::Ok().json(view));
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Ok(HttpResponse::Accepted().json(view));
+        }
+        // Woken by this instance's workers; another instance's are seen by polling.
+        let poll = tokio::time::sleep(Duration::from_millis(200));
+        tokio::select! {
+            _ = finished.recv() => {}
+            _ = poll => {}
+            _ = tokio::time::sleep_until(deadline) => {}
+        }
+    }
+}

@@ -1,0 +1,234 @@
+//! Sending: "notify user X" as a durable outbox. A message is stored, then sender
+//! workers on every instance pick it, claim one use of the user's credential,
+//! call WeChat and settle the outcome by the one policy table ([`policy`]).
+//!
+//! One use sends at most one message: the use is claimed in the transaction that
+//! records it on the message, a call is marked in flight before it is made, and a
+//! call whose worker died is treated as ambiguous — a single-use credential is
+//! probed with the same value (WeChat's 41029 then proves delivery), anything else
+//! is recorded as `outcome_unknown` rather than sent again.
+
+pub mod policy;
+pub mod sender;
+pub mod store;
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::db::{DbConn, DbResult};
+use crate::time::to_db;
+use crate::wechat::wire::DataValue;
+pub use sender::Sender;
+use store::{AttemptRow, IdempotencyRecord, Inserted, MessageRow, NewMessageRow};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Queued,
+    Sending,
+    Sent,
+    NoQuota,
+    Failed,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Queued => "queued",
+            Status::Sending => "sending",
+            Status::Sent => "sent",
+            Status::NoQuota => "no_quota",
+            Status::Failed => "failed",
+        }
+    }
+
+    pub fn from_db(s: &str) -> Status {
+        match s {
+            "sending" => Status::Sending,
+            "sent" => Status::Sent,
+            "no_quota" => Status::NoQuota,
+            "failed" => Status::Failed,
+            _ => Status::Queued,
+        }
+    }
+
+    pub fn is_final(self) -> bool {
+        matches!(self, Status::Sent | Status::NoQuota | Status::Failed)
+    }
+}
+
+/// What is sent to WeChat besides the user, template and page (stored as JSON).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Content {
+    pub data: BTreeMap<String, DataValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub emphasis_keyword: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub miniprogram_state: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lang: Option<String>,
+}
+
+/// A validated "notify user X" request.
+#[derive(Debug, Clone, Serialize)]
+pub struct NewMessage {
+    pub app_id: String,
+    pub openid: String,
+    pub template_id: String,
+    pub page: Option<String>,
+    pub content: Content,
+    /// Wait this long for a credential if the user has none now.
+    pub await_credential_s: u32,
+}
+
+/// The `Idempotency-Key` of a request, scoped to the API key that sent it.
+#[derive(Debug, Clone)]
+pub struct IdempotencyKey {
+    pub scope: String,
+    pub key: String,
+}
+
+#[derive(Debug)]
+pub enum Submitted {
+    /// The message (new, or the one an earlier request with the same key made).
+    Message(i64),
+    /// The idempotency key was used with a different request.
+    Mismatch,
+}
+
+/// Stores a new message as `queued`.
+pub fn submit(
+    conn: &mut DbConn,
+    msg: &NewMessage,
+    idempotency: Option<&IdempotencyKey>,
+    now: DateTime<Utc>,
+) -> DbResult<Submitted> {
+    // Serialising plain strings and maps cannot fail.
+    let request = serde_json::to_vec(msg).unwrap_or_default();
+    let row = NewMessageRow {
+        app_id: msg.app_id.clone(),
+        openid: msg.openid.clone(),
+        template_id: msg.template_id.clone(),
+        page: msg.page.clone(),
+        body: serde_json::to_string(&msg.content).unwrap_or_default(),
+        status: Status::Queued.as_str(),
+        await_until: (msg.await_credential_s > 0)
+            .then(|| to_db(now + chrono::TimeDelta::seconds(msg.await_credential_s.into()))),
+        next_attempt_at: to_db(now),
+        created_at: to_db(now),
+        updated_at: to_db(now),
+    };
+    let idempotency = idempotency.map(|k| IdempotencyRecord {
+        scope: k.scope.clone(),
+        key: k.key.clone(),
+        request_hash: format!("{:x}", Sha256::digest(&request)),
+    });
+    Ok(match store::insert(conn, &row, idempotency.as_ref())? {
+        Inserted::New(id) | Inserted::Existing(id) => Submitted::Message(id),
+        Inserted::Mismatch => Submitted::Mismatch,
+    })
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ErrorView {
+    pub code: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wechat_errcode: Option<i32>,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CredentialRef {
+    pub kind: String,
+    pub id: i64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AttemptView {
+    #[serde(with = "crate::time::rfc3339")]
+    pub at: DateTime<Utc>,
+    pub credential_id: Option<i64>,
+    pub wechat_errcode: Option<i32>,
+    pub outcome: String,
+}
+
+/// The message resource of the contract.
+#[derive(Debug, Clone, Serialize)]
+pub struct MessageView {
+    pub id: String,
+    pub app_id: String,
+    pub openid: String,
+    pub template_id: String,
+    pub status: Status,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorView>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credential: Option<CredentialRef>,
+    pub attempts: Vec<AttemptView>,
+    #[serde(with = "crate::time::rfc3339")]
+    pub created_at: DateTime<Utc>,
+    #[serde(
+        with = "crate::time::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+impl MessageView {
+    fn new(row: MessageRow, attempts: Vec<AttemptRow>) -> Self {
+        let status = Status::from_db(&row.status);
+        let error = matches!(status, Status::Failed | Status::NoQuota).then(|| ErrorView {
+            code: row.error_code.clone().unwrap_or_else(|| "failed".into()),
+            wechat_errcode: row.wechat_errcode,
+            message: row.error_message.clone().unwrap_or_default(),
+        });
+        let credential = match (&row.credential_kind, row.credential_id) {
+            (Some(kind), Some(id)) => Some(CredentialRef {
+                kind: kind.clone(),
+                id,
+            }),
+            _ => None,
+        };
+        MessageView {
+            id: row.id.to_string(),
+            status,
+            error,
+            credential,
+            attempts: attempts
+                .into_iter()
+                .map(|a| AttemptView {
+                    at: a.at.and_utc(),
+                    credential_id: a.credential_id,
+                    wechat_errcode: a.wechat_errcode,
+                    outcome: a.outcome,
+                })
+                .collect(),
+            created_at: row.created_at.and_utc(),
+            finished_at: row.finished_at.map(|t| t.and_utc()),
+            app_id: row.app_id,
+            openid: row.openid,
+            template_id: row.template_id,
+        }
+    }
+}
+
+/// The message resource, if it exists.
+pub fn view(conn: &mut DbConn, id: i64) -> DbResult<Option<MessageView>> {
+    Ok(store::load(conn, id)?.map(|(row, attempts)| MessageView::new(row, attempts)))
+}
+
+/// A user's latest messages, newest first.
+pub fn recent(
+    conn: &mut DbConn,
+    app_id: &str,
+    openid: &str,
+    limit: u32,
+) -> DbResult<Vec<MessageView>> {
+    Ok(store::recent_for_user(conn, app_id, openid, limit.into())?
+        .into_iter()
+        .map(|(row, attempts)| MessageView::new(row, attempts))
+        .collect())
+}

@@ -1,0 +1,247 @@
+//! The outcome policy: what a send's result means for the message and for the
+//! credential use it holds. This is the ONE place that decides it.
+
+use std::time::Duration;
+
+use crate::wechat::client::WechatError;
+use crate::wechat::errcode::ErrorClass;
+
+/// Knobs of the policy (defaults in [`Policy::default`]).
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// A credential reported less than this long ago that answers 41028 is not yet
+    /// active (a fresh prepay_id): retry it rather than give it up.
+    pub young_window: Duration,
+    /// Delay before retrying a young credential.
+    pub young_retry_delay: Duration,
+    /// Transient failures (-1, 5xx, timeouts) retried with the same credential.
+    pub max_retries: u32,
+    /// First backoff after a transient failure; doubles each time, with jitter.
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    /// Credentials tried for one message before it fails.
+    pub max_credentials: u32,
+    /// Token refreshes within one attempt before it counts as transient.
+    pub max_token_refreshes: u32,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            young_window: Duration::from_secs(60),
+            young_retry_delay: Duration::from_secs(5),
+            max_retries: 5,
+            backoff_base: Duration::from_millis(500),
+            backoff_max: Duration::from_secs(60),
+            max_credentials: 5,
+            max_token_refreshes: 2,
+        }
+    }
+}
+
+/// What to do next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// WeChat accepted: the message is sent, the use is spent.
+    Sent,
+    /// Try the SAME credential again after a delay (a young credential's 41028).
+    RetrySame { after: Duration },
+    /// The credential itself is bad: mark it invalid (the use stays charged) and
+    /// try the user's next one.
+    NextCredential { invalidate: &'static str },
+    /// Compare-and-refresh the token and call again; not an attempt on the credential.
+    RefreshToken,
+    /// Transient: retry the same credential with backoff. `ambiguous`: WeChat may
+    /// have delivered.
+    Backoff { ambiguous: bool },
+    /// Final failure that is not the credential's: the use is given back.
+    Fail { code: &'static str },
+    /// The app's daily limit: pause the app's sending until the limit resets, give
+    /// the use back, keep the message queued.
+    PauseApp,
+}
+
+/// What the decision may depend on besides WeChat's answer.
+#[derive(Debug, Clone, Copy)]
+pub struct Context {
+    /// Since the credential was reported.
+    pub credential_age: Duration,
+    /// An earlier call of this message with this credential may have delivered.
+    pub earlier_ambiguous: bool,
+}
+
+/// The policy table: errcode (or failure class) → action.
+pub fn decide(result: &Result<(), WechatError>, ctx: Context, policy: &Policy) -> Action {
+    let Err(e) = result else {
+        return Action::Sent;
+    };
+    use Action::*;
+    use ErrorClass::*;
+    match (e.errcode, e.class) {
+        (Some(41028), _) if ctx.credential_age < policy.young_window => RetrySame {
+            after: policy.young_retry_delay,
+        },
+        (Some(41028), _) => NextCredential {
+            invalidate: "41028",
+        },
+        // Our own earlier attempt used it: that one delivered.
+        (Some(41029), _) if ctx.earlier_ambiguous => Sent,
+        (Some(41029), _) => NextCredential {
+            invalidate: "41029",
+        },
+        (Some(43101), _) => NextCredential {
+            invalidate: "43101",
+        },
+        (Some(45009), _) => PauseApp,
+        (Some(40037), _) => Fail {
+            code: "template_invalid",
+        },
+        (Some(41030), _) => Fail {
+            code: "page_invalid",
+        },
+        (Some(47003), _) => Fail {
+            code: "data_invalid",
+        },
+        (Some(40003), _) => Fail {
+            code: "openid_invalid",
+        },
+        (Some(45103), _) => Fail {
+            code: "template_api_retired",
+        },
+        (_, Token) => RefreshToken,
+        // Rate limits other than the daily one (45011, 43108) pass within seconds.
+        (_, Transient | Limit) => Backoff { ambiguous: false },
+        (_, Ambiguous) => Backoff { ambiguous: true },
+        (_, Credential) => NextCredential {
+            invalidate: "credential",
+        },
+        (_, Caller) => Fail {
+            code: "wechat_rejected",
+        },
+    }
+}
+
+/// Backoff before transient retry number `retry` (1-based): base·2^(retry−1), capped,
+/// with ±25 % jitter so retries of many messages do not arrive together.
+pub fn backoff(policy: &Policy, retry: u32) -> Duration {
+    let exp = policy
+        .backoff_base
+        .saturating_mul(1u32 << retry.saturating_sub(1).min(20))
+        .min(policy.backoff_max);
+    let jitter = 0.75 + rand::random::<f64>() * 0.5;
+    exp.mul_f64(jitter)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(errcode: Option<i64>, class: ErrorClass) -> Result<(), WechatError> {
+        Err(WechatError {
+            class,
+            errcode,
+            message: String::new(),
+        })
+    }
+
+    fn ctx(age_s: u64, ambiguous: bool) -> Context {
+        Context {
+            credential_age: Duration::from_secs(age_s),
+            earlier_ambiguous: ambiguous,
+        }
+    }
+
+    #[test]
+    fn every_row_of_the_table() {
+        use crate::wechat::errcode::classify;
+        let p = Policy::default();
+        let code =
+            |c: i64, age: u64, amb: bool| decide(&err(Some(c), classify(c)), ctx(age, amb), &p);
+        assert_eq!(decide(&Ok(()), ctx(0, false), &p), Action::Sent);
+        assert_eq!(
+            code(41028, 3, false),
+            Action::RetrySame {
+                after: Duration::from_secs(5)
+            }
+        );
+        assert_eq!(
+            code(41028, 61, false),
+            Action::NextCredential {
+                invalidate: "41028"
+            }
+        );
+        assert_eq!(code(41029, 100, true), Action::Sent);
+        assert_eq!(
+            code(41029, 100, false),
+            Action::NextCredential {
+                invalidate: "41029"
+            }
+        );
+        assert_eq!(
+            code(43101, 0, false),
+            Action::NextCredential {
+                invalidate: "43101"
+            }
+        );
+        for token in [40001, 42001, 40014] {
+            assert_eq!(code(token, 0, false), Action::RefreshToken, "{token}");
+        }
+        assert_eq!(code(-1, 0, false), Action::Backoff { ambiguous: false });
+        assert_eq!(code(45011, 0, false), Action::Backoff { ambiguous: false });
+        assert_eq!(
+            decide(&err(None, ErrorClass::Transient), ctx(0, false), &p),
+            Action::Backoff { ambiguous: false }
+        );
+        assert_eq!(
+            decide(&err(None, ErrorClass::Ambiguous), ctx(0, false), &p),
+            Action::Backoff { ambiguous: true }
+        );
+        assert_eq!(
+            code(40037, 0, false),
+            Action::Fail {
+                code: "template_invalid"
+            }
+        );
+        assert_eq!(
+            code(41030, 0, false),
+            Action::Fail {
+                code: "page_invalid"
+            }
+        );
+        assert_eq!(
+            code(47003, 0, false),
+            Action::Fail {
+                code: "data_invalid"
+            }
+        );
+        assert_eq!(
+            code(40003, 0, false),
+            Action::Fail {
+                code: "openid_invalid"
+            }
+        );
+        assert_eq!(code(45009, 0, false), Action::PauseApp);
+        assert_eq!(
+            code(99999, 0, false),
+            Action::Fail {
+                code: "wechat_rejected"
+            }
+        );
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let p = Policy::default();
+        for retry in 1..30 {
+            let d = backoff(&p, retry);
+            let nominal = p
+                .backoff_base
+                .saturating_mul(1 << (retry - 1).min(20))
+                .min(p.backoff_max);
+            assert!(
+                d >= nominal.mul_f64(0.75) && d <= nominal.mul_f64(1.25),
+                "{retry}: {d:?}"
+            );
+        }
+    }
+}

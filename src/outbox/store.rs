@@ -1,0 +1,472 @@
+//! The outbox tables: messages, their attempts, paused apps.
+
+use chrono::{DateTime, NaiveDateTime, Utc};
+use diesel::prelude::*;
+use diesel::sql_types::{Text, Timestamp};
+
+use super::Status;
+use crate::db::schema::{app_pauses, idempotency_keys, message_attempts, messages};
+use crate::db::{native_sql, single_write, write_tx, DbConn, DbError, DbResult};
+use crate::dispatch;
+use crate::ledger::{self, Kind};
+use crate::time::to_db;
+
+#[derive(Debug, Clone, Queryable, QueryableByName, Selectable)]
+#[diesel(table_name = messages)]
+pub struct MessageRow {
+    pub id: i64,
+    pub app_id: String,
+    pub openid: String,
+    pub template_id: String,
+    pub page: Option<String>,
+    pub body: String,
+    pub status: String,
+    pub credential_id: Option<i64>,
+    pub credential_kind: Option<String>,
+    pub credential_value: Option<String>,
+    pub credential_uses_total: Option<i32>,
+    pub credential_created_at: Option<NaiveDateTime>,
+    pub credentials_tried: i32,
+    pub retries: i32,
+    pub in_flight: bool,
+    pub ambiguous: bool,
+    pub error_code: Option<String>,
+    pub wechat_errcode: Option<i32>,
+    pub error_message: Option<String>,
+    pub await_until: Option<NaiveDateTime>,
+    pub next_attempt_at: NaiveDateTime,
+    pub lease_owner: Option<String>,
+    pub lease_until: Option<NaiveDateTime>,
+    pub created_at: NaiveDateTime,
+    pub updated_at: NaiveDateTime,
+    pub finished_at: Option<NaiveDateTime>,
+}
+
+impl MessageRow {
+    pub fn credential_kind(&self) -> Option<Kind> {
+        self.credential_kind.as_deref().map(Kind::from_db)
+    }
+}
+
+#[derive(Debug, Clone, Queryable, Selectable)]
+#[diesel(table_name = message_attempts)]
+pub struct AttemptRow {
+    pub at: NaiveDateTime,
+    pub credential_id: Option<i64>,
+    pub wechat_errcode: Option<i32>,
+    pub outcome: String,
+}
+
+#[derive(Debug, Insertable)]
+#[diesel(table_name = messages)]
+pub struct NewMessageRow {
+    pub app_id: String,
+    pub openid: String,
+    pub template_id: String,
+    pub page: Option<String>,
+    pub body: String,
+    pub status: &'static str,
+    pub await_until: Option<NaiveDateTime>,
+    pub next_attempt_at: NaiveDateTime,
+    pub created_at: NaiveDateTime,
+    pub updated_at: NaiveDateTime,
+}
+
+/// An `Idempotency-Key` and the hash of the request it came with.
+#[derive(Debug, Clone)]
+pub struct IdempotencyRecord {
+    pub scope: String,
+    pub key: String,
+    pub request_hash: String,
+}
+
+/// The result of storing a new message.
+#[derive(Debug)]
+pub enum Inserted {
+    New(i64),
+    /// The idempotency key was used before with the same request.
+    Existing(i64),
+    /// The idempotency key was used before with a different request.
+    Mismatch,
+}
+
+/// Stores a message; with an idempotency key, at most one message per (scope, key)
+/// however many requests race: the key's primary key decides, and a loser's message
+/// is rolled back with its transaction.
+pub fn insert(
+    conn: &mut DbConn,
+    row: &NewMessageRow,
+    idempotency: Option<&IdempotencyRecord>,
+) -> DbResult<Inserted> {
+    use idempotency_keys::dsl as k;
+    use messages::dsl as m;
+    let existing = |conn: &mut DbConn, idem: &IdempotencyRecord| -> DbResult<Option<Inserted>> {
+        let found: Option<(i64, String)> = dispatch!(conn, |c| k::idempotency_keys
+            .filter(k::scope.eq(&idem.scope))
+            .filter(k::key.eq(&idem.key))
+            .select((k::message_id, k::request_hash))
+            .first(c)
+            .optional())?;
+        Ok(found.map(|(id, hash)| {
+            if hash == idem.request_hash {
+                Inserted::Existing(id)
+            } else {
+                Inserted::Mismatch
+            }
+        }))
+    };
+    let attempt = write_tx(conn, |conn| {
+        if let Some(idem) = idempotency {
+            if let Some(found) = existing(conn, idem)? {
+                return Ok(found);
+            }
+        }
+        let id: i64 = dispatch!(conn, |c| diesel::insert_into(m::messages)
+            .values(row)
+            .returning(m::id)
+            .get_result(c))?;
+        if let Some(idem) = idempotency {
+            let stored = dispatch!(conn, |c| diesel::insert_into(k::idempotency_keys)
+                .values((
+                    k::scope.eq(&idem.scope),
+                    k::key.eq(&idem.key),
+                    k::request_hash.eq(&idem.request_hash),
+                    k::message_id.eq(id),
+                    k::created_at.eq(row.created_at),
+                ))
+                .on_conflict_do_nothing()
+                .execute(c))?;
+            if stored == 0 {
+                // A concurrent request with this key won: undo our message.
+                return Err(DbError::Query(diesel::result::Error::RollbackTransaction));
+            }
+        }
+        Ok(Inserted::New(id))
+    });
+    match (attempt, idempotency) {
+        (Err(DbError::Query(diesel::result::Error::RollbackTransaction)), Some(idem)) => {
+            existing(conn, idem)?.ok_or(DbError::Query(diesel::result::Error::NotFound))
+        }
+        (result, _) => result,
+    }
+}
+
+pub fn load(conn: &mut DbConn, id: i64) -> DbResult<Option<(MessageRow, Vec<AttemptRow>)>> {
+    use message_attempts::dsl as a;
+    use messages::dsl as m;
+    dispatch!(conn, |c| {
+        let Some(row) = m::messages
+            .filter(m::id.eq(id))
+            .select(MessageRow::as_select())
+            .first(c)
+            .optional()?
+        else {
+            return Ok(None);
+        };
+        let attempts = a::message_attempts
+            .filter(a::message_id.eq(id))
+            .order(a::id)
+            .select(AttemptRow::as_select())
+            .load(c)?;
+        Ok(Some((row, attempts)))
+    })
+}
+
+/// A user's most recent messages, newest first (with their attempts).
+pub fn recent_for_user(
+    conn: &mut DbConn,
+    app_id: &str,
+    openid: &str,
+    limit: i64,
+) -> DbResult<Vec<(MessageRow, Vec<AttemptRow>)>> {
+    use messages::dsl as m;
+    let ids: Vec<i64> = dispatch!(conn, |c| m::messages
+        .filter(m::app_id.eq(app_id))
+        .filter(m::openid.eq(openid))
+        .order((m::created_at.desc(), m::id.desc()))
+        .limit(limit)
+        .select(m::id)
+        .load(c))?;
+    let mut out = Vec::with_capacity(ids.len());
+    for id in ids {
+        if let Some(found) = load(conn, id)? {
+            out.push(found);
+        }
+    }
+    Ok(out)
+}
+
+/// Leases the message that is due first and not leased (or whose lease ran out: its
+/// worker died). PostgreSQL: SKIP LOCKED, so instances take different messages.
+pub fn lease_next(
+    conn: &mut DbConn,
+    owner: &str,
+    now: DateTime<Utc>,
+    until: DateTime<Utc>,
+) -> DbResult<Option<MessageRow>> {
+    let lock = match conn {
+        DbConn::Pg(_) => " FOR UPDATE SKIP LOCKED",
+        DbConn::Sqlite(_) => "",
+    };
+    let sql = native_sql(
+        conn,
+        &format!(
+            "UPDATE messages SET lease_owner = $1, lease_until = $2 \
+             WHERE id = (SELECT id FROM messages \
+               WHERE status IN ('queued', 'sending') AND next_attempt_at <= $3 \
+                 AND (lease_until IS NULL OR lease_until < $3) \
+                 AND app_id NOT IN (SELECT app_id FROM app_pauses WHERE until > $3) \
+               ORDER BY next_attempt_at LIMIT 1{lock}) \
+             RETURNING *"
+        ),
+    );
+    let row = single_write(conn, |conn| {
+        dispatch!(conn, |c| diesel::sql_query(&sql)
+            .bind::<Text, _>(owner)
+            .bind::<Timestamp, _>(to_db(until))
+            .bind::<Timestamp, _>(to_db(now))
+            .get_result::<MessageRow>(c)
+            .optional())
+    })?;
+    Ok(row)
+}
+
+/// Claims a use of the user's credential for the message and marks the call in
+/// flight, in one transaction: a use is never spent without the message knowing.
+/// None if the user has no live credential (or the lease was lost).
+pub fn claim_credential(
+    conn: &mut DbConn,
+    msg: &MessageRow,
+    owner: &str,
+    now: DateTime<Utc>,
+) -> DbResult<Option<ledger::Use>> {
+    use messages::dsl as m;
+    write_tx(conn, |conn| {
+        let Some(used) =
+            ledger::claim(conn, &msg.app_id, &msg.openid, Some(&msg.template_id), now)?
+        else {
+            return Ok(None);
+        };
+        let cred = &used.credential;
+        let changed = dispatch!(conn, |c| diesel::update(
+            m::messages
+                .filter(m::id.eq(msg.id))
+                .filter(m::lease_owner.eq(owner))
+        )
+        .set((
+            m::status.eq(Status::Sending.as_str()),
+            m::credential_id.eq(cred.id),
+            m::credential_kind.eq(cred.kind.as_str()),
+            m::credential_value.eq(&cred.value),
+            m::credential_uses_total.eq(cred.uses_total),
+            m::credential_created_at.eq(to_db(cred.created_at)),
+            m::credentials_tried.eq(m::credentials_tried + 1),
+            m::retries.eq(0),
+            m::ambiguous.eq(false),
+            m::in_flight.eq(true),
+            m::updated_at.eq(to_db(now)),
+        ))
+        .execute(c))?;
+        if changed == 0 {
+            // Lease lost: roll the claim back with the transaction.
+            return Err(DbError::Query(diesel::result::Error::RollbackTransaction));
+        }
+        Ok(Some(used))
+    })
+    .or_else(|e| match e {
+        DbError::Query(diesel::result::Error::RollbackTransaction) => Ok(None),
+        e => Err(e),
+    })
+}
+
+/// Marks a call with the held credential in flight; false if the lease was lost.
+pub fn mark_in_flight(
+    conn: &mut DbConn,
+    id: i64,
+    owner: &str,
+    now: DateTime<Utc>,
+) -> DbResult<bool> {
+    use messages::dsl as m;
+    let changed = dispatch!(conn, |c| diesel::update(
+        m::messages
+            .filter(m::id.eq(id))
+            .filter(m::lease_owner.eq(owner))
+    )
+    .set((m::in_flight.eq(true), m::updated_at.eq(to_db(now))))
+    .execute(c))?;
+    Ok(changed == 1)
+}
+
+/// What happens to the held credential use when a step settles.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CredentialFate {
+    /// The message keeps it for the next try.
+    Keep,
+    /// Spent (sent, or possibly sent): the message lets go of it, uses stay charged.
+    Spent,
+    /// Not the credential's fault: the use goes back to the user.
+    Release,
+    /// WeChat says the credential is bad: it is marked invalid, the use stays charged.
+    Invalidate(&'static str),
+}
+
+/// The end of one step of a message: recorded in one transaction.
+#[derive(Debug, Clone)]
+pub struct Settle {
+    /// The attempt to record, if a WeChat call (or a lost one) happened.
+    pub attempt: Option<(Option<i32>, &'static str)>,
+    pub credential: CredentialFate,
+    pub status: Status,
+    /// Final error: (contract code, WeChat errcode, message).
+    pub error: Option<(&'static str, Option<i32>, String)>,
+    pub next_attempt_at: DateTime<Utc>,
+    pub retries: i32,
+    pub ambiguous: bool,
+    /// Pause the app's sending until then (45009).
+    pub pause_until: Option<DateTime<Utc>>,
+}
+
+/// Applies a step's end if the lease is still ours; false if it was lost (another
+/// worker took over after our lease ran out: it will redo this step).
+pub fn settle(
+    conn: &mut DbConn,
+    msg: &MessageRow,
+    owner: &str,
+    s: &Settle,
+    now: DateTime<Utc>,
+) -> DbResult<bool> {
+    use app_pauses::dsl as p;
+    use message_attempts::dsl as a;
+    use messages::dsl as m;
+    let now_db = to_db(now);
+    write_tx(conn, |conn| {
+        let keep = s.credential == CredentialFate::Keep;
+        let final_status = s.status.is_final();
+        let (code, errcode, message) = match &s.error {
+            Some((code, errcode, message)) => (Some(*code), *errcode, Some(message.as_str())),
+            None => (None, None, None),
+        };
+        let changed = dispatch!(conn, |c| diesel::update(
+            m::messages
+                .filter(m::id.eq(msg.id))
+                .filter(m::lease_owner.eq(owner))
+        )
+        .set((
+            m::status.eq(s.status.as_str()),
+            m::in_flight.eq(false),
+            m::ambiguous.eq(keep && s.ambiguous),
+            m::retries.eq(s.retries),
+            m::error_code.eq(code),
+            m::wechat_errcode.eq(errcode),
+            m::error_message.eq(message),
+            m::next_attempt_at.eq(to_db(s.next_attempt_at)),
+            m::lease_owner.eq(None::<String>),
+            m::lease_until.eq(None::<NaiveDateTime>),
+            m::updated_at.eq(now_db),
+            m::finished_at.eq(final_status.then_some(now_db)),
+        ))
+        .execute(c))?;
+        if changed == 0 {
+            return Err(DbError::Query(diesel::result::Error::RollbackTransaction));
+        }
+        if !keep && !final_status {
+            dispatch!(conn, |c| diesel::update(
+                m::messages.filter(m::id.eq(msg.id))
+            )
+            .set((
+                m::credential_id.eq(None::<i64>),
+                m::credential_kind.eq(None::<String>),
+                m::credential_value.eq(None::<String>),
+                m::credential_uses_total.eq(None::<i32>),
+                m::credential_created_at.eq(None::<NaiveDateTime>),
+            ))
+            .execute(c))?;
+        }
+        if let Some((errcode, outcome)) = s.attempt {
+            dispatch!(conn, |c| diesel::insert_into(a::message_attempts)
+                .values((
+                    a::message_id.eq(msg.id),
+                    a::at.eq(now_db),
+                    a::credential_id.eq(msg.credential_id),
+                    a::wechat_errcode.eq(errcode),
+                    a::outcome.eq(outcome),
+                ))
+                .execute(c))?;
+        }
+        if let Some(credential_id) = msg.credential_id {
+            match s.credential {
+                CredentialFate::Keep | CredentialFate::Spent => {}
+                CredentialFate::Release => {
+                    ledger::release_id(conn, credential_id, now)?;
+                }
+                CredentialFate::Invalidate(reason) => {
+                    ledger::invalidate(conn, credential_id, reason, now)?;
+                }
+            }
+        }
+        if let Some(until) = s.pause_until {
+            let until = to_db(until);
+            dispatch!(conn, |c| diesel::insert_into(p::app_pauses)
+                .values((
+                    p::app_id.eq(&msg.app_id),
+                    p::until.eq(until),
+                    p::reason.eq("45009")
+                ))
+                .on_conflict(p::app_id)
+                .do_update()
+                .set(p::until.eq(until))
+                .execute(c))?;
+        }
+        Ok(true)
+    })
+    .or_else(|e| match e {
+        DbError::Query(diesel::result::Error::RollbackTransaction) => Ok(false),
+        e => Err(e),
+    })
+}
+
+/// A user reported credentials: their messages waiting for one are due now.
+pub fn wake_waiting(
+    conn: &mut DbConn,
+    app_id: &str,
+    openid: &str,
+    now: DateTime<Utc>,
+) -> DbResult<usize> {
+    use messages::dsl as m;
+    let now_db = to_db(now);
+    Ok(dispatch!(conn, |c| diesel::update(
+        m::messages
+            .filter(m::app_id.eq(app_id))
+            .filter(m::openid.eq(openid))
+            .filter(m::status.eq(Status::Queued.as_str()))
+            .filter(m::credential_id.is_null())
+            .filter(m::next_attempt_at.gt(now_db))
+    )
+    .set(m::next_attempt_at.eq(now_db))
+    .execute(c))?)
+}
+
+/// Gives up the leases this worker set holds (graceful shutdown): another instance
+/// (or this one after a restart) picks the messages up at once, not after the lease.
+/// Messages with a call in flight keep it marked, so the next worker treats that
+/// call as ambiguous.
+pub fn release_leases(conn: &mut DbConn, owner: &str) -> DbResult<usize> {
+    use messages::dsl as m;
+    Ok(dispatch!(conn, |c| diesel::update(
+        m::messages.filter(m::lease_owner.eq(owner))
+    )
+    .set((
+        m::lease_owner.eq(None::<String>),
+        m::lease_until.eq(None::<NaiveDateTime>),
+    ))
+    .execute(c))?)
+}
+
+/// Unfinished messages: the sender queue depth.
+pub fn queue_depth(conn: &mut DbConn) -> DbResult<i64> {
+    use messages::dsl as m;
+    Ok(dispatch!(conn, |c| m::messages
+        .filter(m::status.eq_any([Status::Queued.as_str(), Status::Sending.as_str()]))
+        .count()
+        .get_result(c))?)
+}
