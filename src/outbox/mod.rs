@@ -232,3 +232,66 @@ pub fn recent(
         .map(|(row, attempts)| MessageView::new(row, attempts))
         .collect())
 }
+
+/// Message totals of one app over the last 24 h, for the admin overview.
+#[derive(Debug, Clone, Serialize)]
+pub struct MessageStats {
+    pub messages_24h: BTreeMap<&'static str, i64>,
+    pub top_errcodes: Vec<ErrcodeCount>,
+    pub messages_per_hour: Vec<HourCount>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ErrcodeCount {
+    pub errcode: i32,
+    pub count: i64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct HourCount {
+    /// The hour's start, RFC 3339 UTC.
+    pub hour: String,
+    pub sent: i64,
+    pub failed: i64,
+    pub no_quota: i64,
+    pub pending: i64,
+}
+
+pub fn stats(conn: &mut DbConn, app_id: &str, now: DateTime<Utc>) -> DbResult<MessageStats> {
+    let since = now - chrono::TimeDelta::hours(24);
+    let rows = store::status_counts(conn, app_id, since)?;
+    let mut messages_24h: BTreeMap<&'static str, i64> = [
+        Status::Queued,
+        Status::Sending,
+        Status::Sent,
+        Status::NoQuota,
+        Status::Failed,
+    ]
+    .into_iter()
+    .map(|s| (s.as_str(), 0))
+    .collect();
+    let mut hours: BTreeMap<String, HourCount> = BTreeMap::new();
+    for (hour, status, n) in rows {
+        let status = Status::from_db(&status);
+        *messages_24h.entry(status.as_str()).or_default() += n;
+        let bucket = hours.entry(hour.clone()).or_insert_with(|| HourCount {
+            hour,
+            ..HourCount::default()
+        });
+        match status {
+            Status::Sent => bucket.sent += n,
+            Status::Failed => bucket.failed += n,
+            Status::NoQuota => bucket.no_quota += n,
+            Status::Queued | Status::Sending => bucket.pending += n,
+        }
+    }
+    let top_errcodes = store::top_errcodes(conn, app_id, since, 10)?
+        .into_iter()
+        .map(|(errcode, count)| ErrcodeCount { errcode, count })
+        .collect();
+    Ok(MessageStats {
+        messages_24h,
+        top_errcodes,
+        messages_per_hour: hours.into_values().collect(),
+    })
+}

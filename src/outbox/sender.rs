@@ -390,17 +390,23 @@ impl Sender {
         }
         let retries = msg.retries + 1;
         if retries > i32::try_from(self.config.policy.max_retries).unwrap_or(i32::MAX) {
-            let fate = if ambiguous || msg.ambiguous {
-                CredentialFate::Spent
-            } else {
-                CredentialFate::Release
-            };
+            if ambiguous || msg.ambiguous {
+                // A call may have delivered and no probe could prove it either way.
+                let unknown = outcome_unknown(errcode);
+                return self.finish(Status::Failed, CredentialFate::Spent, attempt, unknown, now);
+            }
             let error = (
                 "retries_exhausted",
                 errcode,
                 format!("WeChat kept failing: {errmsg}"),
             );
-            return self.finish(Status::Failed, fate, attempt, Some(error), now);
+            return self.finish(
+                Status::Failed,
+                CredentialFate::Release,
+                attempt,
+                Some(error),
+                now,
+            );
         }
         Settle {
             attempt,

@@ -470,3 +470,66 @@ pub fn queue_depth(conn: &mut DbConn) -> DbResult<i64> {
         .count()
         .get_result(c))?)
 }
+
+#[derive(QueryableByName)]
+struct HourStatusCount {
+    #[diesel(sql_type = Text)]
+    hour: String,
+    #[diesel(sql_type = Text)]
+    status: String,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    n: i64,
+}
+
+/// (hour as RFC 3339, status, messages) of the app's messages created since `since`.
+pub fn status_counts(
+    conn: &mut DbConn,
+    app_id: &str,
+    since: DateTime<Utc>,
+) -> DbResult<Vec<(String, String, i64)>> {
+    // The one place the backends spell a date function differently.
+    let hour = match conn {
+        DbConn::Pg(_) => {
+            "to_char(date_trunc('hour', created_at), 'YYYY-MM-DD\"T\"HH24:00:00.000\"Z\"')"
+        }
+        DbConn::Sqlite(_) => "strftime('%Y-%m-%dT%H:00:00.000Z', created_at)",
+    };
+    let sql = native_sql(
+        conn,
+        &format!(
+            "SELECT {hour} AS hour, status, COUNT(*) AS n FROM messages \
+             WHERE app_id = $1 AND created_at >= $2 GROUP BY 1, 2 ORDER BY 1"
+        ),
+    );
+    let rows: Vec<HourStatusCount> = dispatch!(conn, |c| diesel::sql_query(&sql)
+        .bind::<Text, _>(app_id)
+        .bind::<Timestamp, _>(to_db(since))
+        .load(c))?;
+    Ok(rows.into_iter().map(|r| (r.hour, r.status, r.n)).collect())
+}
+
+/// The app's most frequent WeChat error codes since `since`.
+pub fn top_errcodes(
+    conn: &mut DbConn,
+    app_id: &str,
+    since: DateTime<Utc>,
+    limit: i64,
+) -> DbResult<Vec<(i32, i64)>> {
+    use diesel::dsl::count_star;
+    use message_attempts::dsl as a;
+    use messages::dsl as m;
+    let rows: Vec<(Option<i32>, i64)> = dispatch!(conn, |c| a::message_attempts
+        .inner_join(m::messages)
+        .filter(m::app_id.eq(app_id))
+        .filter(a::at.ge(to_db(since)))
+        .filter(a::wechat_errcode.ne(0))
+        .group_by(a::wechat_errcode)
+        .select((a::wechat_errcode, count_star()))
+        .order(count_star().desc())
+        .limit(limit)
+        .load(c))?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|(code, n)| code.map(|c| (c, n)))
+        .collect())
+}

@@ -1,0 +1,378 @@
+// Headless-browser test of the admin page (GET /admin) against the real service.
+//
+// Starts the service binary in sandbox mode (no LEDGER_APPS: built-in simulator, app
+// `wxsandbox`) on a free port with a fresh SQLite file, seeds users through the API,
+// and drives Debian's chromium through playwright-core.
+//
+//   LEDGER_BIN     service binary (default: <repo>/target/debug/formid-ledger)
+//   CHROMIUM_BIN   browser (default: /usr/bin/chromium)
+//
+// Run with tests/browser/run.sh, or `node --test` in this folder.
+
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { mkdtemp, mkdir, rm } from 'node:fs/promises';
+import { existsSync } from 'node:fs';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { chromium } from 'playwright-core';
+
+const HERE = path.dirname(fileURLToPath(import.meta.url));
+const REPO = path.resolve(HERE, '..', '..');
+const LEDGER_BIN = process.env.LEDGER_BIN || path.join(REPO, 'target', 'debug', 'formid-ledger');
+const CHROMIUM_BIN = process.env.CHROMIUM_BIN || '/usr/bin/chromium';
+const SCREENSHOTS = path.join(HERE, 'screenshots');
+
+const ADMIN_KEY = 'admin-key-0123456789';
+const SEND_KEY = 'send-key-0123456789';
+const USER = 'o-browser-test';
+// Printable ASCII without white space, as openids must be, that would become
+// elements (and, without the CSP, run code) if the page used innerHTML.
+const HTMLISH = 'o<i>x</i>&amp;';
+const IMGISH = '"><img/src/onerror=window.__xss=1>';
+
+let tmp;
+let service;
+let serviceLog = '';
+let base;
+let browser;
+let page;
+const pageProblems = [];
+
+function freePort() {
+  return new Promise((resolve, reject) => {
+    const srv = net.createServer();
+    srv.unref();
+    srv.on('error', reject);
+    srv.listen(0, '127.0.0.1', () => {
+      const { port } = srv.address();
+      srv.close(() => resolve(port));
+    });
+  });
+}
+
+async function waitForHealth(deadlineMs) {
+  const until = Date.now() + deadlineMs;
+  for (;;) {
+    if (service.exitCode !== null) {
+      throw new Error(`the service exited with ${service.exitCode}:\n${serviceLog}`);
+    }
+    try {
+      const res = await fetch(base + '/healthz');
+      if (res.ok) return;
+    } catch (_) { /* not listening yet */ }
+    if (Date.now() > until) throw new Error(`no /healthz within ${deadlineMs} ms:\n${serviceLog}`);
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
+
+async function apiPost(pathname, body, key) {
+  const res = await fetch(base + pathname, {
+    method: 'POST',
+    headers: { Authorization: 'Bearer ' + key, 'Content-Type': 'application/json' },
+    body: JSON.stringify(body),
+  });
+  const json = await res.json();
+  assert.equal(res.status, 200, `POST ${pathname}: ${JSON.stringify(json)}`);
+  return json;
+}
+
+/** Waits until `selector`'s text is `expected`; fails with what it was instead. */
+async function expectText(selector, expected, timeout = 10000) {
+  try {
+    await page.waitForFunction(([sel, exp]) => {
+      const el = document.querySelector(sel);
+      return el !== null && el.textContent.trim() === exp;
+    }, [selector, expected], { timeout });
+  } catch (_) {
+    const actual = await page.evaluate((sel) => {
+      const el = document.querySelector(sel);
+      return el === null ? '(no such element)' : el.textContent.trim();
+    }, selector);
+    assert.fail(`${selector}: expected ${JSON.stringify(expected)}, found ${JSON.stringify(actual)}`);
+  }
+}
+
+async function visibleText(selector) {
+  const loc = page.locator(selector);
+  await loc.waitFor({ state: 'visible', timeout: 10000 });
+  return (await loc.textContent()).trim();
+}
+
+async function signIn(key) {
+  await page.locator('#signin-form').waitFor({ state: 'visible' });
+  await page.fill('#signin-key', key);
+  await page.click('#signin-submit');
+}
+
+async function lookUp(openid) {
+  await page.fill('#lookup-openid', openid);
+  await page.click('#lookup-form button[type=submit]');
+  await expectText('#quota-openid', openid);
+}
+
+before(async () => {
+  assert.ok(existsSync(LEDGER_BIN), `no service binary at ${LEDGER_BIN}: run cargo build or set LEDGER_BIN`);
+  assert.ok(existsSync(CHROMIUM_BIN), `no browser at ${CHROMIUM_BIN}: apt-get install -y chromium`);
+  tmp = await mkdtemp(path.join(os.tmpdir(), 'ledger-browser-'));
+  const port = await freePort();
+  base = `http://127.0.0.1:${port}`;
+  const env = { ...process.env };
+  delete env.LEDGER_APPS; // sandbox mode
+  delete env.LEDGER_CONFIG;
+  Object.assign(env, {
+    LEDGER_BIND: `127.0.0.1:${port}`,
+    LEDGER_DATABASE_URL: `sqlite://${path.join(tmp, 'ledger.db')}`,
+    LEDGER_API_KEYS: `ops:admin:${ADMIN_KEY},backend:send:${SEND_KEY}`,
+    RUST_LOG: process.env.RUST_LOG || 'info',
+  });
+  service = spawn(LEDGER_BIN, [], { env, cwd: tmp, stdio: ['ignore', 'pipe', 'pipe'] });
+  service.stdout.on('data', (d) => { serviceLog += d; });
+  service.stderr.on('data', (d) => { serviceLog += d; });
+  await waitForHealth(30000);
+
+  const credentials = [
+    ...[1, 2, 3].map((i) => ({ openid: USER, kind: 'form_id', value: `browser-form-${i}` })),
+    { openid: USER, kind: 'prepay_id', value: 'wx20261127browserprepay' },
+    { openid: HTMLISH, kind: 'form_id', value: 'browser-form-html' },
+    { openid: IMGISH, kind: 'form_id', value: 'browser-form-img' },
+  ];
+  const seeded = await apiPost('/v1/credentials', { credentials }, SEND_KEY);
+  assert.equal(seeded.accepted, credentials.length, JSON.stringify(seeded));
+
+  browser = await chromium.launch({
+    executablePath: CHROMIUM_BIN,
+    headless: true,
+    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+      '--disable-background-networking', '--disable-component-update', '--disable-sync'],
+  });
+  const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
+  page = await context.newPage();
+  page.on('pageerror', (err) => pageProblems.push('uncaught: ' + err.message));
+  page.on('console', (msg) => {
+    // 401/403/404 answers are expected and logged by the browser as failed loads.
+    if (msg.type() === 'error' && !/Failed to load resource/.test(msg.text())) {
+      pageProblems.push('console: ' + msg.text());
+    }
+  });
+  await mkdir(SCREENSHOTS, { recursive: true });
+});
+
+after(async () => {
+  if (browser) await browser.close();
+  if (service && service.exitCode === null) {
+    const exited = new Promise((r) => service.once('exit', r));
+    service.kill('SIGTERM');
+    const timer = setTimeout(() => service.kill('SIGKILL'), 5000);
+    await exited;
+    clearTimeout(timer);
+  }
+  if (tmp) await rm(tmp, { recursive: true, force: true });
+});
+
+test('the page and its assets are served with strict headers', async () => {
+  const res = await fetch(base + '/admin');
+  assert.equal(res.status, 200);
+  assert.match(res.headers.get('content-type'), /^text\/html/);
+  const csp = res.headers.get('content-security-policy') || '';
+  assert.match(csp, /default-src 'self'/);
+  assert.match(csp, /script-src 'self'(;|$)/);
+  assert.doesNotMatch(csp, /unsafe-inline|unsafe-eval/);
+  assert.equal(res.headers.get('x-content-type-options'), 'nosniff');
+  assert.equal(res.headers.get('cache-control'), 'no-store');
+  const html = await res.text();
+  assert.doesNotMatch(html, /<script(?![^>]*\bsrc=)[^>]*>/, 'no inline script');
+  assert.doesNotMatch(html, /\sstyle=|<style/, 'no inline style');
+  assert.doesNotMatch(html, /https?:\/\//, 'nothing fetched from elsewhere');
+
+  for (const [file, type] of [['admin.css', /^text\/css/], ['admin.js', /^text\/javascript/]]) {
+    const r = await fetch(`${base}/admin/assets/${file}`);
+    assert.equal(r.status, 200, file);
+    assert.match(r.headers.get('content-type'), type, file);
+    assert.equal(r.headers.get('x-content-type-options'), 'nosniff', file);
+  }
+  const js = await (await fetch(`${base}/admin/assets/admin.js`)).text();
+  assert.doesNotMatch(js, /innerHTML|outerHTML|insertAdjacentHTML|document\.write/, 'the script never parses HTML');
+
+  const missing = await fetch(`${base}/admin/assets/nope.js`);
+  assert.equal(missing.status, 404);
+  assert.equal((await missing.json()).error.code, 'not_found');
+  const post = await fetch(base + '/admin', { method: 'POST' });
+  assert.equal(post.status, 405);
+  assert.equal((await post.json()).error.code, 'method_not_allowed');
+});
+
+test('a wrong key and a key without the admin role show an error', async () => {
+  await page.goto(base + '/admin');
+  await signIn('not-the-key-0000');
+  const wrong = await visibleText('#signin-error');
+  assert.match(wrong, /not accepted|401/i);
+  await page.screenshot({ path: path.join(SCREENSHOTS, 'signin-error.png') });
+  assert.equal(await page.locator('#app').isVisible(), false, 'no data view after a wrong key');
+  assert.equal(await page.evaluate(() => sessionStorage.length), 0, 'a wrong key is not kept');
+
+  await signIn(SEND_KEY);
+  await page.waitForFunction(() => /403|admin role/.test(document.querySelector('#signin-error').textContent));
+  assert.equal(await page.locator('#app').isVisible(), false);
+});
+
+test('signed in: the overview shows live credentials by kind', async () => {
+  await signIn(ADMIN_KEY);
+  await page.locator('#app').waitFor({ state: 'visible' });
+  assert.equal(await page.locator('#signin-error').isVisible(), false);
+  await expectText('#overview-live [data-kind=form_id] .credentials', '5');
+  await expectText('#overview-live [data-kind=form_id] .uses-left', '5');
+  await expectText('#overview-live [data-kind=prepay_id] .credentials', '1');
+  await expectText('#overview-live [data-kind=subscription] .credentials', '0');
+  // The key is kept in this tab's sessionStorage only.
+  assert.equal(await page.evaluate(() => sessionStorage.getItem('formid-ledger.admin-key')), ADMIN_KEY);
+  assert.equal(await page.evaluate(() => localStorage.length), 0);
+  assert.doesNotMatch(await page.evaluate(() => document.cookie), /admin-key/);
+});
+
+test('looking up a user shows sendable uses and the numbers per kind', async () => {
+  await lookUp(USER);
+  await expectText('#quota-sendable', '4');
+  await expectText('#quota-kinds tr[data-kind=form_id] .credentials', '3');
+  await expectText('#quota-kinds tr[data-kind=form_id] .uses-left', '3');
+  await expectText('#quota-kinds tr[data-kind=prepay_id] .credentials', '1');
+  await expectText('#quota-kinds tr[data-kind=prepay_id] .uses-left', '1');
+  // The messages panel either lists messages or says it is not available; never blank.
+  await page.waitForFunction(() =>
+    !document.querySelector('#messages-status').hidden || document.querySelector('#user-messages').children.length > 0);
+
+  // A user never seen answers zeros.
+  await lookUp('o-never-seen');
+  await expectText('#quota-sendable', '0');
+});
+
+test('openids that look like HTML are shown literally, never parsed', async () => {
+  for (const openid of [HTMLISH, IMGISH]) {
+    await lookUp(openid);
+    await expectText('#quota-sendable', '1');
+    assert.equal(await page.locator('#quota-openid').textContent(), openid);
+  }
+  await page.click('#users-refresh');
+  await page.waitForFunction((n) => document.querySelectorAll('#users-list tbody tr').length === n, 3);
+  const listed = await page.$$eval('#users-list tbody tr td:first-child', (tds) => tds.map((td) => td.textContent));
+  assert.deepEqual([...listed].sort(), [HTMLISH, IMGISH, USER].sort());
+  const injected = await page.evaluate(() => ({
+    i: document.querySelectorAll('i').length,
+    img: document.querySelectorAll('img').length,
+    xss: window.__xss,
+  }));
+  assert.deepEqual(injected, { i: 0, img: 0, xss: undefined });
+});
+
+test('clicking a user in the list opens its lookup', async () => {
+  await page.locator('#users-list button', { hasText: USER }).click();
+  await expectText('#quota-openid', USER);
+  await expectText('#quota-sendable', '4');
+  assert.equal(await page.inputValue('#lookup-openid'), USER);
+  await page.screenshot({ path: path.join(SCREENSHOTS, 'admin.png'), fullPage: true });
+});
+
+test('failures of a call are shown, not a blank panel', async () => {
+  const quotaUrl = (u) => /^\/v1\/admin\/users\/[^/]+\/quota$/.test(u.pathname);
+  await page.route(quotaUrl, (route) => route.abort('connectionrefused'));
+  await page.fill('#lookup-openid', 'o-network-down');
+  await page.click('#lookup-form button[type=submit]');
+  assert.match(await visibleText('#lookup-status.error'), /could not be reached/i);
+  await page.unroute(quotaUrl);
+
+  const usersUrl = (u) => u.pathname === '/v1/admin/users';
+  await page.route(usersUrl, (route) => route.fulfill({
+    status: 500, contentType: 'application/json',
+    body: JSON.stringify({ error: { code: 'internal', message: 'internal error; see the service log' } }),
+  }));
+  await page.click('#users-refresh');
+  assert.match(await visibleText('#users-status.error'), /internal error.*500 internal/);
+  await page.unroute(usersUrl);
+  await page.click('#users-refresh');
+  await page.waitForFunction(() => document.querySelector('#users-status').hidden);
+});
+
+test('the shapes of the newer endpoints render (answers mocked in the browser)', async () => {
+  const now = Date.now();
+  const hourIso = (h) => new Date(Math.floor(now / 3600e3) * 3600e3 - h * 3600e3).toISOString();
+  const perHour = Array.from({ length: 24 }, (_, i) => {
+    const h = 23 - i;
+    return { hour: hourIso(h), sent: Math.round(8 + 6 * Math.sin(i / 3) + (i % 5)), failed: i % 7 === 3 ? 2 : 0, no_quota: i % 4 === 1 ? 1 : 0 };
+  });
+  const fulfill = (body) => (route) => route.fulfill({ status: 200, contentType: 'application/json', body: JSON.stringify(body) });
+  await page.route((u) => u.pathname === '/v1/admin/apps', fulfill({ apps: [
+    { app_id: 'wxsandbox', token_expires_at: new Date(now + 95 * 60e3).toISOString(), token_last_error: null },
+    { app_id: 'wx<b>shop</b>', token_expires_at: null, token_last_error: '40013 <invalid appid>' },
+  ] }));
+  await page.route((u) => u.pathname === '/v1/admin/stats', async (route) => {
+    const res = await route.fetch();
+    const real = await res.json();
+    await route.fulfill({ response: res, json: { ...real,
+      messages_24h: { queued: 2, sending: 1, sent: 214, no_quota: 6, failed: 9 },
+      top_errcodes: [{ errcode: 43101, count: 5 }, { errcode: 41028, count: 3 }, { errcode: 40037, count: 1 }],
+      messages_per_hour: perHour } });
+  });
+  await page.route((u) => /^\/v1\/admin\/users\/[^/]+\/messages$/.test(u.pathname), fulfill({ messages: [
+    { id: '1043', app_id: 'wxsandbox', openid: USER, template_id: 'TPL_<b>ORDER</b>', status: 'sent',
+      credential: { kind: 'form_id', id: 7 }, attempts: [], created_at: new Date(now - 5 * 60e3).toISOString(), finished_at: new Date(now - 5 * 60e3).toISOString() },
+    { id: '1042', app_id: 'wxsandbox', openid: USER, template_id: 'TPL_SHIPPED', status: 'failed',
+      error: { code: 'template_invalid', wechat_errcode: 40037, message: 'template id <invalid>' },
+      attempts: [{ at: new Date(now - 65 * 60e3).toISOString(), credential_id: 6, wechat_errcode: 40037, outcome: 'final' }],
+      created_at: new Date(now - 65 * 60e3).toISOString(), finished_at: new Date(now - 65 * 60e3).toISOString() },
+    { id: '1040', app_id: 'wxsandbox', openid: USER, template_id: 'TPL_SHIPPED', status: 'no_quota',
+      error: { code: 'no_quota', message: 'the user has no usable credential' }, attempts: [],
+      created_at: new Date(now - 26 * 3600e3).toISOString(), finished_at: new Date(now - 26 * 3600e3).toISOString() },
+    { id: '1044', app_id: 'wxsandbox', openid: USER, template_id: 'TPL_ORDER', status: 'queued', attempts: [],
+      created_at: new Date(now - 20e3).toISOString() },
+  ] }));
+
+  await page.reload(); // still signed in: the key is in sessionStorage
+  await page.locator('#app').waitFor({ state: 'visible' });
+  await page.locator('#app-picker').waitFor({ state: 'visible' });
+  assert.deepEqual(await page.$$eval('#app-select option', (os) => os.map((o) => o.textContent)), ['wxsandbox', 'wx<b>shop</b>']);
+  await expectText('#messages-24h [data-status=sent] .status-n', '214');
+  await page.locator('#messages-chart svg rect.seg').first().waitFor();
+  assert.ok(await page.locator('#messages-chart svg rect.seg.sent').count() >= 20);
+  await expectText('#top-errcodes tbody tr:first-child td:first-child', '43101');
+  await expectText('#apps-list tbody tr:nth-child(2) td:first-child', 'wx<b>shop</b>');
+
+  await lookUp(USER);
+  await expectText('#quota-sendable', '4');
+  await page.waitForFunction(() => document.querySelectorAll('#user-messages tbody tr').length === 4);
+  assert.equal(await page.locator('#user-messages tbody tr:first-child .badge').textContent(), 'sent');
+  assert.equal(await page.locator('#user-messages tbody tr:nth-child(2) td:nth-child(4)').textContent(), '40037');
+  assert.equal(await page.evaluate(() => document.querySelectorAll('b').length), 0);
+  await page.screenshot({ path: path.join(SCREENSHOTS, 'admin-full.png'), fullPage: true });
+
+  // A narrow window: one column, nothing wider than the screen.
+  await page.setViewportSize({ width: 390, height: 844 });
+  await page.waitForFunction(() => document.documentElement.scrollWidth <= document.documentElement.clientWidth + 1);
+  await page.screenshot({ path: path.join(SCREENSHOTS, 'admin-narrow.png'), fullPage: true });
+  await page.setViewportSize({ width: 1280, height: 900 });
+  await page.unrouteAll();
+});
+
+test('without the newer endpoints the panels say "not available"', async () => {
+  await page.reload();
+  await page.locator('#app').waitFor({ state: 'visible' });
+  await lookUp(USER);
+  // Against this build, the apps and messages endpoints may or may not exist yet.
+  await page.waitForFunction(() => document.querySelector('#apps-list').textContent.trim() !== '');
+  const apps = await page.locator('#apps-list').textContent();
+  assert.ok(/not available/i.test(apps) || /wxsandbox/.test(apps), apps);
+});
+
+test('sign out forgets the key', async () => {
+  await page.click('#signout');
+  await page.locator('#signin-form').waitFor({ state: 'visible' });
+  assert.equal(await page.locator('#app').isVisible(), false);
+  assert.equal(await page.evaluate(() => sessionStorage.length), 0);
+  assert.equal(await page.locator('#users-list').textContent(), '', 'no data left in the page');
+  await page.reload();
+  await page.locator('#signin-form').waitFor({ state: 'visible' });
+  assert.equal(await page.locator('#app').isVisible(), false);
+  assert.deepEqual(pageProblems, [], 'no script errors or CSP violations in the page');
+});

@@ -1,0 +1,278 @@
+//! kill -9 in the middle: real processes (the simulator and the service binary),
+//! an instance killed while its calls are in flight and a new one started on the
+//! same database. The simulator's record is the oracle.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{TestDb, APP, APP_SECRET, KEY_ADMIN, KEY_SEND};
+use formid_ledger::settings::DatabaseUrl;
+use serde_json::{json, Value};
+
+const BIN: &str = env!("CARGO_BIN_EXE_formid-ledger");
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A child process killed (SIGKILL) when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn wait_up(http: &reqwest::Client, url: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if let Ok(res) = http.get(url).send().await {
+            if res.status().is_success() {
+                return;
+            }
+        }
+        actix_web::rt::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{url} did not come up");
+}
+
+fn service(db: &DatabaseUrl, sim: &str, port: u16) -> Proc {
+    let url = match db {
+        DatabaseUrl::Sqlite(path) => format!("sqlite://{}", path.display()),
+        DatabaseUrl::Postgres(url) => url.expose().to_string(),
+    };
+    let child = Command::new(BIN)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("RUST_LOG", "warn")
+        .env("LEDGER_BIND", format!("127.0.0.1:{port}"))
+        .env("LEDGER_DATABASE_URL", url)
+        .env("LEDGER_APPS", format!("{APP}:{APP_SECRET}"))
+        .env(
+            "LEDGER_API_KEYS",
+            format!("ops:send+admin:{KEY_SEND},adm:admin:{KEY_ADMIN}"),
+        )
+        .env("LEDGER_WECHAT_API_BASE", sim)
+        .env("LEDGER_WECHAT_TIMEOUT_S", "2")
+        .env("LEDGER_SENDER_LEASE_S", "3")
+        .env("LEDGER_SENDER_WORKERS", "8")
+        .env("LEDGER_HTTP_WORKERS", "2")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start the service");
+    Proc(child)
+}
+
+async fn json_post(http: &reqwest::Client, url: String, key: Option<&str>, body: Value) -> Value {
+    let mut req = http.post(url).json(&body);
+    if let Some(key) = key {
+        req = req.bearer_auth(key);
+    }
+    let res = req.send().await.unwrap();
+    assert!(res.status().is_success(), "{}", res.status());
+    res.json().await.unwrap()
+}
+
+async fn kill_in_flight(tdb: TestDb) {
+    let http = reqwest::Client::new();
+    let sim_port = free_port();
+    let sim_base = format!("http://127.0.0.1:{sim_port}");
+    let _sim = Proc(
+        Command::new(BIN)
+            .args([
+                "sim",
+                "--bind",
+                &format!("127.0.0.1:{sim_port}"),
+                "--apps",
+                &format!("{APP}:{APP_SECRET}"),
+            ])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_up(&http, &format!("{sim_base}/sim/stats")).await;
+    // Every send takes 300..600 ms: plenty of calls are in flight at the kill.
+    json_post(
+        &http,
+        format!("{sim_base}/sim/faults"),
+        None,
+        json!({"send": {"latency_ms": [300, 600]}}),
+    )
+    .await;
+
+    let url = tdb.url();
+    let port_a = free_port();
+    let base_a = format!("http://127.0.0.1:{port_a}");
+    let a = service(&url, &sim_base, port_a);
+    wait_up(&http, &format!("{base_a}/readyz")).await;
+
+    let mut recorded = 0;
+    for u in 0..20 {
+        let openid = format!("user{u}");
+        let minted = json_post(
+            &http,
+            format!("{sim_base}/sim/form-ids"),
+            None,
+            json!({"appid": APP, "openid": openid, "count": 5}),
+        )
+        .await;
+        let items: Vec<Value> = minted["form_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| json!({"openid": openid, "kind": "form_id", "value": f}))
+            .collect();
+        recorded += items.len();
+        let res = json_post(
+            &http,
+            format!("{base_a}/v1/credentials"),
+            Some(KEY_SEND),
+            json!({"credentials": items}),
+        )
+        .await;
+        assert_eq!(res["accepted"], 5);
+    }
+    let mut ids = Vec::new();
+    for i in 0..120 {
+        let m = json_post(
+            &http,
+            format!("{base_a}/v1/messages"),
+            Some(KEY_SEND),
+            json!({"openid": format!("user{}", i % 20), "template_id": "TPL"}),
+        )
+        .await;
+        ids.push(m["id"].as_str().unwrap().to_string());
+    }
+    actix_web::rt::time::sleep(Duration::from_millis(700)).await;
+    drop(a); // SIGKILL, mid-flight
+    let delivered_at_kill = http
+        .get(format!("{sim_base}/sim/deliveries"))
+        .send()
+        .await
+        .unwrap()
+        .json::<Vec<Value>>()
+        .await
+        .unwrap()
+        .len();
+    assert!(
+        delivered_at_kill < 100,
+        "everything was sent before the kill ({delivered_at_kill})"
+    );
+
+    let port_b = free_port();
+    let base_b = format!("http://127.0.0.1:{port_b}");
+    let _b = service(&url, &sim_base, port_b);
+    wait_up(&http, &format!("{base_b}/readyz")).await;
+
+    let mut by_status: HashMap<String, usize> = HashMap::new();
+    let mut interrupted = 0;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    for id in &ids {
+        loop {
+            let m: Value = http
+                .get(format!("{base_b}/v1/messages/{id}"))
+                .bearer_auth(KEY_SEND)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let status = m["status"].as_str().unwrap().to_string();
+            if ["sent", "no_quota", "failed"].contains(&status.as_str()) {
+                let code = m["error"]["code"].as_str().unwrap_or("").to_string();
+                interrupted += usize::from(
+                    m["attempts"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .any(|a| a["outcome"] == "interrupted"),
+                );
+                *by_status.entry(format!("{status}/{code}")).or_default() += 1;
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "message {id} never finished: {m}"
+            );
+            actix_web::rt::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let deliveries: Vec<Value> = http
+        .get(format!("{sim_base}/sim/deliveries"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut per_credential: HashMap<String, usize> = HashMap::new();
+    for d in &deliveries {
+        *per_credential
+            .entry(d["credential"].as_str().unwrap().to_string())
+            .or_default() += 1;
+    }
+    assert!(
+        per_credential.values().all(|n| *n == 1),
+        "a form_id was used twice at WeChat: {per_credential:?}"
+    );
+    assert!(
+        interrupted > 0,
+        "no call was in flight at the kill: {by_status:?}"
+    );
+    let sent = by_status.get("sent/").copied().unwrap_or(0);
+    let unknown = by_status
+        .get("failed/outcome_unknown")
+        .copied()
+        .unwrap_or(0);
+    assert_eq!(
+        unknown, 0,
+        "single-use form_ids are probed, never unknown: {by_status:?}"
+    );
+    assert_eq!(deliveries.len(), sent, "sent ⇔ delivered: {by_status:?}");
+    assert_eq!(sent, 100, "every use was spent on a message: {by_status:?}");
+    assert_eq!(
+        by_status.get("no_quota/no_quota"),
+        Some(&20),
+        "{by_status:?}"
+    );
+    let mut left = 0;
+    for u in 0..20 {
+        let q: Value = http
+            .get(format!("{base_b}/v1/admin/users/user{u}/quota"))
+            .bearer_auth(KEY_ADMIN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        left += q["sendable"].as_u64().unwrap() as usize;
+    }
+    assert_eq!(
+        left + deliveries.len(),
+        recorded,
+        "uses left + uses spent = uses recorded"
+    );
+}
+
+#[actix_web::test]
+async fn kill_9_mid_flight_sqlite() {
+    kill_in_flight(TestDb::sqlite()).await;
+}
+
+#[actix_web::test]
+async fn kill_9_mid_flight_postgres() {
+    kill_in_flight(TestDb::postgres()).await;
+}
