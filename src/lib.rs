@@ -5,6 +5,7 @@ pub mod cli;
 pub mod db;
 pub mod http;
 pub mod ledger;
+pub mod metrics;
 pub mod outbox;
 pub mod secret;
 pub mod session;

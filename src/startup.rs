@@ -10,6 +10,7 @@ use base64::Engine;
 
 use crate::db::{Db, DbError};
 use crate::http::{self, AppState};
+use crate::metrics::Metrics;
 use crate::outbox::policy::Policy;
 use crate::outbox::sender::SenderConfig;
 use crate::outbox::Sender;
@@ -81,18 +82,21 @@ impl Application {
             .await
             .map_err(|e| DbError::Unavailable(e.to_string()))??
         };
+        let metrics = Arc::new(Metrics::new());
         let wechat = WechatClient::new(
             &settings.wechat_api_base,
             (settings.wechat_timeout / 3).max(Duration::from_secs(1)),
             settings.wechat_timeout,
         )
-        .map_err(|e| StartupError::Wechat(e.message))?;
+        .map_err(|e| StartupError::Wechat(e.message))?
+        .with_metrics(metrics.clone());
         let tokens = Arc::new(TokenManager::new(
             db.clone(),
             wechat.clone(),
             &settings.apps,
             settings.token_api,
             settings.token_refresh_margin,
+            metrics.clone(),
         ));
         tokens.init().await?;
         let sender = Arc::new(Sender::new(
@@ -110,6 +114,7 @@ impl Application {
                     ..Policy::default()
                 },
             },
+            metrics.clone(),
         ));
 
         let state = web::Data::new(AppState::new(
@@ -119,11 +124,16 @@ impl Application {
             wechat,
             tokens.clone(),
             sender.clone(),
+            metrics.clone(),
         ));
         let simulator = sandbox.as_ref().map(|s| s.simulator.clone());
         let mut server = HttpServer::new(move || {
             let simulator = simulator.clone();
+            let metrics = metrics.clone();
             App::new()
+                .wrap(middleware::from_fn(move |req, next| {
+                    http::observe(metrics.clone(), req, next)
+                }))
                 .wrap(middleware::Logger::new("%s %r %Dms").exclude("/healthz"))
                 .app_data(state.clone())
                 .configure(move |cfg| {

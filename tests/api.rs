@@ -255,6 +255,31 @@ backend_app_tests! {
         assert_eq!(app.get("/healthz", None).await, (200, json!({"status": "ok"})));
         assert_eq!(app.get("/readyz", None).await, (200, json!({"status": "ready"})));
     }
+
+    async fn metrics_count_what_happened(tdb) {
+        let app = TestApp::spawn(tdb).await;
+        let body = json!({"credentials": [
+            {"openid": "o1", "kind": "form_id", "value": "m1"},
+            {"openid": "o1", "kind": "form_id", "value": "m1"},
+            {"openid": "o1", "kind": "form_id", "value": "the formId is a mock one"}
+        ]});
+        app.post("/v1/credentials", Some(KEY_SEND), &body).await;
+        app.get("/v1/admin/users/o1/quota", None).await;
+        let text = app.http.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+        for line in [
+            r#"ledger_credentials_recorded_total{outcome="accepted"} 1"#,
+            r#"ledger_credentials_recorded_total{outcome="duplicate"} 1"#,
+            r#"ledger_credentials_rejected_total{reason="mock_form_id"} 1"#,
+            r#"ledger_http_requests_total{method="POST",route="/v1/credentials",status="200"} 1"#,
+            r#"ledger_http_requests_total{method="GET",route="/v1/admin/users/{openid}/quota",status="401"} 1"#,
+            "ledger_sender_queue_depth 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+        }
+        assert!(text.contains("ledger_http_request_duration_seconds_bucket"));
+        assert!(text.contains("ledger_db_pool_connections"));
+        assert!(!text.contains("o1"), "an openid leaked into a label");
+    }
 }
 
 /// The database goes away: readiness says so, liveness does not care.

@@ -107,6 +107,12 @@ impl Db {
         Ok(Db { pool, backend })
     }
 
+    /// (open connections, idle connections) of this pool.
+    pub fn pool_state(&self) -> (u32, u32) {
+        let state = self.pool.state();
+        (state.connections, state.idle_connections)
+    }
+
     pub fn backend(&self) -> Backend {
         self.backend
     }

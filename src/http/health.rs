@@ -9,7 +9,8 @@ use super::{resource, AppState};
 
 pub fn config(cfg: &mut web::ServiceConfig) {
     cfg.service(resource("/healthz").route(web::get().to(healthz)))
-        .service(resource("/readyz").route(web::get().to(readyz)));
+        .service(resource("/readyz").route(web::get().to(readyz)))
+        .service(resource("/metrics").route(web::get().to(metrics)));
 }
 
 async fn healthz() -> HttpResponse {
@@ -19,4 +20,19 @@ async fn healthz() -> HttpResponse {
 async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     state.db.run(crate::db::ping).await?;
     Ok(HttpResponse::Ok().json(json!({"status": "ready"})))
+}
+
+/// Prometheus text format. The gauges are read at scrape time.
+async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    let m = &state.metrics;
+    let (open, idle) = state.db.pool_state();
+    m.db_connections.set(open.into());
+    m.db_idle_connections.set(idle.into());
+    match state.db.run(crate::outbox::store::queue_depth).await {
+        Ok(depth) => m.queue_depth.set(depth),
+        Err(e) => log::warn!("metrics: queue depth unavailable: {e}"),
+    }
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(m.render())
 }

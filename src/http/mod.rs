@@ -39,6 +39,7 @@ pub struct AppState {
     pub wechat: WechatClient,
     pub tokens: Arc<TokenManager>,
     pub sender: Arc<Sender>,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl AppState {
@@ -49,6 +50,7 @@ impl AppState {
         wechat: WechatClient,
         tokens: Arc<TokenManager>,
         sender: Arc<Sender>,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> Self {
         let rules = Rules {
             prepay_id_uses: settings.prepay_id_uses,
@@ -65,6 +67,7 @@ impl AppState {
             wechat,
             tokens,
             sender,
+            metrics,
         }
     }
 
@@ -82,6 +85,18 @@ impl AppState {
             .db
             .run(move |conn| ledger::record(conn, &rules, crate::time::now(), &reports))
             .await?;
+        let m = &self.metrics;
+        m.credentials_recorded
+            .with_label_values(&["accepted"])
+            .inc_by(outcome.accepted.into());
+        m.credentials_recorded
+            .with_label_values(&["duplicate"])
+            .inc_by(outcome.duplicates.into());
+        for r in &outcome.rejected {
+            m.credentials_rejected
+                .with_label_values(&[r.reason.as_str()])
+                .inc();
+        }
         if outcome.accepted > 0 {
             for (app_id, openid) in users {
                 if let Err(e) = self.sender.credentials_arrived(&app_id, &openid).await {
@@ -181,4 +196,27 @@ pub fn resource(path: &str) -> actix_web::Resource {
 
 async fn not_found(req: HttpRequest) -> Result<HttpResponse, ApiError> {
     Err(ApiError::not_found(format!("no route {}", req.path())))
+}
+
+/// Middleware: counts every request by route pattern (not path: openids stay out of
+/// label values) and status, with its latency.
+pub async fn observe(
+    metrics: Arc<crate::metrics::Metrics>,
+    req: actix_web::dev::ServiceRequest,
+    next: actix_web::middleware::Next<impl actix_web::body::MessageBody>,
+) -> Result<actix_web::dev::ServiceResponse<impl actix_web::body::MessageBody>, actix_web::Error> {
+    let started = std::time::Instant::now();
+    let route = req.match_pattern().unwrap_or_else(|| "unmatched".into());
+    let method = req.method().to_string();
+    let res = next.call(req).await?;
+    let status = res.status().as_u16().to_string();
+    metrics
+        .http_requests
+        .with_label_values(&[route.as_str(), method.as_str(), status.as_str()])
+        .inc();
+    metrics
+        .http_seconds
+        .with_label_values(&[route.as_str(), method.as_str()])
+        .observe(started.elapsed().as_secs_f64());
+    Ok(res)
 }

@@ -48,6 +48,18 @@ pub enum RejectReason {
     Expired,
 }
 
+impl RejectReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectReason::MockFormId => "mock_form_id",
+            RejectReason::InvalidFormat => "invalid_format",
+            RejectReason::UserCap => "user_cap",
+            RejectReason::NotAccepted => "not_accepted",
+            RejectReason::Expired => "expired",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Rejection {
     pub value: String,

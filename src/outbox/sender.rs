@@ -11,6 +11,7 @@ use super::store::{self, CredentialFate, MessageRow, Settle};
 use super::{Content, Status};
 use crate::db::{Db, DbResult};
 use crate::ledger::Kind;
+use crate::metrics::Metrics;
 use crate::secret::Secret;
 use crate::tokens::TokenManager;
 use crate::wechat::client::{WechatClient, WechatError};
@@ -37,6 +38,7 @@ pub struct Sender {
     owner: String,
     wake: Notify,
     finished: broadcast::Sender<i64>,
+    metrics: Arc<Metrics>,
 }
 
 impl Sender {
@@ -45,12 +47,14 @@ impl Sender {
         wechat: WechatClient,
         tokens: Arc<TokenManager>,
         config: SenderConfig,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Sender {
             db,
             wechat,
             tokens,
             config,
+            metrics,
             owner: format!("sender-{:016x}", rand::random::<u64>()),
             wake: Notify::new(),
             finished: broadcast::channel(1024).0,
@@ -178,6 +182,8 @@ impl Sender {
                 .db
                 .run(move |c| store::claim_credential(c, &m, &owner, crate::time::now()))
                 .await?;
+            let hit = if claimed.is_some() { "hit" } else { "miss" };
+            self.metrics.claims.with_label_values(&[hit]).inc();
             let Some(used) = claimed else {
                 return self.no_credential(&msg, now).await;
             };
@@ -532,6 +538,10 @@ impl Sender {
                 errcode.map_or("-".to_string(), |e| e.to_string()),
                 code,
             );
+            self.metrics
+                .messages_finished
+                .with_label_values(&[settle.status.as_str(), code])
+                .inc();
             let _ = self.finished.send(msg.id);
         } else if settle.next_attempt_at <= crate::time::now() {
             self.nudge();

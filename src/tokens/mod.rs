@@ -61,6 +61,7 @@ pub struct TokenManager {
     /// This instance, as lease owner.
     owner: String,
     apps: HashMap<String, AppSlot>,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 struct AppSlot {
@@ -93,8 +94,10 @@ impl TokenManager {
         apps: &[App],
         api: TokenApi,
         refresh_margin: Duration,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> Self {
         TokenManager {
+            metrics,
             db,
             client,
             api,
@@ -214,6 +217,11 @@ impl TokenManager {
         old: &StoredToken,
     ) -> Result<(CurrentToken, bool), TokenError> {
         let fetched = self.fetch(app_id, &slot.secret, need, old).await;
+        let result = if fetched.is_ok() { "ok" } else { "error" };
+        self.metrics
+            .token_refreshes
+            .with_label_values(&[app_id, result])
+            .inc();
         let (id, owner) = (app_id.to_string(), self.owner.clone());
         match fetched {
             Ok(token) => {

@@ -86,6 +86,7 @@ impl Effect {
 pub struct WechatClient {
     http: reqwest::Client,
     base: String,
+    metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
 }
 
 impl WechatClient {
@@ -112,7 +113,14 @@ impl WechatClient {
         Ok(WechatClient {
             http,
             base: base_url.trim_end_matches('/').to_owned(),
+            metrics: None,
         })
+    }
+
+    /// Counts every call (endpoint, errcode) and its latency.
+    pub fn with_metrics(mut self, metrics: std::sync::Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// `GET /cgi-bin/token`: a NEW token each call (the previous one dies ~5 min later).
@@ -233,6 +241,29 @@ impl WechatClient {
     /// `secrets` are scrubbed from any error message (belt and braces: the
     /// messages are built without the URL already).
     async fn call<T: DeserializeOwned>(
+        &self,
+        api: &'static str,
+        req: reqwest::RequestBuilder,
+        effect: Effect,
+        secrets: &[&str],
+    ) -> Result<T, WechatError> {
+        let started = std::time::Instant::now();
+        let result = self.exchange(api, req, effect, secrets).await;
+        if let Some(metrics) = &self.metrics {
+            let outcome = match &result {
+                Ok(_) => "0".to_string(),
+                Err(WechatError {
+                    errcode: Some(code),
+                    ..
+                }) => code.to_string(),
+                Err(e) => format!("{:?}", e.class).to_lowercase(),
+            };
+            metrics.wechat_call(api, &outcome, started.elapsed());
+        }
+        result
+    }
+
+    async fn exchange<T: DeserializeOwned>(
         &self,
         api: &'static str,
         req: reqwest::RequestBuilder,
