@@ -7,9 +7,9 @@ use serde::Deserialize;
 
 use super::auth::{AdminRole, Authorized};
 use super::error::ApiError;
+use super::openapi::ErrorBody;
 use super::{check_openid, resource, AppState};
 use crate::{ledger, outbox};
-use serde_json::json;
 
 pub fn config(cfg: &mut web::ServiceConfig) {
     cfg.service(resource("/v1/admin/users/{openid}/quota").route(web::get().to(quota)))
@@ -20,11 +20,22 @@ pub fn config(cfg: &mut web::ServiceConfig) {
 }
 
 #[derive(Debug, Deserialize)]
-struct AppQuery {
+pub(crate) struct AppQuery {
     app_id: Option<String>,
 }
 
-async fn quota(
+#[utoipa::path(get, path = "/v1/admin/users/{openid}/quota", tag = "admin",
+    params(("openid" = String, Path, description = "The user's openid"), ("app_id" = Option<String>, Query, description = "Required when several apps are configured")),
+    security(("api_key" = [])),
+    responses(
+        (status = 200, description = "What the user can be sent (zeros for a user never seen)", body = ledger::Quota),
+        (status = 400, description = "invalid_request (the message names the problem), or app_id_required", body = ErrorBody),
+        (status = 401, description = "unauthorized: missing or unknown credentials", body = ErrorBody),
+        (status = 403, description = "forbidden: the key lacks the role", body = ErrorBody),
+        (status = 404, description = "unknown_app or not_found", body = ErrorBody),
+        (status = 503, description = "unavailable: the database does not answer", body = ErrorBody)
+    ))]
+pub(crate) async fn quota(
     _auth: Authorized<AdminRole>,
     state: web::Data<AppState>,
     openid: web::Path<String>,
@@ -45,13 +56,24 @@ const DEFAULT_PAGE: u32 = 50;
 const MAX_PAGE: u32 = 500;
 
 #[derive(Debug, Deserialize)]
-struct UsersQuery {
+pub(crate) struct UsersQuery {
     app_id: Option<String>,
     limit: Option<u32>,
     cursor: Option<String>,
 }
 
-async fn users(
+#[utoipa::path(get, path = "/v1/admin/users", tag = "admin",
+    params(("app_id" = Option<String>, Query, description = "Required when several apps are configured"), ("limit" = Option<u32>, Query, description = "1..500, default 50"), ("cursor" = Option<String>, Query, description = "next_cursor of the previous page")),
+    security(("api_key" = [])),
+    responses(
+        (status = 200, description = "Users with live credentials, by openid", body = ledger::UserPage),
+        (status = 400, description = "invalid_request (the message names the problem), or app_id_required", body = ErrorBody),
+        (status = 401, description = "unauthorized: missing or unknown credentials", body = ErrorBody),
+        (status = 403, description = "forbidden: the key lacks the role", body = ErrorBody),
+        (status = 404, description = "unknown_app or not_found", body = ErrorBody),
+        (status = 503, description = "unavailable: the database does not answer", body = ErrorBody)
+    ))]
+pub(crate) async fn users(
     _auth: Authorized<AdminRole>,
     state: web::Data<AppState>,
     query: web::Query<UsersQuery>,
@@ -77,7 +99,18 @@ async fn users(
 
 /// Credential totals and, over the last 24 h, messages by status, the top WeChat
 /// error codes and messages per hour.
-async fn stats(
+#[utoipa::path(get, path = "/v1/admin/stats", tag = "admin",
+    params(("app_id" = Option<String>, Query, description = "Required when several apps are configured")),
+    security(("api_key" = [])),
+    responses(
+        (status = 200, description = "Credential totals and the last 24 h of messages", body = AdminStats),
+        (status = 400, description = "invalid_request (the message names the problem), or app_id_required", body = ErrorBody),
+        (status = 401, description = "unauthorized: missing or unknown credentials", body = ErrorBody),
+        (status = 403, description = "forbidden: the key lacks the role", body = ErrorBody),
+        (status = 404, description = "unknown_app or not_found", body = ErrorBody),
+        (status = 503, description = "unavailable: the database does not answer", body = ErrorBody)
+    ))]
+pub(crate) async fn stats(
     _auth: Authorized<AdminRole>,
     state: web::Data<AppState>,
     query: web::Query<AppQuery>,
@@ -93,22 +126,39 @@ async fn stats(
             ))
         })
         .await?;
-    let mut body = serde_json::to_value(credentials).map_err(|e| ApiError::internal(&e))?;
-    let messages = serde_json::to_value(messages).map_err(|e| ApiError::internal(&e))?;
-    if let (Some(body), serde_json::Value::Object(messages)) = (body.as_object_mut(), messages) {
-        body.extend(messages);
-    }
-    Ok(HttpResponse::Ok().json(body))
+    Ok(HttpResponse::Ok().json(AdminStats {
+        credentials,
+        messages,
+    }))
+}
+
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub(crate) struct AdminStats {
+    #[serde(flatten)]
+    credentials: ledger::Stats,
+    #[serde(flatten)]
+    messages: outbox::MessageStats,
 }
 
 #[derive(Debug, Deserialize)]
-struct MessagesQuery {
+pub(crate) struct MessagesQuery {
     app_id: Option<String>,
     limit: Option<u32>,
 }
 
 /// A user's latest messages (none for a user never seen).
-async fn user_messages(
+#[utoipa::path(get, path = "/v1/admin/users/{openid}/messages", tag = "admin",
+    params(("openid" = String, Path, description = "The user's openid"), ("app_id" = Option<String>, Query, description = "Required when several apps are configured"), ("limit" = Option<u32>, Query, description = "1..100, default 20")),
+    security(("api_key" = [])),
+    responses(
+        (status = 200, description = "The user's latest messages, newest first", body = MessagesBody),
+        (status = 400, description = "invalid_request (the message names the problem), or app_id_required", body = ErrorBody),
+        (status = 401, description = "unauthorized: missing or unknown credentials", body = ErrorBody),
+        (status = 403, description = "forbidden: the key lacks the role", body = ErrorBody),
+        (status = 404, description = "unknown_app or not_found", body = ErrorBody),
+        (status = 503, description = "unavailable: the database does not answer", body = ErrorBody)
+    ))]
+pub(crate) async fn user_messages(
     _auth: Authorized<AdminRole>,
     state: web::Data<AppState>,
     openid: web::Path<String>,
@@ -125,23 +175,48 @@ async fn user_messages(
         .db
         .run(move |conn| outbox::recent(conn, &app_id, &openid, limit))
         .await?;
-    Ok(HttpResponse::Ok().json(json!({ "messages": messages })))
+    Ok(HttpResponse::Ok().json(MessagesBody { messages }))
+}
+
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub(crate) struct MessagesBody {
+    messages: Vec<outbox::MessageView>,
+}
+
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub(crate) struct AppView {
+    app_id: String,
+    #[serde(with = "crate::time::rfc3339::option")]
+    token_expires_at: Option<chrono::DateTime<chrono::Utc>>,
+    token_last_error: Option<String>,
+}
+
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub(crate) struct AppsBody {
+    apps: Vec<AppView>,
 }
 
 /// The configured apps and their access_token state (never the token itself).
-async fn apps(
+#[utoipa::path(get, path = "/v1/admin/apps", tag = "admin",
+    security(("api_key" = [])),
+    responses(
+        (status = 200, description = "Configured apps and their access_token expiry", body = AppsBody),
+        (status = 401, description = "unauthorized: missing or unknown credentials", body = ErrorBody),
+        (status = 403, description = "forbidden: the key lacks the role", body = ErrorBody),
+        (status = 503, description = "unavailable: the database does not answer", body = ErrorBody)
+    ))]
+pub(crate) async fn apps(
     _auth: Authorized<AdminRole>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let mut apps = Vec::new();
     for app in &state.settings.apps {
         let stored = state.tokens.stored(&app.app_id).await?;
-        apps.push(json!({
-            "app_id": app.app_id,
-            "token_expires_at": (!stored.token.is_empty())
-                .then(|| crate::time::rfc3339::format(&stored.expires_at)),
-            "token_last_error": stored.last_error,
-        }));
+        apps.push(AppView {
+            app_id: app.app_id.clone(),
+            token_expires_at: (!stored.token.is_empty()).then_some(stored.expires_at),
+            token_last_error: stored.last_error,
+        });
     }
-    Ok(HttpResponse::Ok().json(json!({ "apps": apps })))
+    Ok(HttpResponse::Ok().json(AppsBody { apps }))
 }

@@ -6,6 +6,7 @@ use actix_web::http::header::{self, HeaderValue};
 use actix_web::{web, HttpResponse};
 
 use super::error::ApiError;
+use super::openapi::ErrorBody;
 use super::resource;
 
 const INDEX_HTML: &str = include_str!("../../assets/admin/index.html");
@@ -23,11 +24,17 @@ pub fn config(cfg: &mut web::ServiceConfig) {
         .service(resource("/admin/assets/{file}").route(web::get().to(asset)));
 }
 
-async fn page() -> HttpResponse {
+#[utoipa::path(get, path = "/admin", tag = "admin",
+    responses((status = 200, description = "The admin web page", content_type = "text/html")))]
+pub(crate) async fn page() -> HttpResponse {
     respond("text/html; charset=utf-8", INDEX_HTML, "no-store")
 }
 
-async fn asset(file: web::Path<String>) -> Result<HttpResponse, ApiError> {
+#[utoipa::path(get, path = "/admin/assets/{file}", tag = "admin",
+    params(("file" = String, Path, description = "admin.css or admin.js")),
+    responses((status = 200, description = "A stylesheet or script of the page", content_type = "text/plain"),
+        (status = 404, description = "not_found", body = ErrorBody)))]
+pub(crate) async fn asset(file: web::Path<String>) -> Result<HttpResponse, ApiError> {
     let (content_type, body) = match file.as_str() {
         "admin.css" => ("text/css; charset=utf-8", ADMIN_CSS),
         "admin.js" => ("text/javascript; charset=utf-8", ADMIN_JS),

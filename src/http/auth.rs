@@ -16,7 +16,7 @@ use super::error::ApiError;
 use super::AppState;
 use crate::settings::{ApiKey, Role};
 
-struct KeyEntry {
+pub(crate) struct KeyEntry {
     name: String,
     roles: Vec<Role>,
     digest: [u8; 32],

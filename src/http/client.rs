@@ -7,10 +7,10 @@ use actix_web::dev::Payload;
 use actix_web::http::StatusCode;
 use actix_web::{web, FromRequest, HttpRequest, HttpResponse};
 use serde::Deserialize;
-use serde_json::json;
 
 use super::auth::bearer;
 use super::error::ApiError;
+use super::openapi::ErrorBody;
 use super::{check_openid, resource, AppState};
 use crate::ledger::{self, Item, Kind, Report};
 use crate::session::SessionClaims;
@@ -24,14 +24,27 @@ pub fn config(cfg: &mut web::ServiceConfig) {
         .service(resource("/v1/client/credentials").route(web::post().to(report)));
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct LoginBody {
+pub(crate) struct LoginBody {
     app_id: Option<String>,
     code: String,
 }
 
-async fn login(
+#[utoipa::path(post, path = "/v1/client/session", tag = "client",
+    request_body = LoginBody,
+    responses(
+        (status = 200, description = "A session bound to the user", body = SessionResponse),
+        (status = 400, description = "invalid_request (the message names the problem), or app_id_required", body = ErrorBody),
+        (status = 404, description = "unknown_app or not_found", body = ErrorBody),
+        (status = 413, description = "payload_too_large: body over 64 KiB", body = ErrorBody),
+        (status = 503, description = "unavailable: the database does not answer", body = ErrorBody),
+        (status = 401, description = "invalid_code (WeChat 40029)", body = ErrorBody),
+        (status = 403, description = "user_blocked (WeChat 40226)", body = ErrorBody),
+        (status = 429, description = "rate_limited (WeChat 45011)", body = ErrorBody),
+        (status = 502, description = "wechat_unavailable", body = ErrorBody)
+    ))]
+pub(crate) async fn login(
     state: web::Data<AppState>,
     body: web::Json<LoginBody>,
 ) -> Result<HttpResponse, ApiError> {
@@ -96,11 +109,20 @@ async fn login(
         + chrono::TimeDelta::from_std(state.settings.session_ttl)
             .unwrap_or(chrono::TimeDelta::days(30));
     let session = state.sessions.sign(&app_id, &login.openid, expires_at);
-    Ok(HttpResponse::Ok().json(json!({
-        "session": session.expose(),
-        "openid": login.openid,
-        "expires_at": crate::time::rfc3339::format(&expires_at),
-    })))
+    Ok(HttpResponse::Ok().json(SessionResponse {
+        session: session.expose().to_string(),
+        openid: login.openid,
+        expires_at,
+    }))
+}
+
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub(crate) struct SessionResponse {
+    /// Send as `Authorization: Bearer <session>` to the client endpoints.
+    session: String,
+    openid: String,
+    #[serde(with = "crate::time::rfc3339")]
+    expires_at: chrono::DateTime<chrono::Utc>,
 }
 
 /// Extractor: a valid client session (401 otherwise). API keys are not sessions.
@@ -130,16 +152,17 @@ impl FromRequest for ClientSession {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct SubscriptionResult {
+pub(crate) struct SubscriptionResult {
     template_id: String,
     result: String,
 }
 
-#[derive(Debug, Deserialize)]
+/// At most 50 items in all.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct ClientReport {
+pub(crate) struct ClientReport {
     #[serde(default)]
     form_ids: Vec<String>,
     #[serde(default)]
@@ -148,7 +171,17 @@ struct ClientReport {
     subscriptions: Vec<SubscriptionResult>,
 }
 
-async fn report(
+#[utoipa::path(post, path = "/v1/client/credentials", tag = "client",
+    request_body = ClientReport,
+    security(("client_session" = [])),
+    responses(
+        (status = 200, description = "Accepted, duplicates and rejections with their reasons", body = ledger::RecordOutcome),
+        (status = 400, description = "invalid_request (the message names the problem), or app_id_required", body = ErrorBody),
+        (status = 401, description = "unauthorized: missing or unknown credentials", body = ErrorBody),
+        (status = 413, description = "payload_too_large: body over 64 KiB", body = ErrorBody),
+        (status = 503, description = "unavailable: the database does not answer", body = ErrorBody)
+    ))]
+pub(crate) async fn report(
     session: ClientSession,
     state: web::Data<AppState>,
     body: web::Json<ClientReport>,

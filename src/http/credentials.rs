@@ -7,8 +7,9 @@ use serde::Deserialize;
 
 use super::auth::{Authorized, SendRole};
 use super::error::ApiError;
+use super::openapi::ErrorBody;
 use super::{check_openid, resource, AppState};
-use crate::ledger::{Item, Kind, Report};
+use crate::ledger::{self, Item, Kind, Report};
 
 /// Most credentials one request may carry.
 pub const MAX_BATCH: usize = 500;
@@ -17,16 +18,16 @@ pub fn config(cfg: &mut web::ServiceConfig) {
     cfg.service(resource("/v1/credentials").route(web::post().to(register)));
 }
 
-#[derive(Debug, Clone, Copy, Deserialize)]
+#[derive(Debug, Clone, Copy, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
-enum ServerKind {
+pub(crate) enum ServerKind {
     FormId,
     PrepayId,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct ServerCredential {
+pub(crate) struct ServerCredential {
     app_id: Option<String>,
     openid: String,
     kind: ServerKind,
@@ -34,10 +35,21 @@ struct ServerCredential {
     issued_at: Option<DateTime<Utc>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct Batch {
+pub(crate) struct Batch {
+    /// Up to 500.
     credentials: Vec<ServerCredential>,
+}
+
+/// One credential, or a batch. (Documentation only: the body is told apart by the
+/// `credentials` key so that errors name the offending field.)
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+#[serde(untagged)]
+pub(crate) enum CredentialsRequest {
+    One(ServerCredential),
+    Batch(Batch),
 }
 
 /// One credential, or `{"credentials": [...]}` with up to [`MAX_BATCH`].
@@ -59,7 +71,19 @@ fn parse(body: serde_json::Value) -> Result<Vec<ServerCredential>, ApiError> {
     Ok(items)
 }
 
-async fn register(
+#[utoipa::path(post, path = "/v1/credentials", tag = "business",
+    request_body = CredentialsRequest,
+    security(("api_key" = [])),
+    responses(
+        (status = 200, description = "Accepted, duplicates and rejections with their reasons", body = ledger::RecordOutcome),
+        (status = 400, description = "invalid_request (the message names the problem), or app_id_required", body = ErrorBody),
+        (status = 401, description = "unauthorized: missing or unknown credentials", body = ErrorBody),
+        (status = 403, description = "forbidden: the key lacks the role", body = ErrorBody),
+        (status = 404, description = "unknown_app or not_found", body = ErrorBody),
+        (status = 413, description = "payload_too_large: body over 64 KiB", body = ErrorBody),
+        (status = 503, description = "unavailable: the database does not answer", body = ErrorBody)
+    ))]
+pub(crate) async fn register(
     _auth: Authorized<SendRole>,
     state: web::Data<AppState>,
     body: web::Json<serde_json::Value>,

@@ -5,6 +5,7 @@ use actix_web::{web, HttpResponse};
 use serde_json::json;
 
 use super::error::ApiError;
+use super::openapi::{ErrorBody, StatusBody};
 use super::{resource, AppState};
 
 pub fn config(cfg: &mut web::ServiceConfig) {
@@ -13,17 +14,24 @@ pub fn config(cfg: &mut web::ServiceConfig) {
         .service(resource("/metrics").route(web::get().to(metrics)));
 }
 
-async fn healthz() -> HttpResponse {
+#[utoipa::path(get, path = "/healthz", tag = "operations",
+    responses((status = 200, description = "The process serves; touches no database", body = StatusBody)))]
+pub(crate) async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(json!({"status": "ok"}))
 }
 
-async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+#[utoipa::path(get, path = "/readyz", tag = "operations",
+    responses((status = 200, description = "The database answers", body = StatusBody),
+        (status = 503, description = "unavailable", body = ErrorBody)))]
+pub(crate) async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     state.db.run(crate::db::ping).await?;
     Ok(HttpResponse::Ok().json(json!({"status": "ready"})))
 }
 
 /// Prometheus text format. The gauges are read at scrape time.
-async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
+pub(crate) async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     let m = &state.metrics;
     let (open, idle) = state.db.pool_state();
     m.db_connections.set(open.into());

@@ -9,6 +9,7 @@ use serde::Deserialize;
 
 use super::auth::{Authorized, SendRole};
 use super::error::ApiError;
+use super::openapi::ErrorBody;
 use super::{check_openid, resource, AppState};
 use crate::ledger;
 use crate::outbox::{self, Content, IdempotencyKey, MessageView, NewMessage, Submitted};
@@ -24,16 +25,16 @@ pub fn config(cfg: &mut web::ServiceConfig) {
         .service(resource("/v1/messages/{id}").route(web::get().to(get)));
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct DataIn {
+pub(crate) struct DataIn {
     value: String,
     color: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct MessageIn {
+pub(crate) struct MessageIn {
     app_id: Option<String>,
     openid: String,
     template_id: String,
@@ -48,7 +49,7 @@ struct MessageIn {
 }
 
 #[derive(Debug, Deserialize)]
-struct WaitQuery {
+pub(crate) struct WaitQuery {
     wait: Option<u64>,
 }
 
@@ -159,7 +160,23 @@ fn wait_for(query: &WaitQuery) -> Result<Duration, ApiError> {
     }
 }
 
-async fn create(
+#[utoipa::path(post, path = "/v1/messages", tag = "business",
+    request_body = MessageIn,
+    params(("wait" = Option<u64>, Query, description = "Wait up to N (0..30) seconds for a final status"),
+        ("Idempotency-Key" = Option<String>, Header, description = "Same key and body: the same message; ≤ 255 characters")),
+    security(("api_key" = [])),
+    responses(
+        (status = 200, description = "Final within ?wait", body = MessageView),
+        (status = 202, description = "Stored; the current state", body = MessageView),
+        (status = 400, description = "invalid_request (the message names the problem), or app_id_required", body = ErrorBody),
+        (status = 401, description = "unauthorized: missing or unknown credentials", body = ErrorBody),
+        (status = 403, description = "forbidden: the key lacks the role", body = ErrorBody),
+        (status = 404, description = "unknown_app or not_found", body = ErrorBody),
+        (status = 413, description = "payload_too_large: body over 64 KiB", body = ErrorBody),
+        (status = 503, description = "unavailable: the database does not answer", body = ErrorBody),
+        (status = 422, description = "idempotency_mismatch", body = ErrorBody)
+    ))]
+pub(crate) async fn create(
     auth: Authorized<SendRole>,
     state: web::Data<AppState>,
     req: HttpRequest,
@@ -187,7 +204,17 @@ async fn create(
     respond(&state, id, wait).await
 }
 
-async fn get(
+#[utoipa::path(get, path = "/v1/messages/{id}", tag = "business",
+    params(("id" = String, Path, description = "Message id")),
+    security(("api_key" = [])),
+    responses(
+        (status = 200, description = "The message resource", body = MessageView),
+        (status = 401, description = "unauthorized: missing or unknown credentials", body = ErrorBody),
+        (status = 403, description = "forbidden: the key lacks the role", body = ErrorBody),
+        (status = 404, description = "unknown_app or not_found", body = ErrorBody),
+        (status = 503, description = "unavailable: the database does not answer", body = ErrorBody)
+    ))]
+pub(crate) async fn get(
     _auth: Authorized<SendRole>,
     state: web::Data<AppState>,
     id: web::Path<String>,

@@ -9,6 +9,7 @@ pub mod credentials;
 pub mod error;
 pub mod health;
 pub mod messages;
+pub mod openapi;
 pub mod tokens;
 
 use std::sync::Arc;
@@ -166,6 +167,7 @@ pub fn config(cfg: &mut web::ServiceConfig) {
     .configure(client::config)
     .configure(tokens::config)
     .configure(messages::config)
+    .configure(openapi::config)
     .configure(admin::config)
     .configure(admin_page::config)
     .default_service(web::to(not_found));

@@ -4,10 +4,10 @@
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpResponse};
 use serde::Deserialize;
-use serde_json::json;
 
 use super::auth::{Authorized, TokenRole};
 use super::error::ApiError;
+use super::openapi::ErrorBody;
 use super::{resource, AppState};
 use crate::tokens::{CurrentToken, TokenError};
 
@@ -34,14 +34,39 @@ impl From<TokenError> for ApiError {
     }
 }
 
-fn body(token: &CurrentToken) -> serde_json::Value {
-    json!({
-        "access_token": token.token.expose(),
-        "expires_at": crate::time::rfc3339::format(&token.expires_at),
-    })
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub(crate) struct TokenBody {
+    access_token: String,
+    #[serde(with = "crate::time::rfc3339")]
+    expires_at: chrono::DateTime<chrono::Utc>,
 }
 
-async fn current(
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub(crate) struct RefreshedBody {
+    #[serde(flatten)]
+    token: TokenBody,
+    /// Whether this call fetched a new token from WeChat.
+    refreshed: bool,
+}
+
+fn body(token: &CurrentToken) -> TokenBody {
+    TokenBody {
+        access_token: token.token.expose().to_string(),
+        expires_at: token.expires_at,
+    }
+}
+
+#[utoipa::path(get, path = "/v1/apps/{app_id}/access-token", tag = "token",
+    params(("app_id" = String, Path, description = "The app")),
+    security(("api_key" = [])),
+    responses(
+        (status = 200, description = "The current access_token", body = TokenBody),
+        (status = 401, description = "unauthorized: missing or unknown credentials", body = ErrorBody),
+        (status = 403, description = "forbidden: the key lacks the role", body = ErrorBody),
+        (status = 404, description = "unknown_app or not_found", body = ErrorBody),
+        (status = 503, description = "wechat_unavailable or unavailable", body = ErrorBody)
+    ))]
+pub(crate) async fn current(
     _auth: Authorized<TokenRole>,
     state: web::Data<AppState>,
     app_id: web::Path<String>,
@@ -50,13 +75,26 @@ async fn current(
     Ok(HttpResponse::Ok().json(body(&token)))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct RefreshBody {
+pub(crate) struct RefreshBody {
     stale_token: String,
 }
 
-async fn refresh(
+#[utoipa::path(post, path = "/v1/apps/{app_id}/access-token/refresh", tag = "token",
+    params(("app_id" = String, Path, description = "The app")),
+    request_body = RefreshBody,
+    security(("api_key" = [])),
+    responses(
+        (status = 200, description = "The new token if stale_token was current, else the current one", body = RefreshedBody),
+        (status = 400, description = "invalid_request (the message names the problem), or app_id_required", body = ErrorBody),
+        (status = 401, description = "unauthorized: missing or unknown credentials", body = ErrorBody),
+        (status = 403, description = "forbidden: the key lacks the role", body = ErrorBody),
+        (status = 404, description = "unknown_app or not_found", body = ErrorBody),
+        (status = 413, description = "payload_too_large: body over 64 KiB", body = ErrorBody),
+        (status = 503, description = "wechat_unavailable or unavailable", body = ErrorBody)
+    ))]
+pub(crate) async fn refresh(
     _auth: Authorized<TokenRole>,
     state: web::Data<AppState>,
     app_id: web::Path<String>,
@@ -66,7 +104,8 @@ async fn refresh(
         .tokens
         .compare_and_refresh(&app_id, &req.stale_token)
         .await?;
-    let mut res = body(&token);
-    res["refreshed"] = refreshed.into();
-    Ok(HttpResponse::Ok().json(res))
+    Ok(HttpResponse::Ok().json(RefreshedBody {
+        token: body(&token),
+        refreshed,
+    }))
 }

@@ -26,7 +26,19 @@ pub const MOCK_FORM_ID: &str = "the formId is a mock one";
 /// Longest credential value, template id or openid the ledger accepts.
 pub const MAX_VALUE_LEN: usize = 128;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Kind {
     FormId,

@@ -23,7 +23,7 @@ macro_rules! live {
     };
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct KindQuota {
     pub credentials: u32,
     pub uses_left: u32,
@@ -42,7 +42,7 @@ impl KindQuota {
 }
 
 /// What one user can be sent, as the quota endpoint shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Quota {
     pub app_id: String,
     pub openid: String,
@@ -105,7 +105,7 @@ pub fn quota(conn: &mut DbConn, app_id: &str, openid: &str, now: DateTime<Utc>) 
     Ok(quota)
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct UserSummary {
     pub openid: String,
     /// Live credentials of every kind.
@@ -116,7 +116,7 @@ pub struct UserSummary {
     pub next_expiry: Option<DateTime<Utc>>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct UserPage {
     pub users: Vec<UserSummary>,
     /// Pass as `cursor` for the next page; None on the last page.
@@ -171,7 +171,7 @@ pub fn users(
 }
 
 /// Totals of one app's live credentials. (Message totals join these once messages exist.)
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Stats {
     pub app_id: String,
     /// Kind → live credentials and their uses left.
@@ -179,7 +179,7 @@ pub struct Stats {
     pub expiring_within_24h: u64,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct KindTotals {
     pub credentials: u64,
     pub uses_left: u64,

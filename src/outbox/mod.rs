@@ -24,7 +24,7 @@ use crate::wechat::wire::DataValue;
 pub use sender::Sender;
 use store::{AttemptRow, IdempotencyRecord, Inserted, MessageRow, NewMessageRow};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
     Queued,
@@ -132,7 +132,7 @@ pub fn submit(
     })
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct ErrorView {
     pub code: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -140,13 +140,13 @@ pub struct ErrorView {
     pub message: String,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct CredentialRef {
     pub kind: String,
     pub id: i64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct AttemptView {
     #[serde(with = "crate::time::rfc3339")]
     pub at: DateTime<Utc>,
@@ -156,7 +156,7 @@ pub struct AttemptView {
 }
 
 /// The message resource of the contract.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct MessageView {
     pub id: String,
     pub app_id: String,
@@ -234,20 +234,20 @@ pub fn recent(
 }
 
 /// Message totals of one app over the last 24 h, for the admin overview.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct MessageStats {
     pub messages_24h: BTreeMap<&'static str, i64>,
     pub top_errcodes: Vec<ErrcodeCount>,
     pub messages_per_hour: Vec<HourCount>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct ErrcodeCount {
     pub errcode: i32,
     pub count: i64,
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
 pub struct HourCount {
     /// The hour's start, RFC 3339 UTC.
     pub hour: String,

@@ -1,0 +1,122 @@
+//! `GET /openapi.json`: the contract as an OpenAPI 3 document, generated from the
+//! handlers' annotations and the types they take and return.
+
+use actix_web::{web, HttpResponse};
+use serde::Serialize;
+use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+use utoipa::{Modify, OpenApi, ToSchema};
+
+use super::resource;
+
+pub fn config(cfg: &mut web::ServiceConfig) {
+    cfg.service(resource("/openapi.json").route(web::get().to(document)));
+}
+
+/// Every error: `{"error": {"code": …, "message": …}}`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorDetail {
+    pub code: ErrorCode,
+    /// Human text; never a secret.
+    pub message: String,
+}
+
+/// The contract's error codes of HTTP responses.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    InvalidRequest,
+    PayloadTooLarge,
+    AppIdRequired,
+    UnknownApp,
+    Unauthorized,
+    Forbidden,
+    NotFound,
+    MethodNotAllowed,
+    InvalidCode,
+    UserBlocked,
+    RateLimited,
+    WechatUnavailable,
+    IdempotencyMismatch,
+    Unavailable,
+    Internal,
+}
+
+/// Final error codes a message can carry (`error.code` of the message resource).
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum MessageErrorCode {
+    NoQuota,
+    TemplateInvalid,
+    PageInvalid,
+    DataInvalid,
+    OpenidInvalid,
+    RetriesExhausted,
+    OutcomeUnknown,
+    CredentialsExhausted,
+    TemplateApiRetired,
+    WechatRejected,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct StatusBody {
+    pub status: String,
+}
+
+pub(crate) struct Security;
+
+impl Modify for Security {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "api_key",
+            SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+        );
+        components.add_security_scheme(
+            "client_session",
+            SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+        );
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "formid-ledger",
+        description = "Collects WeChat mini-program message credentials per user and spends each use at most once."
+    ),
+    paths(
+        super::health::healthz,
+        super::health::readyz,
+        super::health::metrics,
+        document,
+        super::credentials::register,
+        super::client::login,
+        super::client::report,
+        super::messages::create,
+        super::messages::get,
+        super::tokens::current,
+        super::tokens::refresh,
+        super::admin::quota,
+        super::admin::user_messages,
+        super::admin::users,
+        super::admin::stats,
+        super::admin::apps,
+        super::admin_page::page,
+        super::admin_page::asset,
+    ),
+    components(schemas(ErrorBody, ErrorCode, MessageErrorCode)),
+    modifiers(&Security)
+)]
+pub struct ApiDoc;
+
+/// The OpenAPI document.
+#[utoipa::path(get, path = "/openapi.json", tag = "operations",
+    responses((status = 200, description = "OpenAPI 3 document", content_type = "application/json")))]
+pub async fn document() -> HttpResponse {
+    HttpResponse::Ok().json(ApiDoc::openapi())
+}
