@@ -1,5 +1,6 @@
 //! The command line: `serve` (the default) and `migrate`.
 
+use std::io::Write;
 use std::net::TcpListener;
 use std::process::ExitCode;
 
@@ -32,6 +33,24 @@ enum Command {
         #[arg(long, env = "LEDGER_SIM_APPS", default_value = "")]
         apps: String,
     },
+    /// A user's quota, as the admin endpoint shows it.
+    Quota {
+        /// The app (may be left out when one app is configured).
+        #[arg(long)]
+        app: Option<String>,
+        openid: String,
+    },
+    /// Purge what is past its retention now (what housekeeping does every
+    /// LEDGER_PURGE_INTERVAL_S); --dry-run only counts.
+    Purge {
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Totals of an app: live credentials, the last 24 h of messages.
+    Stats {
+        #[arg(long)]
+        app: Option<String>,
+    },
     /// Show an app's current access_token expiry (the token itself only with --show).
     Token {
         app_id: String,
@@ -56,6 +75,20 @@ pub fn main() -> ExitCode {
         Command::Serve => serve(settings),
         Command::Migrate => migrate(&settings),
         Command::Token { app_id, show } => token(&settings, &app_id, show),
+        Command::Quota { app, openid } => offline(&settings, app.as_deref(), move |c, app| {
+            json(&crate::ledger::quota(c, &app, &openid, crate::time::now())?)
+        }),
+        Command::Purge { dry_run } => offline(&settings, None, {
+            let retention = settings.retention.clone();
+            move |c, _| {
+                let purged =
+                    crate::housekeeping::purge(c, &retention, crate::time::now(), dry_run)?;
+                json(&purged)
+            }
+        }),
+        Command::Stats { app } => offline(&settings, app.as_deref(), |c, app| {
+            json(&crate::stats::app_stats(c, &app, crate::time::now())?)
+        }),
         Command::Sim { .. } => unreachable!("handled above"),
     }
 }
@@ -166,4 +199,36 @@ fn token(settings: &Settings, app_id: &str, show: bool) -> ExitCode {
         )),
         Err(e) => fail(e),
     }
+}
+
+/// Runs a command against the configured database (migrated first), for the app
+/// named or the only one configured.
+fn offline(
+    settings: &Settings,
+    app: Option<&str>,
+    f: impl FnOnce(&mut crate::db::DbConn, String) -> crate::db::DbResult<String>,
+) -> ExitCode {
+    let app = match (app, settings.apps.as_slice()) {
+        (Some(a), _) => a.to_string(),
+        (None, [only]) => only.app_id.clone(),
+        (None, []) => crate::startup::SANDBOX_APP.to_string(),
+        (None, _) => return fail("several apps are configured: say which with --app"),
+    };
+    let result = Db::connect(&settings.database_url, 1).and_then(|db| {
+        db.migrate()?;
+        let mut conn = db.get()?;
+        f(&mut conn, app)
+    });
+    match result {
+        Ok(out) => {
+            // A closed pipe (`| head`) is not an error worth a panic.
+            let _ = writeln!(std::io::stdout(), "{out}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e),
+    }
+}
+
+fn json(value: &impl serde::Serialize) -> crate::db::DbResult<String> {
+    Ok(serde_json::to_string_pretty(value).unwrap_or_default())
 }

@@ -3,6 +3,7 @@
 
 pub mod cli;
 pub mod db;
+pub mod housekeeping;
 pub mod http;
 pub mod ledger;
 pub mod metrics;
@@ -12,6 +13,7 @@ pub mod session;
 pub mod settings;
 pub mod sim;
 pub mod startup;
+pub mod stats;
 pub mod time;
 pub mod tokens;
 pub mod wechat;

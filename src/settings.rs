@@ -33,6 +33,10 @@ const KNOWN: &[&str] = &[
     "send_max_retries",
     "send_backoff_base_ms",
     "shutdown_timeout_s",
+    "purge_interval_s",
+    "credential_retention_s",
+    "message_retention_s",
+    "idempotency_retention_s",
 ];
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -160,6 +164,9 @@ pub struct Settings {
     pub send_backoff_base: Duration,
     /// On SIGTERM, how long in-flight sends may take before their leases are handed back.
     pub shutdown_timeout: Duration,
+    /// How often (in whichever instance gets the turn) housekeeping purges.
+    pub purge_interval: Duration,
+    pub retention: crate::housekeeping::Retention,
 }
 
 impl Default for Settings {
@@ -187,6 +194,8 @@ impl Default for Settings {
             send_max_retries: 5,
             send_backoff_base: Duration::from_millis(500),
             shutdown_timeout: Duration::from_secs(20),
+            purge_interval: Duration::from_secs(600),
+            retention: crate::housekeeping::Retention::default(),
         }
     }
 }
@@ -294,6 +303,22 @@ impl Settings {
             "send_max_retries" => self.send_max_retries = parse_int(raw, 0, 100)?,
             "send_backoff_base_ms" => {
                 self.send_backoff_base = Duration::from_millis(parse_int(raw, 1, 60_000)?.into())
+            }
+            "purge_interval_s" => {
+                self.purge_interval = Duration::from_secs(parse_int(raw, 1, 86_400)?.into())
+            }
+            "credential_retention_s" => {
+                self.retention.credentials =
+                    Duration::from_secs(parse_int(raw, 0, u32::MAX)?.into())
+            }
+            "message_retention_s" => {
+                self.retention.messages =
+                    Duration::from_secs(parse_int(raw, 3600, u32::MAX)?.into())
+            }
+            "idempotency_retention_s" => {
+                // The contract keeps keys at least 24 h.
+                self.retention.idempotency_keys =
+                    Duration::from_secs(parse_int(raw, 86_400, u32::MAX)?.into())
             }
             "shutdown_timeout_s" => {
                 self.shutdown_timeout = Duration::from_secs(parse_int(raw, 0, 600)?.into())

@@ -51,6 +51,8 @@ pub struct Application {
     tokens: Arc<TokenManager>,
     sender: Arc<Sender>,
     shutdown_timeout: Duration,
+    purge_interval: Duration,
+    retention: crate::housekeeping::Retention,
     stop: tokio::sync::watch::Sender<bool>,
 }
 
@@ -156,6 +158,8 @@ impl Application {
             tokens,
             sender,
             shutdown_timeout: settings.shutdown_timeout,
+            purge_interval: settings.purge_interval,
+            retention: settings.retention.clone(),
             stop,
         })
     }
@@ -188,6 +192,12 @@ impl Application {
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         self.tokens.spawn_refreshers(self.stop.subscribe());
         let workers = self.sender.spawn(self.stop.subscribe());
+        crate::housekeeping::spawn(
+            self.db.clone(),
+            self.retention.clone(),
+            self.purge_interval,
+            self.stop.subscribe(),
+        );
         let result = self.server.await;
         log::info!("shutting down: letting in-flight sends finish");
         let _ = self.stop.send(true);

@@ -276,3 +276,148 @@ async fn kill_9_mid_flight_sqlite() {
 async fn kill_9_mid_flight_postgres() {
     kill_in_flight(TestDb::postgres()).await;
 }
+
+/// SIGTERM while calls are in flight: the process finishes them (no call is left
+/// in doubt), hands its leases back and exits cleanly; a new instance finishes the
+/// rest at once.
+async fn sigterm_in_flight(tdb: TestDb) {
+    let http = reqwest::Client::new();
+    let sim_port = free_port();
+    let sim_base = format!("http://127.0.0.1:{sim_port}");
+    let _sim = Proc(
+        Command::new(BIN)
+            .args([
+                "sim",
+                "--bind",
+                &format!("127.0.0.1:{sim_port}"),
+                "--apps",
+                &format!("{APP}:{APP_SECRET}"),
+            ])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_up(&http, &format!("{sim_base}/sim/stats")).await;
+    json_post(
+        &http,
+        format!("{sim_base}/sim/faults"),
+        None,
+        json!({"send": {"latency_ms": [300, 600]}}),
+    )
+    .await;
+    let url = tdb.url();
+    let port_a = free_port();
+    let base_a = format!("http://127.0.0.1:{port_a}");
+    let mut a = service(&url, &sim_base, port_a);
+    wait_up(&http, &format!("{base_a}/readyz")).await;
+    let minted = json_post(
+        &http,
+        format!("{sim_base}/sim/form-ids"),
+        None,
+        json!({"appid": APP, "openid": "u", "count": 60}),
+    )
+    .await;
+    let items: Vec<Value> = minted["form_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| json!({"openid": "u", "kind": "form_id", "value": f}))
+        .collect();
+    json_post(
+        &http,
+        format!("{base_a}/v1/credentials"),
+        Some(KEY_SEND),
+        json!({"credentials": items}),
+    )
+    .await;
+    let mut ids = Vec::new();
+    for _ in 0..60 {
+        let m = json_post(
+            &http,
+            format!("{base_a}/v1/messages"),
+            Some(KEY_SEND),
+            json!({"openid": "u", "template_id": "TPL"}),
+        )
+        .await;
+        ids.push(m["id"].as_str().unwrap().to_string());
+    }
+    actix_web::rt::time::sleep(Duration::from_millis(700)).await;
+    let pid = a.0.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = a.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no exit after SIGTERM"
+        );
+        actix_web::rt::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "exit after SIGTERM: {status}");
+
+    let port_b = free_port();
+    let base_b = format!("http://127.0.0.1:{port_b}");
+    let _b = service(&url, &sim_base, port_b);
+    wait_up(&http, &format!("{base_b}/readyz")).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut sent = 0;
+    for id in &ids {
+        loop {
+            let m: Value = http
+                .get(format!("{base_b}/v1/messages/{id}"))
+                .bearer_auth(KEY_SEND)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let outcomes: Vec<&str> = m["attempts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|a| a["outcome"].as_str().unwrap())
+                .collect();
+            assert!(
+                !outcomes.contains(&"interrupted"),
+                "a graceful stop left a call in doubt: {m}"
+            );
+            if m["status"] == "sent" {
+                sent += 1;
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "message {id} never finished: {m}"
+            );
+            actix_web::rt::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    assert_eq!(sent, 60);
+    let deliveries: Vec<Value> = http
+        .get(format!("{sim_base}/sim/deliveries"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(deliveries.len(), 60, "each message delivered once");
+}
+
+#[actix_web::test]
+async fn sigterm_mid_flight_sqlite() {
+    sigterm_in_flight(TestDb::sqlite()).await;
+}
+
+#[actix_web::test]
+async fn sigterm_mid_flight_postgres() {
+    sigterm_in_flight(TestDb::postgres()).await;
+}

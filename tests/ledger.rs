@@ -298,11 +298,13 @@ backend_tests! {
         record(&db, "old", vec![issued(Kind::FormId, "old", t0() - TimeDelta::days(6))]);
         let mut conn = db.get().unwrap();
         // Nothing is dead for longer than a day yet.
-        assert_eq!(ledger::purge(&mut conn, t0() - TimeDelta::days(1), 1).unwrap(), 0);
+        assert_eq!(ledger::purge(&mut conn, t0() - TimeDelta::days(1), 1, false).unwrap(), 0);
         // A week and a day later: "spent" (used up) and "old" (expired) go; the live
         // form_id has expired too by then, the subscription never does.
         let later = t0() + TimeDelta::days(8);
-        assert_eq!(ledger::purge(&mut conn, later - TimeDelta::hours(1), 1).unwrap(), 3);
+        assert_eq!(ledger::purge(&mut conn, later - TimeDelta::hours(1), 1, true).unwrap(), 3, "dry run");
+        assert_eq!(ledger::purge(&mut conn, later - TimeDelta::hours(1), 1, true).unwrap(), 3, "a dry run deletes nothing");
+        assert_eq!(ledger::purge(&mut conn, later - TimeDelta::hours(1), 1, false).unwrap(), 3);
         let q = ledger::quota(&mut conn, APP, "u", t0()).unwrap();
         assert_eq!(q.subscriptions.get("T"), Some(&1));
         assert_eq!(q.sendable, 0);

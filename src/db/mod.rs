@@ -255,3 +255,50 @@ pub fn service_secret(
     });
     Ok(crate::secret::Secret::new(stored))
 }
+
+/// Deletes the rows of `table` matching `predicate` (raw SQL with `$1` bound to
+/// `cutoff`), `batch` rows per statement so no lock is held for long; with
+/// `dry_run`, only counts them. Returns how many rows (would) go.
+pub fn purge_where(
+    conn: &mut DbConn,
+    table: &str,
+    predicate: &str,
+    cutoff: chrono::DateTime<chrono::Utc>,
+    batch: u32,
+    dry_run: bool,
+) -> DbResult<u64> {
+    use diesel::sql_types::{BigInt, Timestamp};
+    #[derive(QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = BigInt)]
+        n: i64,
+    }
+    let cutoff = crate::time::to_db(cutoff);
+    if dry_run {
+        let sql = native_sql(
+            conn,
+            &format!("SELECT COUNT(*) AS n FROM {table} WHERE {predicate}"),
+        );
+        let count: Count = dispatch!(conn, |c| diesel::sql_query(&sql)
+            .bind::<Timestamp, _>(cutoff)
+            .get_result(c))?;
+        return Ok(u64::try_from(count.n).unwrap_or(0));
+    }
+    let sql = native_sql(
+        conn,
+        &format!(
+            "DELETE FROM {table} WHERE id IN (SELECT id FROM {table} WHERE {predicate} LIMIT $2)"
+        ),
+    );
+    let mut total = 0u64;
+    loop {
+        let n = dispatch!(conn, |c| diesel::sql_query(&sql)
+            .bind::<Timestamp, _>(cutoff)
+            .bind::<BigInt, _>(i64::from(batch))
+            .execute(c))?;
+        total += n as u64;
+        if n < batch as usize {
+            return Ok(total);
+        }
+    }
+}

@@ -72,6 +72,15 @@ diesel::table! {
 }
 
 diesel::table! {
+    jobs (name) {
+        name -> Text,
+        lease_owner -> Nullable<Text>,
+        lease_until -> Nullable<Timestamp>,
+        last_run_at -> Nullable<Timestamp>,
+    }
+}
+
+diesel::table! {
     message_attempts (id) {
         id -> Int8,
         message_id -> Int8,
@@ -83,7 +92,8 @@ diesel::table! {
 }
 
 diesel::table! {
-    idempotency_keys (scope, key) {
+    idempotency_keys (id) {
+        id -> Int8,
         scope -> Text,
         key -> Text,
         request_hash -> Text,
@@ -107,6 +117,7 @@ diesel::allow_tables_to_appear_in_same_query!(
     app_pauses,
     credentials,
     idempotency_keys,
+    jobs,
     message_attempts,
     messages,
     service_secrets,

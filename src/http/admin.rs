@@ -103,7 +103,7 @@ pub(crate) async fn users(
     params(("app_id" = Option<String>, Query, description = "Required when several apps are configured")),
     security(("api_key" = [])),
     responses(
-        (status = 200, description = "Credential totals and the last 24 h of messages", body = AdminStats),
+        (status = 200, description = "Credential totals and the last 24 h of messages", body = crate::stats::AppStats),
         (status = 400, description = "invalid_request (the message names the problem), or app_id_required", body = ErrorBody),
         (status = 401, description = "unauthorized: missing or unknown credentials", body = ErrorBody),
         (status = 403, description = "forbidden: the key lacks the role", body = ErrorBody),
@@ -116,28 +116,11 @@ pub(crate) async fn stats(
     query: web::Query<AppQuery>,
 ) -> Result<HttpResponse, ApiError> {
     let app_id = state.resolve_app(query.app_id.as_deref())?;
-    let (credentials, messages) = state
+    let stats = state
         .db
-        .run(move |conn| {
-            let now = crate::time::now();
-            Ok((
-                ledger::stats(conn, &app_id, now)?,
-                outbox::stats(conn, &app_id, now)?,
-            ))
-        })
+        .run(move |conn| crate::stats::app_stats(conn, &app_id, crate::time::now()))
         .await?;
-    Ok(HttpResponse::Ok().json(AdminStats {
-        credentials,
-        messages,
-    }))
-}
-
-#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
-pub(crate) struct AdminStats {
-    #[serde(flatten)]
-    credentials: ledger::Stats,
-    #[serde(flatten)]
-    messages: outbox::MessageStats,
+    Ok(HttpResponse::Ok().json(stats))
 }
 
 #[derive(Debug, Deserialize)]

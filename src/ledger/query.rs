@@ -4,12 +4,11 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, NaiveDateTime, TimeDelta, Utc};
 use diesel::prelude::*;
-use diesel::sql_types::{BigInt, Timestamp};
 use serde::Serialize;
 
 use super::Kind;
 use crate::db::schema::credentials::dsl as c;
-use crate::db::{native_sql, DbConn, DbResult};
+use crate::db::{purge_where, DbConn, DbResult};
 use crate::dispatch;
 use crate::time::to_db;
 
@@ -221,27 +220,18 @@ pub fn stats(conn: &mut DbConn, app_id: &str, now: DateTime<Utc>) -> DbResult<St
 }
 
 /// Deletes credentials that expired, or were used up or found invalid, before
-/// `older_than`, `batch` rows per statement so no lock is held for long. Returns
-/// how many rows went.
-pub fn purge(conn: &mut DbConn, older_than: DateTime<Utc>, batch: u32) -> DbResult<u64> {
-    const EXPIRED: &str = "DELETE FROM credentials WHERE id IN \
-        (SELECT id FROM credentials WHERE expires_at < $1 LIMIT $2)";
-    const DEAD: &str = "DELETE FROM credentials WHERE id IN \
-        (SELECT id FROM credentials WHERE (uses_left = 0 OR invalid) AND updated_at < $1 LIMIT $2)";
-    let cutoff = to_db(older_than);
-    let mut total = 0u64;
-    for sql in [EXPIRED, DEAD] {
-        let sql = native_sql(conn, sql);
-        loop {
-            let n = dispatch!(conn, |conn| diesel::sql_query(&sql)
-                .bind::<Timestamp, _>(cutoff)
-                .bind::<BigInt, _>(i64::from(batch))
-                .execute(conn))?;
-            total += n as u64;
-            if n < batch as usize {
-                break;
-            }
-        }
+/// `older_than`, in batches (see [`crate::db::purge_where`]); `dry_run` only counts.
+pub fn purge(
+    conn: &mut DbConn,
+    older_than: DateTime<Utc>,
+    batch: u32,
+    dry_run: bool,
+) -> DbResult<u64> {
+    let expired = "expires_at < $1";
+    let dead = "(uses_left = 0 OR invalid) AND updated_at < $1";
+    let mut total = 0;
+    for predicate in [expired, dead] {
+        total += purge_where(conn, "credentials", predicate, older_than, batch, dry_run)?;
     }
     Ok(total)
 }

@@ -57,13 +57,14 @@ CREATE INDEX message_attempts_message ON message_attempts (message_id, id);
 -- Idempotency-Key of POST /v1/messages, per API key; kept at least 24 h (the
 -- purge keeps them longer than the retention, never shorter).
 CREATE TABLE idempotency_keys (
+    id           BIGSERIAL PRIMARY KEY,
     scope        TEXT      NOT NULL,
     key          TEXT      NOT NULL,
     request_hash TEXT      NOT NULL,
     message_id   BIGINT    NOT NULL,
-    created_at   TIMESTAMP NOT NULL,
-    PRIMARY KEY (scope, key)
+    created_at   TIMESTAMP NOT NULL
 );
+CREATE UNIQUE INDEX idempotency_keys_scope_key ON idempotency_keys (scope, key);
 CREATE INDEX idempotency_keys_created ON idempotency_keys (created_at);
 
 -- An app whose daily send limit (45009) is reached sends nothing until `until`.

@@ -1,0 +1,57 @@
+//! Purging what is past its retention, and nothing else.
+
+mod common;
+
+use chrono::{TimeDelta, Utc};
+use diesel::prelude::*;
+use formid_ledger::db::schema::messages::dsl as m;
+use formid_ledger::housekeeping::{purge, Purged, Retention};
+use formid_ledger::outbox::{self, Content, IdempotencyKey, NewMessage, Submitted};
+
+fn message(openid: &str) -> NewMessage {
+    NewMessage {
+        app_id: "wxapp".into(),
+        openid: openid.into(),
+        template_id: "T".into(),
+        page: None,
+        content: Content {
+            data: Default::default(),
+            emphasis_keyword: None,
+            miniprogram_state: None,
+            lang: None,
+        },
+        await_credential_s: 0,
+    }
+}
+
+backend_tests! {
+    fn old_finished_messages_and_keys_go_the_rest_stays(tdb) {
+        let db = tdb.connect(2);
+        let mut conn = db.get().unwrap();
+        let now = Utc::now();
+        let key = |k: &str| IdempotencyKey { scope: "shop".into(), key: k.into() };
+        // 40 days old and finished; 40 days old but unfinished; 1 day old finished.
+        let submit = |conn: &mut formid_ledger::db::DbConn, openid: &str, k: &str, age: TimeDelta| {
+            match outbox::submit(conn, &message(openid), Some(&key(k)), now - age).unwrap() {
+                Submitted::Message(id) => id,
+                Submitted::Mismatch => unreachable!(),
+            }
+        };
+        let old_done = submit(&mut conn, "a", "k1", TimeDelta::days(40));
+        let _old_queued = submit(&mut conn, "b", "k2", TimeDelta::days(40));
+        let recent_done = submit(&mut conn, "c", "k3", TimeDelta::days(1));
+        formid_ledger::dispatch!(&mut *conn, |c| diesel::update(m::messages.filter(m::id.eq_any([old_done, recent_done])))
+            .set(m::status.eq("sent"))
+            .execute(c))
+            .unwrap();
+        let expected = Purged { credentials: 0, messages: 1, idempotency_keys: 2, app_pauses: 0 };
+        let retention = Retention::default();
+        assert_eq!(purge(&mut conn, &retention, now, true).unwrap(), expected, "dry run");
+        assert_eq!(purge(&mut conn, &retention, now, false).unwrap(), expected);
+        assert_eq!(purge(&mut conn, &retention, now, false).unwrap(), Purged::default(), "nothing left to purge");
+        assert!(outbox::view(&mut conn, old_done).unwrap().is_none());
+        assert!(outbox::view(&mut conn, recent_done).unwrap().is_some());
+        // The 1-day-old key is kept: its retry still finds its message.
+        assert!(matches!(outbox::submit(&mut conn, &message("c"), Some(&key("k3")), now).unwrap(), Submitted::Message(id) if id == recent_done));
+    }
+}
