@@ -37,6 +37,7 @@ const KNOWN: &[&str] = &[
     "credential_retention_s",
     "message_retention_s",
     "idempotency_retention_s",
+    "subscription_templates",
 ];
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -167,6 +168,9 @@ pub struct Settings {
     /// How often (in whichever instance gets the turn) housekeeping purges.
     pub purge_interval: Duration,
     pub retention: crate::housekeeping::Retention,
+    /// Templates sent with subscribe-send in every app (more can be registered per
+    /// app through the admin API).
+    pub subscription_templates: Vec<String>,
 }
 
 impl Default for Settings {
@@ -196,6 +200,7 @@ impl Default for Settings {
             shutdown_timeout: Duration::from_secs(20),
             purge_interval: Duration::from_secs(600),
             retention: crate::housekeeping::Retention::default(),
+            subscription_templates: Vec::new(),
         }
     }
 }
@@ -319,6 +324,18 @@ impl Settings {
                 // The contract keeps keys at least 24 h.
                 self.retention.idempotency_keys =
                     Duration::from_secs(parse_int(raw, 86_400, u32::MAX)?.into())
+            }
+            "subscription_templates" => {
+                let list: Vec<String> = raw
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|t| !t.is_empty())
+                    .map(String::from)
+                    .collect();
+                if let Some(bad) = list.iter().find(|t| !crate::ledger::is_valid_value(t)) {
+                    return Err(format!("{bad:?} is not a template id"));
+                }
+                self.subscription_templates = list;
             }
             "shutdown_timeout_s" => {
                 self.shutdown_timeout = Duration::from_secs(parse_int(raw, 0, 600)?.into())

@@ -13,6 +13,7 @@ fn message(openid: &str) -> NewMessage {
         app_id: "wxapp".into(),
         openid: openid.into(),
         template_id: "T".into(),
+        channel: outbox::Channel::Template,
         page: None,
         content: Content {
             data: Default::default(),

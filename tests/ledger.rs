@@ -78,7 +78,8 @@ fn claim_at(
     now: DateTime<Utc>,
 ) -> Option<ledger::Use> {
     let mut conn = db.get().unwrap();
-    ledger::claim(&mut conn, APP, openid, template, now).unwrap()
+    let pick = template.map_or(ledger::Pick::Tokens, ledger::Pick::SubscriptionFirst);
+    ledger::claim(&mut conn, APP, openid, pick, now).unwrap()
 }
 
 /// The value of the credential a claim took, or None.
@@ -329,7 +330,7 @@ fn race_claims(tdb: &common::TestDb, pools: usize, threads: usize, credentials: 
             std::thread::spawn(move || {
                 let mut conn = db.get().unwrap();
                 barrier.wait();
-                ledger::claim(&mut conn, APP, "hot", None, t0())
+                ledger::claim(&mut conn, APP, "hot", ledger::Pick::Tokens, t0())
                     .unwrap()
                     .map(|u| u.credential.id)
             })

@@ -65,7 +65,8 @@ async fn every_route_is_documented_and_served() {
             .replace("{app_id}", common::APP)
             .replace("{openid}", "o1")
             .replace("{id}", "1")
-            .replace("{file}", "admin.js");
+            .replace("{file}", "admin.js")
+            .replace("{template_id}", "TPL");
         let req = match method.as_str() {
             "get" => app.http.get(app.url(&concrete)),
             "post" => app

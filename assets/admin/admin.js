@@ -568,10 +568,17 @@
       replace($('quota-kinds'), t);
     }
 
-    const templates = Object.keys(subs).sort();
+    // Sends left per template, and what the user answered requestSubscribeMessage
+    // for it: a user who keeps rejecting is worth knowing about.
+    const results = q.subscription_results && typeof q.subscription_results === 'object'
+      ? q.subscription_results : {};
+    const count = (t, r) => num((results[t] && results[t][r]) || 0);
+    const templates = Array.from(new Set(Object.keys(subs).concat(Object.keys(results)))).sort();
     replace($('quota-subs'), templates.length
-      ? table(['template', 'sends left'], templates.map((t) => [h('span', { class: 'mono', text: t }), num(subs[t])]),
-        { numeric: [1] })
+      ? table(['template', 'sends left', 'accept', 'reject', 'ban', 'filter'],
+        templates.map((t) => [h('span', { class: 'mono', text: t }), num(subs[t] || 0),
+          count(t, 'accept'), count(t, 'reject'), count(t, 'ban'), count(t, 'filter')]),
+        { numeric: [1, 2, 3, 4, 5] })
       : empty('No subscriptions.'));
   }
 

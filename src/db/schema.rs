@@ -46,6 +46,7 @@ diesel::table! {
         app_id -> Text,
         openid -> Text,
         template_id -> Text,
+        channel -> Text,
         page -> Nullable<Text>,
         body -> Text,
         status -> Text,
@@ -110,6 +111,25 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    subscription_results (app_id, openid, template_id, result) {
+        app_id -> Text,
+        openid -> Text,
+        template_id -> Text,
+        result -> Text,
+        count -> Int8,
+        last_at -> Timestamp,
+    }
+}
+
+diesel::table! {
+    subscription_templates (app_id, template_id) {
+        app_id -> Text,
+        template_id -> Text,
+        created_at -> Timestamp,
+    }
+}
+
 diesel::joinable!(message_attempts -> messages (message_id));
 
 diesel::allow_tables_to_appear_in_same_query!(
@@ -121,4 +141,6 @@ diesel::allow_tables_to_appear_in_same_query!(
     message_attempts,
     messages,
     service_secrets,
+    subscription_results,
+    subscription_templates,
 );

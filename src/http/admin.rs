@@ -16,7 +16,13 @@ pub fn config(cfg: &mut web::ServiceConfig) {
         .service(resource("/v1/admin/users/{openid}/messages").route(web::get().to(user_messages)))
         .service(resource("/v1/admin/users").route(web::get().to(users)))
         .service(resource("/v1/admin/stats").route(web::get().to(stats)))
-        .service(resource("/v1/admin/apps").route(web::get().to(apps)));
+        .service(resource("/v1/admin/apps").route(web::get().to(apps)))
+        .service(resource("/v1/admin/subscription-templates").route(web::get().to(list_templates)))
+        .service(
+            resource("/v1/admin/subscription-templates/{template_id}")
+                .route(web::put().to(register_template))
+                .route(web::delete().to(unregister_template)),
+        );
 }
 
 #[derive(Debug, Deserialize)]
@@ -202,4 +208,126 @@ pub(crate) async fn apps(
         });
     }
     Ok(HttpResponse::Ok().json(AppsBody { apps }))
+}
+
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub(crate) struct TemplatesBody {
+    app_id: String,
+    /// From LEDGER_SUBSCRIPTION_TEMPLATES, for every app.
+    configured: Vec<String>,
+    /// Registered for this app through this API.
+    registered: Vec<String>,
+}
+
+#[utoipa::path(get, path = "/v1/admin/subscription-templates", tag = "admin",
+    params(("app_id" = Option<String>, Query, description = "Required when several apps are configured")),
+    security(("api_key" = [])),
+    responses(
+        (status = 200, description = "Templates sent with subscribe-send", body = TemplatesBody),
+        (status = 400, description = "invalid_request or app_id_required", body = ErrorBody),
+        (status = 401, description = "unauthorized", body = ErrorBody),
+        (status = 403, description = "forbidden", body = ErrorBody),
+        (status = 404, description = "unknown_app", body = ErrorBody),
+        (status = 503, description = "unavailable", body = ErrorBody)
+    ))]
+pub(crate) async fn list_templates(
+    _auth: Authorized<AdminRole>,
+    state: web::Data<AppState>,
+    query: web::Query<AppQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let app_id = state.resolve_app(query.app_id.as_deref())?;
+    let id = app_id.clone();
+    let registered = state
+        .db
+        .run(move |c| outbox::templates::registered(c, &id))
+        .await?;
+    Ok(HttpResponse::Ok().json(TemplatesBody {
+        app_id,
+        configured: state.settings.subscription_templates.clone(),
+        registered,
+    }))
+}
+
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub(crate) struct TemplateBody {
+    app_id: String,
+    template_id: String,
+    registered: bool,
+}
+
+fn template_id(path: &str) -> Result<String, ApiError> {
+    if ledger::is_valid_value(path) {
+        Ok(path.to_string())
+    } else {
+        Err(ApiError::invalid_request(
+            "template_id must be 1..128 printable ASCII characters",
+        ))
+    }
+}
+
+#[utoipa::path(put, path = "/v1/admin/subscription-templates/{template_id}", tag = "admin",
+    params(("template_id" = String, Path, description = "The subscribe-message template"),
+        ("app_id" = Option<String>, Query, description = "Required when several apps are configured")),
+    security(("api_key" = [])),
+    responses(
+        (status = 200, description = "Registered: messages of this template go by subscribe-send", body = TemplateBody),
+        (status = 400, description = "invalid_request or app_id_required", body = ErrorBody),
+        (status = 401, description = "unauthorized", body = ErrorBody),
+        (status = 403, description = "forbidden", body = ErrorBody),
+        (status = 404, description = "unknown_app", body = ErrorBody),
+        (status = 503, description = "unavailable", body = ErrorBody)
+    ))]
+pub(crate) async fn register_template(
+    _auth: Authorized<AdminRole>,
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+    query: web::Query<AppQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let template_id = template_id(&path)?;
+    let app_id = state.resolve_app(query.app_id.as_deref())?;
+    let (a, t) = (app_id.clone(), template_id.clone());
+    state
+        .db
+        .run(move |c| outbox::templates::register(c, &a, &t))
+        .await?;
+    Ok(HttpResponse::Ok().json(TemplateBody {
+        app_id,
+        template_id,
+        registered: true,
+    }))
+}
+
+#[utoipa::path(delete, path = "/v1/admin/subscription-templates/{template_id}", tag = "admin",
+    params(("template_id" = String, Path, description = "The subscribe-message template"),
+        ("app_id" = Option<String>, Query, description = "Required when several apps are configured")),
+    security(("api_key" = [])),
+    responses(
+        (status = 200, description = "Unregistered (configured templates stay)", body = TemplateBody),
+        (status = 400, description = "invalid_request or app_id_required", body = ErrorBody),
+        (status = 401, description = "unauthorized", body = ErrorBody),
+        (status = 403, description = "forbidden", body = ErrorBody),
+        (status = 404, description = "unknown_app, or not_found: the template was not registered", body = ErrorBody),
+        (status = 503, description = "unavailable", body = ErrorBody)
+    ))]
+pub(crate) async fn unregister_template(
+    _auth: Authorized<AdminRole>,
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+    query: web::Query<AppQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let template_id = template_id(&path)?;
+    let app_id = state.resolve_app(query.app_id.as_deref())?;
+    let (a, t) = (app_id.clone(), template_id.clone());
+    let removed = state
+        .db
+        .run(move |c| outbox::templates::unregister(c, &a, &t))
+        .await?;
+    if !removed {
+        return Err(ApiError::not_found("the template is not registered"));
+    }
+    Ok(HttpResponse::Ok().json(TemplateBody {
+        app_id,
+        template_id,
+        registered: false,
+    }))
 }

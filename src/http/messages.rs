@@ -12,7 +12,10 @@ use super::error::ApiError;
 use super::openapi::ErrorBody;
 use super::{check_openid, resource, AppState};
 use crate::ledger;
-use crate::outbox::{self, Content, IdempotencyKey, MessageView, NewMessage, Submitted};
+use crate::outbox::{
+    self, templates, Channel, Content, IdempotencyKey, MessageView, NewMessage, Submitted,
+};
+use crate::wechat::subscribe_data;
 use crate::wechat::wire::DataValue;
 
 /// Longest `?wait=` and `await_credential_s` the contract allows.
@@ -109,6 +112,7 @@ fn validate(state: &AppState, m: MessageIn) -> Result<NewMessage, ApiError> {
         app_id,
         openid: m.openid,
         template_id: m.template_id,
+        channel: Channel::Template,
         page: m.page,
         content: Content {
             data: m
@@ -185,7 +189,23 @@ pub(crate) async fn create(
 ) -> Result<HttpResponse, ApiError> {
     let wait = wait_for(&query)?;
     let idempotency = idempotency_key(&req, &auth.key_name)?;
-    let message = validate(&state, body.into_inner())?;
+    let mut message = validate(&state, body.into_inner())?;
+    let configured = state.settings.subscription_templates.clone();
+    let (app_id, template_id) = (message.app_id.clone(), message.template_id.clone());
+    message.channel = state
+        .db
+        .run(move |c| templates::channel_of(c, &configured, &app_id, &template_id))
+        .await?;
+    if message.channel == Channel::Subscription {
+        // WeChat would answer 47003; refuse before a subscription is spent.
+        if let Some(field) = subscribe_data::first_invalid(&message.content.data) {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "data_invalid",
+                format!("{field} breaks its type's rule for subscribe messages"),
+            ));
+        }
+    }
     let submitted = state
         .db
         .run(move |c| outbox::submit(c, &message, idempotency.as_ref(), crate::time::now()))

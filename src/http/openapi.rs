@@ -42,6 +42,7 @@ pub enum ErrorCode {
     RateLimited,
     WechatUnavailable,
     IdempotencyMismatch,
+    DataInvalid,
     Unavailable,
     Internal,
 }
@@ -106,6 +107,9 @@ impl Modify for Security {
         super::admin::users,
         super::admin::stats,
         super::admin::apps,
+        super::admin::list_templates,
+        super::admin::register_template,
+        super::admin::unregister_template,
         super::admin_page::page,
         super::admin_page::asset,
     ),

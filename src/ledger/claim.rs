@@ -32,9 +32,20 @@ const SOONEST: &str = "SELECT id FROM credentials \
        AND uses_left > 0 AND NOT invalid AND expires_at > $3 \
      ORDER BY expires_at, id LIMIT 1";
 
-/// Takes one use of the user's live credential that expires first: a subscription to
-/// `template_id` before anything else, then form_ids and prepay_ids. None when the
-/// user has nothing usable.
+/// Which credentials a claim may take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pick<'a> {
+    /// form_ids and prepay_ids only.
+    Tokens,
+    /// A subscription to the template first (it never expires), then form_ids and
+    /// prepay_ids: the template-message channel.
+    SubscriptionFirst(&'a str),
+    /// Only subscriptions to the template: the subscribe-message channel.
+    SubscriptionOnly(&'a str),
+}
+
+/// Takes one use of the user's live credential that expires first, among those
+/// `pick` allows. None when the user has nothing usable.
 ///
 /// PostgreSQL: one `UPDATE … WHERE id = (SELECT … FOR UPDATE SKIP LOCKED)` per try,
 /// so concurrent claimers on any number of instances take different rows without
@@ -47,15 +58,15 @@ pub fn claim(
     conn: &mut DbConn,
     app_id: &str,
     openid: &str,
-    template_id: Option<&str>,
+    pick: Pick<'_>,
     now: DateTime<Utc>,
 ) -> DbResult<Option<Use>> {
-    let mut pickers = Vec::with_capacity(2);
-    if template_id.is_some() {
-        pickers.push(SUBSCRIPTION);
-    }
-    pickers.push(SOONEST);
-    for picker in pickers {
+    let (pickers, template_id): (&[&str], Option<&str>) = match pick {
+        Pick::Tokens => (&[SOONEST], None),
+        Pick::SubscriptionFirst(t) => (&[SUBSCRIPTION, SOONEST], Some(t)),
+        Pick::SubscriptionOnly(t) => (&[SUBSCRIPTION], Some(t)),
+    };
+    for &picker in pickers {
         let locks: &[&str] = match conn {
             DbConn::Pg(_) => &[" FOR UPDATE SKIP LOCKED", " FOR UPDATE"],
             DbConn::Sqlite(_) => &[""],

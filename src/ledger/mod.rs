@@ -8,7 +8,7 @@ mod claim;
 mod query;
 mod record;
 
-pub use claim::{claim, invalidate, release, release_id, Use};
+pub use claim::{claim, invalidate, release, release_id, Pick, Use};
 pub use query::{purge, quota, stats, users, KindQuota, Quota, Stats, UserPage, UserSummary};
 pub use record::{record, Item, RecordOutcome, RejectReason, Rejection, Report};
 

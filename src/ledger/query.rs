@@ -50,6 +50,8 @@ pub struct Quota {
     pub by_kind: BTreeMap<Kind, KindQuota>,
     /// Template id → sends left.
     pub subscriptions: BTreeMap<String, u32>,
+    /// Template id → result (`accept`, `reject`, `ban`, `filter`) → times reported.
+    pub subscription_results: BTreeMap<String, BTreeMap<String, u64>>,
     pub expiring_within_24h: u32,
 }
 
@@ -76,8 +78,24 @@ pub fn quota(conn: &mut DbConn, app_id: &str, openid: &str, now: DateTime<Utc>) 
             .map(|k| (k, KindQuota::default()))
             .collect(),
         subscriptions: BTreeMap::new(),
+        subscription_results: BTreeMap::new(),
         expiring_within_24h: 0,
     };
+    {
+        use crate::db::schema::subscription_results::dsl as r;
+        let counts: Vec<(String, String, i64)> = dispatch!(conn, |c| r::subscription_results
+            .filter(r::app_id.eq(app_id))
+            .filter(r::openid.eq(openid))
+            .select((r::template_id, r::result, r::count))
+            .load(c))?;
+        for (template_id, result, n) in counts {
+            quota
+                .subscription_results
+                .entry(template_id)
+                .or_default()
+                .insert(result, u64::try_from(n).unwrap_or(0));
+        }
+    }
     for (kind, template_id, uses_left, expires_at) in rows {
         let expires_at = expires_at.map(|t| t.and_utc());
         let uses = u32::try_from(uses_left).unwrap_or(0);

@@ -111,11 +111,23 @@ pub fn record(
     // Group by user, in a fixed order: on PostgreSQL the per-user locks are then
     // always taken in the same order and two batches cannot deadlock.
     let mut users: BTreeMap<(&str, &str), Vec<Candidate<'_>>> = BTreeMap::new();
+    // Every subscription result, accepted or not, counted per template.
+    let mut results: BTreeMap<(&str, &str, &str, &str), i64> = BTreeMap::new();
     for report in reports {
-        let candidates = users
-            .entry((report.app_id.as_str(), report.openid.as_str()))
-            .or_default();
+        let (app_id, openid) = (report.app_id.as_str(), report.openid.as_str());
+        let candidates = users.entry((app_id, openid)).or_default();
         for item in &report.items {
+            if let Item::Subscription {
+                template_id,
+                result,
+            } = item
+            {
+                if is_valid_value(template_id) && is_valid_value(result) && result.len() <= 32 {
+                    *results
+                        .entry((app_id, openid, template_id, result))
+                        .or_default() += 1;
+                }
+            }
             match validate(item, rules, now) {
                 Ok(candidate) => candidates.push(candidate),
                 Err(rejection) => outcome.rejected.push(rejection),
@@ -123,7 +135,7 @@ pub fn record(
         }
     }
     users.retain(|_, candidates| !candidates.is_empty());
-    if users.is_empty() {
+    if users.is_empty() && results.is_empty() {
         return Ok(outcome);
     }
 
@@ -131,9 +143,38 @@ pub fn record(
         for ((app_id, openid), candidates) in &users {
             store_user(conn, rules, now, app_id, openid, candidates, &mut outcome)?;
         }
+        count_results(conn, &results, now)?;
         Ok::<_, DbError>(())
     })?;
     Ok(outcome)
+}
+
+fn count_results(
+    conn: &mut DbConn,
+    results: &BTreeMap<(&str, &str, &str, &str), i64>,
+    now: DateTime<Utc>,
+) -> DbResult<()> {
+    use crate::db::schema::subscription_results::dsl as r;
+    use diesel::upsert::excluded;
+    for ((app_id, openid, template_id, result), n) in results {
+        dispatch!(conn, |c| diesel::insert_into(r::subscription_results)
+            .values((
+                r::app_id.eq(app_id),
+                r::openid.eq(openid),
+                r::template_id.eq(template_id),
+                r::result.eq(result),
+                r::count.eq(n),
+                r::last_at.eq(to_db(now)),
+            ))
+            .on_conflict((r::app_id, r::openid, r::template_id, r::result))
+            .do_update()
+            .set((
+                r::count.eq(r::count + excluded(r::count)),
+                r::last_at.eq(excluded(r::last_at)),
+            ))
+            .execute(c))?;
+    }
+    Ok(())
 }
 
 fn validate<'a>(

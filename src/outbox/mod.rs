@@ -11,6 +11,7 @@
 pub mod policy;
 pub mod sender;
 pub mod store;
+pub mod templates;
 
 use std::collections::BTreeMap;
 
@@ -60,6 +61,35 @@ impl Status {
     }
 }
 
+/// How a message reaches the user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Channel {
+    /// Template message with a form_id or prepay_id (a subscription to the template
+    /// is used first if the user has one).
+    Template,
+    /// Subscribe message: a registered subscription template, sent only with the
+    /// user's subscriptions to it.
+    Subscription,
+}
+
+impl Channel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Channel::Template => "template",
+            Channel::Subscription => "subscription",
+        }
+    }
+
+    pub fn from_db(s: &str) -> Channel {
+        if s == "subscription" {
+            Channel::Subscription
+        } else {
+            Channel::Template
+        }
+    }
+}
+
 /// What is sent to WeChat besides the user, template and page (stored as JSON).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Content {
@@ -78,6 +108,7 @@ pub struct NewMessage {
     pub app_id: String,
     pub openid: String,
     pub template_id: String,
+    pub channel: Channel,
     pub page: Option<String>,
     pub content: Content,
     /// Wait this long for a credential if the user has none now.
@@ -112,6 +143,7 @@ pub fn submit(
         app_id: msg.app_id.clone(),
         openid: msg.openid.clone(),
         template_id: msg.template_id.clone(),
+        channel: msg.channel.as_str(),
         page: msg.page.clone(),
         body: serde_json::to_string(&msg.content).unwrap_or_default(),
         status: Status::Queued.as_str(),
@@ -162,6 +194,7 @@ pub struct MessageView {
     pub app_id: String,
     pub openid: String,
     pub template_id: String,
+    pub channel: Channel,
     pub status: Status,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<ErrorView>,
@@ -194,6 +227,7 @@ impl MessageView {
         };
         MessageView {
             id: row.id.to_string(),
+            channel: Channel::from_db(&row.channel),
             status,
             error,
             credential,

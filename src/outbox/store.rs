@@ -4,7 +4,7 @@ use chrono::{DateTime, NaiveDateTime, Utc};
 use diesel::prelude::*;
 use diesel::sql_types::{Text, Timestamp};
 
-use super::Status;
+use super::{Channel, Status};
 use crate::db::schema::{app_pauses, idempotency_keys, message_attempts, messages};
 use crate::db::{native_sql, single_write, write_tx, DbConn, DbError, DbResult};
 use crate::dispatch;
@@ -18,6 +18,7 @@ pub struct MessageRow {
     pub app_id: String,
     pub openid: String,
     pub template_id: String,
+    pub channel: String,
     pub page: Option<String>,
     pub body: String,
     pub status: String,
@@ -46,6 +47,14 @@ impl MessageRow {
     pub fn credential_kind(&self) -> Option<Kind> {
         self.credential_kind.as_deref().map(Kind::from_db)
     }
+
+    /// The credentials this message may use: its channel decides.
+    pub fn pick(&self) -> ledger::Pick<'_> {
+        match Channel::from_db(&self.channel) {
+            Channel::Subscription => ledger::Pick::SubscriptionOnly(&self.template_id),
+            Channel::Template => ledger::Pick::SubscriptionFirst(&self.template_id),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Queryable, Selectable)]
@@ -63,6 +72,7 @@ pub struct NewMessageRow {
     pub app_id: String,
     pub openid: String,
     pub template_id: String,
+    pub channel: &'static str,
     pub page: Option<String>,
     pub body: String,
     pub status: &'static str,
@@ -242,9 +252,7 @@ pub fn claim_credential(
 ) -> DbResult<Option<ledger::Use>> {
     use messages::dsl as m;
     write_tx(conn, |conn| {
-        let Some(used) =
-            ledger::claim(conn, &msg.app_id, &msg.openid, Some(&msg.template_id), now)?
-        else {
+        let Some(used) = ledger::claim(conn, &msg.app_id, &msg.openid, msg.pick(), now)? else {
             return Ok(None);
         };
         let cred = &used.credential;

@@ -53,7 +53,6 @@
 //! of [`Simulator`].
 
 pub mod config;
-mod data_rules;
 mod handlers;
 pub mod record;
 mod state;

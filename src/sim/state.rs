@@ -10,9 +10,9 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
 use super::config::{FaultSet, Faults, Latency, SimConfig};
-use super::data_rules;
 use super::record::{Delivery, MessageKind, Stats, TokenApi, TokenFetch};
 use crate::secret::Secret;
+use crate::wechat::subscribe_data;
 use crate::wechat::wire::{
     ApiStatus, Code2SessionQuery, Code2SessionResponse, StableTokenRequest, SubscribeMessage,
     SubscribeSendResponse, TemplateMessage, TokenQuery, TokenResponse,
@@ -563,7 +563,7 @@ impl State {
         {
             return Err(wx(47003, "argument invalid! lang"));
         }
-        if let Some(field) = data_rules::first_invalid(&msg.data) {
+        if let Some(field) = subscribe_data::first_invalid(&msg.data) {
             return Err(wx(47003, &format!("argument invalid! {field}")));
         }
         let grants = app

@@ -2,10 +2,14 @@
 //!
 //! - [`wire`]: the JSON shapes of the five endpoints (shared with the simulator);
 //! - [`errcode`]: the one table that says what each `errcode` means for a caller;
-//! - [`client`]: [`WechatClient`], one HTTP client for all apps.
+//! - [`client`]: [`WechatClient`], one HTTP client for all apps;
+//! - [`subscribe_data`]: WeChat's value rules for subscribe-message `data` (part of
+//!   the wire contract: the service checks them before spending a subscription, the
+//!   simulator answers 47003 by them).
 
 pub mod client;
 pub mod errcode;
+pub mod subscribe_data;
 pub mod wire;
 
 pub use client::{AccessToken, LoginSession, WechatClient, WechatError};

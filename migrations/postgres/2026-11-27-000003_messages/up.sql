@@ -7,6 +7,10 @@ CREATE TABLE messages (
     app_id                TEXT      NOT NULL,
     openid                TEXT      NOT NULL,
     template_id           TEXT      NOT NULL,
+    -- 'template' (form_id/prepay_id, a subscription of the template first) or
+    -- 'subscription' (a registered subscription template: subscriptions only).
+    channel               TEXT      NOT NULL DEFAULT 'template'
+        CHECK (channel IN ('template', 'subscription')),
     page                  TEXT,
     -- The request's data, emphasis_keyword, miniprogram_state and lang, as JSON.
     body                  TEXT      NOT NULL,

@@ -1,6 +1,6 @@
 //! The subscribe-message value rules of WECHAT.md §4, by key prefix
-//! (`thing1` → `thing`). Keys of unknown types are accepted: the simulator does
-//! not know a template's keywords, and the template-message API has none.
+//! (`thing1` → `thing`). Keys of unknown types are accepted: a template's keywords
+//! are not known here, and the template-message API has none.
 
 use std::collections::BTreeMap;
 

@@ -1,0 +1,2 @@
+DROP TABLE subscription_templates;
+DROP TABLE subscription_results;

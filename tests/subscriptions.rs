@@ -1,0 +1,160 @@
+//! Subscribe messages, first-class: registered subscription templates go by
+//! subscribe-send with the user's subscriptions only; data is checked before a
+//! subscription is spent; results are counted per template.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{TestApp, APP, KEY_ADMIN, KEY_SEND};
+use formid_ledger::sim::MessageKind;
+use serde_json::{json, Value};
+
+const SUB: &str = "TPL_SHIPPED";
+
+async fn setup(tdb: common::TestDb) -> (TestApp, String) {
+    let app = TestApp::spawn_with(tdb, |s| {
+        s.send_backoff_base = Duration::from_millis(50);
+        s.young_window = Duration::ZERO;
+    })
+    .await;
+    let (status, res) = app
+        .http
+        .put(app.url(&format!("/v1/admin/subscription-templates/{SUB}")))
+        .bearer_auth(KEY_ADMIN)
+        .send()
+        .await
+        .map(|r| (r.status().as_u16(), r))
+        .unwrap();
+    assert_eq!(status, 200, "{:?}", common::read(res).await);
+    let session = app.login("u1").await;
+    (app, session)
+}
+
+async fn report(app: &TestApp, session: &str, body: Value) -> Value {
+    let (status, res) = app
+        .post("/v1/client/credentials", Some(session), &body)
+        .await;
+    assert_eq!(status, 200, "{res}");
+    res
+}
+
+async fn send_and_wait(app: &TestApp, body: Value) -> Value {
+    let (status, res) = app
+        .post("/v1/messages?wait=20", Some(KEY_SEND), &body)
+        .await;
+    assert_eq!(status, 200, "{res}");
+    res
+}
+
+fn shipped(thing: &str) -> Value {
+    json!({"openid": "u1", "template_id": SUB, "data": {"thing1": {"value": thing}, "date2": {"value": "2026-11-27"}},
+           "miniprogram_state": "trial", "lang": "en_US"})
+}
+
+backend_app_tests! {
+    async fn a_subscription_template_uses_subscriptions_only(tdb) {
+        let (app, session) = setup(tdb).await;
+        app.sim.sim.grant_subscriptions(APP, "u1", SUB, 2).unwrap();
+        let form = app.sim.sim.mint_form_ids(APP, "u1", 1).unwrap().remove(0);
+        report(&app, &session, json!({
+            "form_ids": [form],
+            "subscriptions": [{"template_id": SUB, "result": "accept"}, {"template_id": SUB, "result": "accept"}]
+        })).await;
+        for _ in 0..2 {
+            let m = send_and_wait(&app, shipped("Your parcel left")).await;
+            assert_eq!((m["status"].as_str(), m["channel"].as_str()), (Some("sent"), Some("subscription")), "{m}");
+            assert_eq!(m["credential"]["kind"], "subscription");
+        }
+        // No subscription left: no_quota, and the form_id is NOT used for it.
+        let m = send_and_wait(&app, shipped("Your parcel arrived")).await;
+        assert_eq!(m["status"], "no_quota", "{m}");
+        let deliveries = app.sim.sim.deliveries();
+        assert_eq!(deliveries.len(), 2);
+        assert!(deliveries.iter().all(|d| d.kind == MessageKind::Subscribe && d.credential.is_none() && d.template_id == SUB));
+        let (_, q) = app.get("/v1/admin/users/u1/quota", Some(KEY_ADMIN)).await;
+        assert_eq!(q["by_kind"]["form_id"]["uses_left"], 1);
+        assert_eq!(q["subscriptions"], json!({}));
+    }
+
+    async fn bad_data_is_refused_before_a_subscription_is_spent(tdb) {
+        let (app, session) = setup(tdb).await;
+        app.sim.sim.grant_subscriptions(APP, "u1", SUB, 1).unwrap();
+        report(&app, &session, json!({"subscriptions": [{"template_id": SUB, "result": "accept"}]})).await;
+        let cases = [
+            ("thing1", json!({"thing1": {"value": "this is far longer than twenty characters"}})),
+            ("date2", json!({"thing1": {"value": "ok"}, "date2": {"value": "tomorrow"}})),
+            ("amount3", json!({"amount3": {"value": "12 dollars"}})),
+            ("phrase4", json!({"phrase4": {"value": "not cjk"}})),
+        ];
+        for (field, data) in cases {
+            let (status, res) = app.post("/v1/messages", Some(KEY_SEND), &json!({"openid": "u1", "template_id": SUB, "data": data})).await;
+            assert_eq!((status, res["error"]["code"].as_str()), (400, Some("data_invalid")), "{res}");
+            assert!(res["error"]["message"].as_str().unwrap().contains(&format!("data.{field}.value")), "{res}");
+        }
+        let (_, q) = app.get("/v1/admin/users/u1/quota", Some(KEY_ADMIN)).await;
+        assert_eq!(q["subscriptions"][SUB], 1, "a refused message spent the subscription");
+        // A template-message template is not held to the subscribe rules.
+        let (status, _) = app.post("/v1/messages", Some(KEY_SEND), &json!({"openid": "u1", "template_id": "OTHER", "data": {"thing1": {"value": "this is far longer than twenty characters"}}})).await;
+        assert_eq!(status, 202);
+        let m = send_and_wait(&app, shipped("ok")).await;
+        assert_eq!(m["status"], "sent", "{m}");
+    }
+
+    /// 43101: the subscription is gone at WeChat; it is removed and the user's next
+    /// subscription to the template is tried.
+    async fn a_withdrawn_subscription_is_removed_and_the_next_tried(tdb) {
+        let (app, session) = setup(tdb).await;
+        report(&app, &session, json!({"subscriptions": [{"template_id": SUB, "result": "accept"}, {"template_id": SUB, "result": "accept"}]})).await;
+        let m = send_and_wait(&app, shipped("ok")).await;
+        let codes: Vec<i64> = m["attempts"].as_array().unwrap().iter().map(|a| a["wechat_errcode"].as_i64().unwrap()).collect();
+        assert_eq!(codes, vec![43101, 43101], "{m}");
+        let creds: std::collections::HashSet<i64> = m["attempts"].as_array().unwrap().iter().map(|a| a["credential_id"].as_i64().unwrap()).collect();
+        assert_eq!(creds.len(), 2, "the second attempt used the next subscription");
+        assert_eq!(m["status"], "no_quota", "{m}");
+        let (_, q) = app.get("/v1/admin/users/u1/quota", Some(KEY_ADMIN)).await;
+        assert_eq!(q["subscriptions"], json!({}));
+        // Granted again: a new accept works.
+        app.sim.sim.grant_subscriptions(APP, "u1", SUB, 1).unwrap();
+        report(&app, &session, json!({"subscriptions": [{"template_id": SUB, "result": "accept"}]})).await;
+        assert_eq!(send_and_wait(&app, shipped("ok")).await["status"], "sent");
+    }
+
+    async fn results_are_counted_per_template(tdb) {
+        let (app, session) = setup(tdb).await;
+        let res = report(&app, &session, json!({"subscriptions": [
+            {"template_id": SUB, "result": "accept"},
+            {"template_id": SUB, "result": "reject"},
+            {"template_id": "TPL_PROMO", "result": "reject"},
+            {"template_id": "TPL_PROMO", "result": "ban"}
+        ]})).await;
+        assert_eq!(res["accepted"], 1);
+        report(&app, &session, json!({"subscriptions": [{"template_id": "TPL_PROMO", "result": "reject"}]})).await;
+        let (_, q) = app.get("/v1/admin/users/u1/quota", Some(KEY_ADMIN)).await;
+        assert_eq!(q["subscriptions"], json!({SUB: 1}));
+        assert_eq!(q["subscription_results"], json!({
+            SUB: {"accept": 1, "reject": 1},
+            "TPL_PROMO": {"ban": 1, "reject": 2}
+        }));
+    }
+
+    async fn subscription_templates_are_managed_by_admins(tdb) {
+        let (app, _) = setup(tdb).await;
+        let (status, res) = app.get("/v1/admin/subscription-templates", Some(KEY_ADMIN)).await;
+        assert_eq!(status, 200);
+        assert_eq!(res["registered"], json!([SUB]));
+        let del = |key: &'static str, t: &'static str| {
+            let req = app.http.delete(app.url(&format!("/v1/admin/subscription-templates/{t}"))).bearer_auth(key);
+            async move { common::read(req.send().await.unwrap()).await }
+        };
+        assert_eq!(del(KEY_SEND, SUB).await.0, 403);
+        assert_eq!(del(KEY_ADMIN, SUB).await.0, 200);
+        let (status, res) = del(KEY_ADMIN, SUB).await;
+        assert_eq!((status, res["error"]["code"].as_str()), (404, Some("not_found")));
+        let (_, res) = app.get("/v1/admin/subscription-templates", Some(KEY_ADMIN)).await;
+        assert_eq!(res["registered"], json!([]));
+        // Unregistered, the template goes the template-message way again.
+        let (_, m) = app.post("/v1/messages", Some(KEY_SEND), &json!({"openid": "u1", "template_id": SUB})).await;
+        assert_eq!(m["channel"], "template");
+    }
+}
