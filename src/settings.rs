@@ -38,6 +38,9 @@ const KNOWN: &[&str] = &[
     "message_retention_s",
     "idempotency_retention_s",
     "subscription_templates",
+    "rate_session_per_min",
+    "rate_ip_per_min",
+    "rate_key_per_s",
 ];
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -171,6 +174,8 @@ pub struct Settings {
     /// Templates sent with subscribe-send in every app (more can be registered per
     /// app through the admin API).
     pub subscription_templates: Vec<String>,
+    /// Rate limits (0: unlimited).
+    pub limits: crate::http::limits::Limits,
 }
 
 impl Default for Settings {
@@ -201,6 +206,7 @@ impl Default for Settings {
             purge_interval: Duration::from_secs(600),
             retention: crate::housekeeping::Retention::default(),
             subscription_templates: Vec::new(),
+            limits: crate::http::limits::Limits::default(),
         }
     }
 }
@@ -325,6 +331,11 @@ impl Settings {
                 self.retention.idempotency_keys =
                     Duration::from_secs(parse_int(raw, 86_400, u32::MAX)?.into())
             }
+            "rate_session_per_min" => {
+                self.limits.per_session_per_minute = parse_int(raw, 0, 1_000_000)?
+            }
+            "rate_ip_per_min" => self.limits.per_ip_per_minute = parse_int(raw, 0, 10_000_000)?,
+            "rate_key_per_s" => self.limits.per_key_per_second = parse_int(raw, 0, 10_000_000)?,
             "subscription_templates" => {
                 let list: Vec<String> = raw
                     .split(',')

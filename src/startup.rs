@@ -53,6 +53,7 @@ pub struct Application {
     shutdown_timeout: Duration,
     purge_interval: Duration,
     retention: crate::housekeeping::Retention,
+    state: web::Data<AppState>,
     stop: tokio::sync::watch::Sender<bool>,
 }
 
@@ -129,6 +130,7 @@ impl Application {
             metrics.clone(),
         ));
         let simulator = sandbox.as_ref().map(|s| s.simulator.clone());
+        let shared = state.clone();
         let mut server = HttpServer::new(move || {
             let simulator = simulator.clone();
             let metrics = metrics.clone();
@@ -160,6 +162,7 @@ impl Application {
             shutdown_timeout: settings.shutdown_timeout,
             purge_interval: settings.purge_interval,
             retention: settings.retention.clone(),
+            state: shared,
             stop,
         })
     }
@@ -192,6 +195,16 @@ impl Application {
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         self.tokens.spawn_refreshers(self.stop.subscribe());
         let workers = self.sender.spawn(self.stop.subscribe());
+        let (state, mut stop) = (self.state.clone(), self.stop.subscribe());
+        tokio::spawn(async move {
+            // Rate-limit buckets of clients gone quiet are forgotten.
+            while !*stop.borrow() {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(60)) => state.limits.shrink(),
+                    _ = stop.changed() => {}
+                }
+            }
+        });
         crate::housekeeping::spawn(
             self.db.clone(),
             self.retention.clone(),

@@ -23,12 +23,10 @@ fn routes_in_source() -> BTreeSet<(String, String)> {
             if path.contains('"') || !path.starts_with('/') {
                 continue; // the helper's own definition, not a route
             }
-            let mut rest = rest;
-            while let Some(after) = rest.strip_prefix(".route(web::") {
-                let method = after.split('(').next().unwrap().to_string();
+            // Every `.route(web::METHOD()` up to the next resource is one of its routes.
+            for piece in rest.split(".route(web::").skip(1) {
+                let method = piece.split('(').next().unwrap().to_string();
                 routes.insert((path.to_string(), method));
-                let close = after.find(")))").map(|i| i + 3).unwrap_or(after.len());
-                rest = &after[close..];
             }
         }
     }
@@ -73,6 +71,8 @@ async fn every_route_is_documented_and_served() {
                 .http
                 .post(app.url(&concrete))
                 .json(&serde_json::json!({})),
+            "put" => app.http.put(app.url(&concrete)),
+            "delete" => app.http.delete(app.url(&concrete)),
             other => panic!("unexpected method {other}"),
         };
         let res = req.bearer_auth(KEY_ALL).send().await.unwrap();

@@ -272,6 +272,24 @@ struct CpuSnap {
     sim: f64,
     postgres: f64,
     gen: f64,
+    /// Busy CPU seconds of the whole machine (/proc/stat), to see other load.
+    machine: f64,
+}
+
+fn machine_busy() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(cpu) = stat.lines().next() else {
+        return 0.0;
+    };
+    let f: Vec<f64> = cpu
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal …: busy = all but idle and iowait.
+    let total: f64 = f.iter().take(8).sum();
+    let idle = f.get(3).copied().unwrap_or(0.0) + f.get(4).copied().unwrap_or(0.0);
+    (total - idle) / TICKS
 }
 
 fn cpu_snap(c: &Common) -> CpuSnap {
@@ -280,6 +298,7 @@ fn cpu_snap(c: &Common) -> CpuSnap {
         sim: c.sim_pid.and_then(proc_cpu).unwrap_or(0.0),
         postgres: comm_cpu("postgres"),
         gen: proc_cpu(std::process::id()).unwrap_or(0.0),
+        machine: machine_busy(),
     }
 }
 
@@ -290,6 +309,7 @@ fn cpu_json(a: CpuSnap, b: CpuSnap, secs: f64) -> Value {
         "postgres": share(a.postgres, b.postgres),
         "sim": share(a.sim, b.sim),
         "generator": share(a.gen, b.gen),
+        "machine": share(a.machine, b.machine),
     })
 }
 
@@ -889,7 +909,7 @@ fn report(file: &str) {
     let f2 = |v: &Value| v.as_f64().map_or("–".to_string(), |x| format!("{x:.2}"));
     for b in &backends {
         println!("\n### {b}\n");
-        println!("| phase | scenario | req/s | items/s | p50 ms | p99 ms | errors | ceiling | ratio | peak RSS MB | CPU cores svc/pg/sim/gen |");
+        println!("| phase | scenario | req/s | items/s | p50 ms | p99 ms | errors | ceiling | ratio | peak RSS MB | CPU cores svc/pg/sim/gen (machine) |");
         println!("|---|---|---:|---:|---:|---:|---:|---|---:|---:|---|");
         let phases: Vec<String> = {
             let mut p: Vec<String> = Vec::new();
@@ -940,11 +960,12 @@ fn report(file: &str) {
                 let cpu = &r["cpu_cores"];
                 let cpu_txt = if cpu.is_object() {
                     format!(
-                        "{}/{}/{}/{}",
+                        "{}/{}/{}/{} ({})",
                         f2(&cpu["service"]),
                         f2(&cpu["postgres"]),
                         f2(&cpu["sim"]),
-                        f2(&cpu["generator"])
+                        f2(&cpu["generator"]),
+                        f2(&cpu["machine"])
                     )
                 } else {
                     "–".into()
@@ -965,19 +986,40 @@ fn report(file: &str) {
         let num = |ph: &str, sc: &str, key: &str| find(b, ph, sc).and_then(|r| r[key].as_f64());
         let yes = |ok: bool| if ok { "yes" } else { "**no**" };
         for ph in &phases {
-            if let (Some(s), Some(c)) = (num(ph, "ingest-single", "rps"), num(ph, "ceiling-ingest", "rps")) {
-                println!("| {ph} | ingest single ≥ 1.0× ingest ceiling | {:.2}× | {} |", s / c, yes(s >= c));
+            if let (Some(s), Some(c)) = (
+                num(ph, "ingest-single", "rps"),
+                num(ph, "ceiling-ingest", "rps"),
+            ) {
+                println!(
+                    "| {ph} | ingest single ≥ 1.0× ingest ceiling | {:.2}× | {} |",
+                    s / c,
+                    yes(s >= c)
+                );
             }
-            if let (Some(bt), Some(s)) = (num(ph, "ingest-batch", "items_per_s"), num(ph, "ingest-single", "rps")) {
-                println!("| {ph} | ingest batch ≥ 5× single (credentials/s) | {:.2}× | {} |", bt / s, yes(bt >= 5.0 * s));
+            if let (Some(bt), Some(s)) = (
+                num(ph, "ingest-batch", "items_per_s"),
+                num(ph, "ingest-single", "rps"),
+            ) {
+                println!(
+                    "| {ph} | ingest batch ≥ 5× single (credentials/s) | {:.2}× | {} |",
+                    bt / s,
+                    yes(bt >= 5.0 * s)
+                );
             }
             if let (Some(r), Some(c)) = (find(b, ph, "send"), num(ph, "ceiling-claim", "rps")) {
                 let sent = r[send_metric(r)].as_f64().unwrap_or(0.0);
-                println!("| {ph} | send ≥ 0.4× claim ceiling | {:.2}× | {} |", sent / c, yes(sent >= 0.4 * c));
+                println!(
+                    "| {ph} | send ≥ 0.4× claim ceiling | {:.2}× | {} |",
+                    sent / c,
+                    yes(sent >= 0.4 * c)
+                );
             }
             for sc in ["ingest-single", "ingest-batch", "quota", "quota-bulk"] {
                 if let Some(p99) = num(ph, sc, "p99_ms") {
-                    println!("| {ph} | p99 of {sc} < 20 ms | {p99:.1} ms | {} |", yes(p99 < 20.0));
+                    println!(
+                        "| {ph} | p99 of {sc} < 20 ms | {p99:.1} ms | {} |",
+                        yes(p99 < 20.0)
+                    );
                 }
             }
             let rss = rows
@@ -986,7 +1028,11 @@ fn report(file: &str) {
                 .filter_map(|r| r["rss_peak_kb"].as_f64())
                 .fold(0.0f64, f64::max);
             if rss > 0.0 {
-                println!("| {ph} | peak RSS < 100 MB | {:.1} MB | {} |", rss / 1024.0, yes(rss < 100.0 * 1024.0));
+                println!(
+                    "| {ph} | peak RSS < 100 MB | {:.1} MB | {} |",
+                    rss / 1024.0,
+                    yes(rss < 100.0 * 1024.0)
+                );
             }
         }
         // Scale: each scenario at size vs empty.
@@ -1006,7 +1052,11 @@ fn report(file: &str) {
                 let metric = find(b, ph, sc).map_or("rps", metric);
                 if let (Some(e), Some(s)) = (e, s) {
                     let ratio = s / e.max(0.001);
-                    let met = if ratio >= 0.8 { "" } else { " **(> 20 % slower)**" };
+                    let met = if ratio >= 0.8 {
+                        ""
+                    } else {
+                        " **(> 20 % slower)**"
+                    };
                     println!("| {sc} ({metric}) | {e:.1} | {s:.1} | {ratio:.2}{met} |");
                 }
             }

@@ -34,6 +34,7 @@ pub(crate) struct AppQuery {
     params(("openid" = String, Path, description = "The user's openid"), ("app_id" = Option<String>, Query, description = "Required when several apps are configured")),
     security(("api_key" = [])),
     responses(
+        (status = 429, description = "rate_limited: too many requests from this key, session or address (Retry-After)", body = ErrorBody),
         (status = 200, description = "What the user can be sent (zeros for a user never seen)", body = ledger::Quota),
         (status = 400, description = "invalid_request (the message names the problem), or app_id_required", body = ErrorBody),
         (status = 401, description = "unauthorized: missing or unknown credentials", body = ErrorBody),
@@ -72,6 +73,7 @@ pub(crate) struct UsersQuery {
     params(("app_id" = Option<String>, Query, description = "Required when several apps are configured"), ("limit" = Option<u32>, Query, description = "1..500, default 50"), ("cursor" = Option<String>, Query, description = "next_cursor of the previous page")),
     security(("api_key" = [])),
     responses(
+        (status = 429, description = "rate_limited: too many requests from this key, session or address (Retry-After)", body = ErrorBody),
         (status = 200, description = "Users with live credentials, by openid", body = ledger::UserPage),
         (status = 400, description = "invalid_request (the message names the problem), or app_id_required", body = ErrorBody),
         (status = 401, description = "unauthorized: missing or unknown credentials", body = ErrorBody),
@@ -109,6 +111,7 @@ pub(crate) async fn users(
     params(("app_id" = Option<String>, Query, description = "Required when several apps are configured")),
     security(("api_key" = [])),
     responses(
+        (status = 429, description = "rate_limited: too many requests from this key, session or address (Retry-After)", body = ErrorBody),
         (status = 200, description = "Credential totals and the last 24 h of messages", body = crate::stats::AppStats),
         (status = 400, description = "invalid_request (the message names the problem), or app_id_required", body = ErrorBody),
         (status = 401, description = "unauthorized: missing or unknown credentials", body = ErrorBody),
@@ -140,6 +143,7 @@ pub(crate) struct MessagesQuery {
     params(("openid" = String, Path, description = "The user's openid"), ("app_id" = Option<String>, Query, description = "Required when several apps are configured"), ("limit" = Option<u32>, Query, description = "1..100, default 20")),
     security(("api_key" = [])),
     responses(
+        (status = 429, description = "rate_limited: too many requests from this key, session or address (Retry-After)", body = ErrorBody),
         (status = 200, description = "The user's latest messages, newest first", body = MessagesBody),
         (status = 400, description = "invalid_request (the message names the problem), or app_id_required", body = ErrorBody),
         (status = 401, description = "unauthorized: missing or unknown credentials", body = ErrorBody),
@@ -189,6 +193,7 @@ pub(crate) struct AppsBody {
 #[utoipa::path(get, path = "/v1/admin/apps", tag = "admin",
     security(("api_key" = [])),
     responses(
+        (status = 429, description = "rate_limited: too many requests from this key, session or address (Retry-After)", body = ErrorBody),
         (status = 200, description = "Configured apps and their access_token expiry", body = AppsBody),
         (status = 401, description = "unauthorized: missing or unknown credentials", body = ErrorBody),
         (status = 403, description = "forbidden: the key lacks the role", body = ErrorBody),
@@ -223,6 +228,7 @@ pub(crate) struct TemplatesBody {
     params(("app_id" = Option<String>, Query, description = "Required when several apps are configured")),
     security(("api_key" = [])),
     responses(
+        (status = 429, description = "rate_limited: too many requests from this key, session or address (Retry-After)", body = ErrorBody),
         (status = 200, description = "Templates sent with subscribe-send", body = TemplatesBody),
         (status = 400, description = "invalid_request or app_id_required", body = ErrorBody),
         (status = 401, description = "unauthorized", body = ErrorBody),
@@ -270,6 +276,7 @@ fn template_id(path: &str) -> Result<String, ApiError> {
         ("app_id" = Option<String>, Query, description = "Required when several apps are configured")),
     security(("api_key" = [])),
     responses(
+        (status = 429, description = "rate_limited: too many requests from this key, session or address (Retry-After)", body = ErrorBody),
         (status = 200, description = "Registered: messages of this template go by subscribe-send", body = TemplateBody),
         (status = 400, description = "invalid_request or app_id_required", body = ErrorBody),
         (status = 401, description = "unauthorized", body = ErrorBody),
@@ -302,6 +309,7 @@ pub(crate) async fn register_template(
         ("app_id" = Option<String>, Query, description = "Required when several apps are configured")),
     security(("api_key" = [])),
     responses(
+        (status = 429, description = "rate_limited: too many requests from this key, session or address (Retry-After)", body = ErrorBody),
         (status = 200, description = "Unregistered (configured templates stay)", body = TemplateBody),
         (status = 400, description = "invalid_request or app_id_required", body = ErrorBody),
         (status = 401, description = "unauthorized", body = ErrorBody),

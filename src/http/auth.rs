@@ -109,9 +109,9 @@ fn authorize(req: &HttpRequest, role: Role) -> Result<String, ApiError> {
     let entry = bearer(req)
         .and_then(|presented| state.keys.find(presented))
         .ok_or_else(ApiError::unauthorized)?;
-    if entry.roles.contains(&role) {
-        Ok(entry.name.clone())
-    } else {
-        Err(ApiError::forbidden(role.name()))
+    if !entry.roles.contains(&role) {
+        return Err(ApiError::forbidden(role.name()));
     }
+    state.limits.key(&entry.name)?;
+    Ok(entry.name.clone())
 }

@@ -46,8 +46,10 @@ pub(crate) struct LoginBody {
     ))]
 pub(crate) async fn login(
     state: web::Data<AppState>,
+    req: HttpRequest,
     body: web::Json<LoginBody>,
 ) -> Result<HttpResponse, ApiError> {
+    state.limits.ip(&peer_ip(&req))?;
     let LoginBody { app_id, code } = body.into_inner();
     let app_id = state.resolve_app(app_id.as_deref())?;
     if !ledger::is_valid_value(&code) {
@@ -140,15 +142,19 @@ impl FromRequest for ClientSession {
                 "missing, forged or expired session: log in again",
             )
         };
-        let claims = req.app_data::<web::Data<AppState>>().and_then(|state| {
-            let claims = state
-                .sessions
-                .verify(bearer(req)?, crate::time::now())
-                .ok()?;
+        let Some(state) = req.app_data::<web::Data<AppState>>() else {
+            return ready(Err(ApiError::internal(&"application state missing")));
+        };
+        let claims = bearer(req)
+            .and_then(|token| state.sessions.verify(token, crate::time::now()).ok())
             // A session of an app no longer configured is worthless.
-            state.settings.app(&claims.app_id).map(|_| claims)
+            .filter(|claims| state.settings.app(&claims.app_id).is_some());
+        let result = claims.ok_or_else(unauthorized).and_then(|claims| {
+            state.limits.ip(&peer_ip(req))?;
+            state.limits.session(&claims.app_id, &claims.openid)?;
+            Ok(ClientSession(claims))
         });
-        ready(claims.map(ClientSession).ok_or_else(unauthorized))
+        ready(result)
     }
 }
 
@@ -175,6 +181,7 @@ pub(crate) struct ClientReport {
     request_body = ClientReport,
     security(("client_session" = [])),
     responses(
+        (status = 429, description = "rate_limited: too many requests from this key, session or address (Retry-After)", body = ErrorBody),
         (status = 200, description = "Accepted, duplicates and rejections with their reasons", body = ledger::RecordOutcome),
         (status = 400, description = "invalid_request (the message names the problem), or app_id_required", body = ErrorBody),
         (status = 401, description = "unauthorized: missing or unknown credentials", body = ErrorBody),
@@ -221,4 +228,12 @@ pub(crate) async fn report(
     }];
     let outcome = state.record(reports.into()).await?;
     Ok(HttpResponse::Ok().json(outcome))
+}
+
+/// The client's address as this server sees it (a proxy in front makes every client
+/// one address: raise LEDGER_RATE_IP_PER_MIN or set it to 0 there).
+fn peer_ip(req: &HttpRequest) -> String {
+    req.peer_addr()
+        .map(|a| a.ip().to_string())
+        .unwrap_or_else(|| "unknown".into())
 }

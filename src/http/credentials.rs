@@ -75,6 +75,7 @@ fn parse(body: serde_json::Value) -> Result<Vec<ServerCredential>, ApiError> {
     request_body = CredentialsRequest,
     security(("api_key" = [])),
     responses(
+        (status = 429, description = "rate_limited: too many requests from this key, session or address (Retry-After)", body = ErrorBody),
         (status = 200, description = "Accepted, duplicates and rejections with their reasons", body = ledger::RecordOutcome),
         (status = 400, description = "invalid_request (the message names the problem), or app_id_required", body = ErrorBody),
         (status = 401, description = "unauthorized: missing or unknown credentials", body = ErrorBody),

@@ -170,6 +170,7 @@ fn wait_for(query: &WaitQuery) -> Result<Duration, ApiError> {
         ("Idempotency-Key" = Option<String>, Header, description = "Same key and body: the same message; ≤ 255 characters")),
     security(("api_key" = [])),
     responses(
+        (status = 429, description = "rate_limited: too many requests from this key, session or address (Retry-After)", body = ErrorBody),
         (status = 200, description = "Final within ?wait", body = MessageView),
         (status = 202, description = "Stored; the current state", body = MessageView),
         (status = 400, description = "invalid_request (the message names the problem), or app_id_required", body = ErrorBody),
@@ -228,6 +229,7 @@ pub(crate) async fn create(
     params(("id" = String, Path, description = "Message id")),
     security(("api_key" = [])),
     responses(
+        (status = 429, description = "rate_limited: too many requests from this key, session or address (Retry-After)", body = ErrorBody),
         (status = 200, description = "The message resource", body = MessageView),
         (status = 401, description = "unauthorized: missing or unknown credentials", body = ErrorBody),
         (status = 403, description = "forbidden: the key lacks the role", body = ErrorBody),

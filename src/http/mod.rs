@@ -8,6 +8,7 @@ pub mod client;
 pub mod credentials;
 pub mod error;
 pub mod health;
+pub mod limits;
 pub mod messages;
 pub mod openapi;
 pub mod tokens;
@@ -41,6 +42,7 @@ pub struct AppState {
     pub tokens: Arc<TokenManager>,
     pub sender: Arc<Sender>,
     pub metrics: Arc<crate::metrics::Metrics>,
+    pub limits: limits::RateLimits,
 }
 
 impl AppState {
@@ -60,6 +62,7 @@ impl AppState {
             user_cap: settings.user_cap,
         };
         AppState {
+            limits: limits::RateLimits::new(settings.limits),
             keys: KeyRing::new(&settings.api_keys),
             db,
             settings,

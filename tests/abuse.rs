@@ -1,0 +1,191 @@
+//! Abuse: rate limits, hostile values, and the role × endpoint matrix of SECURITY.md.
+
+mod common;
+
+use common::{TestApp, APP, KEY_ADMIN, KEY_ALL, KEY_SEND, KEY_TOKEN};
+use serde_json::{json, Value};
+
+fn code(body: &Value) -> Option<&str> {
+    body["error"]["code"].as_str()
+}
+
+backend_app_tests! {
+    async fn clients_and_keys_are_rate_limited(tdb) {
+        let app = TestApp::spawn_with(tdb, |s| {
+            s.limits.per_session_per_minute = 3;
+            s.limits.per_ip_per_minute = 7;
+            s.limits.per_key_per_second = 2;
+        })
+        .await;
+        let alice = app.login("alice").await;
+        for i in 0..3 {
+            let (status, _) = app.post("/v1/client/credentials", Some(&alice), &json!({"form_ids": [format!("a{i}")]})).await;
+            assert_eq!(status, 200);
+        }
+        let res = app.http.post(app.url("/v1/client/credentials")).bearer_auth(&alice).json(&json!({"form_ids": ["a9"]})).send().await.unwrap();
+        assert!(res.headers().get("retry-after").is_some());
+        let (status, body) = common::read(res).await;
+        assert_eq!((status, code(&body)), (429, Some("rate_limited")), "{body}");
+        // Another user's session has its own bucket (the IP allows 7 a minute:
+        // alice's login and 4 reports, bob's login and one report).
+        let bob = app.login("bob").await;
+        let (status, _) = app.post("/v1/client/credentials", Some(&bob), &json!({"form_ids": ["b1"]})).await;
+        assert_eq!(status, 200);
+        // The IP is spent now: logins from it are refused too.
+        let code_c = app.sim.sim.mint_code(APP, "carol").unwrap();
+        let (status, body) = app.post("/v1/client/session", None, &json!({"code": code_c})).await;
+        assert_eq!((status, code(&body)), (429, Some("rate_limited")), "{body}");
+        // Per key: a burst of 2 a second.
+        let mut statuses = Vec::new();
+        for _ in 0..4 {
+            statuses.push(app.get("/v1/admin/stats", Some(KEY_ADMIN)).await.0);
+        }
+        assert_eq!(&statuses[..2], &[200, 200]);
+        assert!(statuses[2..].contains(&429), "{statuses:?}");
+        // Another key is not affected.
+        assert_eq!(app.get("/v1/admin/stats", Some(KEY_ALL)).await.0, 200);
+        assert_eq!(app.credential_count(), 4, "refused reports stored nothing");
+    }
+
+    async fn hostile_values_are_refused_or_stored_verbatim(tdb) {
+        let app = TestApp::spawn(tdb).await;
+        // Header injection and control characters in an openid or template id.
+        for openid in ["a\r\nX-Injected: 1", "tab\tbed", "nul\u{0}"] {
+            let (status, res) = app.post("/v1/credentials", Some(KEY_SEND), &json!({"openid": openid, "kind": "form_id", "value": "v"})).await;
+            assert_eq!((status, code(&res)), (400, Some("invalid_request")), "{openid:?}");
+            let (status, res) = app.post("/v1/messages", Some(KEY_SEND), &json!({"openid": "u", "template_id": openid})).await;
+            assert_eq!((status, code(&res)), (400, Some("invalid_request")), "{openid:?}");
+        }
+        let (status, _) = app.get("/v1/admin/users/a%0d%0aX-Injected:%201/quota", Some(KEY_ADMIN)).await;
+        assert_eq!(status, 400);
+        // SQL-looking values are data: stored verbatim, harmless.
+        let sql_openid = "x');DELETE/**/FROM/**/credentials;--";
+        let sql_value = "'OR'1'='1";
+        let (status, res) = app.post("/v1/credentials", Some(KEY_SEND), &json!({"openid": sql_openid, "kind": "form_id", "value": sql_value})).await;
+        assert_eq!((status, res["accepted"].as_u64()), (200, Some(1)), "{res}");
+        let path = format!("/v1/admin/users/{}/quota", sql_openid.replace('/', "%2F").replace(';', "%3B"));
+        let (status, q) = app.get(&path, Some(KEY_ADMIN)).await;
+        assert_eq!((status, q["openid"].as_str(), q["sendable"].as_u64()), (200, Some(sql_openid), Some(1)), "{q}");
+        let (_, page) = app.get("/v1/admin/users", Some(KEY_ADMIN)).await;
+        assert_eq!(page["users"][0]["openid"], sql_openid);
+        assert_eq!(app.credential_count(), 1);
+        // A huge array of tiny items is refused whole, not truncated.
+        let many: Vec<String> = (0..5000).map(|i| i.to_string()).collect();
+        let session = app.login("u").await;
+        let (status, res) = app.post("/v1/client/credentials", Some(&session), &json!({"form_ids": many})).await;
+        assert_eq!((status, code(&res)), (400, Some("invalid_request")));
+        assert_eq!(app.credential_count(), 1);
+    }
+}
+
+/// The role × endpoint matrix of SECURITY.md, walked: each cell is the status a
+/// key with that one role gets (200/202 or 403), and a client session gets 401
+/// everywhere a key is required.
+#[actix_web::test]
+async fn roles_by_endpoint_matrix() {
+    let app = TestApp::spawn(common::TestDb::sqlite()).await;
+    let session = app.login("o1").await;
+    // (method, path, body, which role passes)
+    let rows: Vec<(&str, String, Value, &str)> = vec![
+        (
+            "POST",
+            "/v1/credentials".into(),
+            json!({"openid": "o1", "kind": "form_id", "value": "m1"}),
+            "send",
+        ),
+        (
+            "POST",
+            "/v1/messages".into(),
+            json!({"openid": "o1", "template_id": "T"}),
+            "send",
+        ),
+        ("GET", "/v1/messages/1".into(), Value::Null, "send"),
+        (
+            "GET",
+            "/v1/admin/users/o1/quota".into(),
+            Value::Null,
+            "admin",
+        ),
+        (
+            "GET",
+            "/v1/admin/users/o1/messages".into(),
+            Value::Null,
+            "admin",
+        ),
+        ("GET", "/v1/admin/users".into(), Value::Null, "admin"),
+        ("GET", "/v1/admin/stats".into(), Value::Null, "admin"),
+        ("GET", "/v1/admin/apps".into(), Value::Null, "admin"),
+        (
+            "GET",
+            "/v1/admin/subscription-templates".into(),
+            Value::Null,
+            "admin",
+        ),
+        (
+            "PUT",
+            "/v1/admin/subscription-templates/T".into(),
+            Value::Null,
+            "admin",
+        ),
+        (
+            "GET",
+            format!("/v1/apps/{APP}/access-token"),
+            Value::Null,
+            "token",
+        ),
+        (
+            "POST",
+            format!("/v1/apps/{APP}/access-token/refresh"),
+            json!({"stale_token": "x"}),
+            "token",
+        ),
+    ];
+    for (method, path, body, role) in rows {
+        for (key_role, key) in [
+            ("send", KEY_SEND),
+            ("admin", KEY_ADMIN),
+            ("token", KEY_TOKEN),
+        ] {
+            let req = match method {
+                "POST" => app.http.post(app.url(&path)).json(&body),
+                "PUT" => app.http.put(app.url(&path)),
+                _ => app.http.get(app.url(&path)),
+            };
+            let status = req.bearer_auth(key).send().await.unwrap().status().as_u16();
+            if key_role == role {
+                assert!(
+                    [200, 202].contains(&status),
+                    "{method} {path} with {key_role}: {status}"
+                );
+            } else {
+                assert_eq!(status, 403, "{method} {path} with {key_role}");
+            }
+        }
+        let req = match method {
+            "POST" => app.http.post(app.url(&path)).json(&body),
+            "PUT" => app.http.put(app.url(&path)),
+            _ => app.http.get(app.url(&path)),
+        };
+        assert_eq!(
+            req.bearer_auth(&session)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16(),
+            401,
+            "{method} {path} with a session"
+        );
+    }
+    // The client endpoints take a session, never a key.
+    for key in [KEY_SEND, KEY_ADMIN, KEY_TOKEN, KEY_ALL] {
+        let (status, _) = app
+            .post("/v1/client/credentials", Some(key), &json!({}))
+            .await;
+        assert_eq!(status, 401);
+    }
+    let (status, _) = app
+        .post("/v1/client/credentials", Some(&session), &json!({}))
+        .await;
+    assert_eq!(status, 200);
+}
