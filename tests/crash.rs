@@ -83,16 +83,17 @@ async fn json_post(http: &reqwest::Client, url: String, key: Option<&str>, body:
     res.json().await.unwrap()
 }
 
-async fn kill_in_flight(tdb: TestDb) {
-    let http = reqwest::Client::new();
-    let sim_port = free_port();
-    let sim_base = format!("http://127.0.0.1:{sim_port}");
-    let _sim = Proc(
+/// The simulator as a process, each send taking 300..600 ms so that plenty of calls
+/// are in flight when an instance is stopped.
+async fn slow_simulator(http: &reqwest::Client) -> (Proc, String) {
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let sim = Proc(
         Command::new(BIN)
             .args([
                 "sim",
                 "--bind",
-                &format!("127.0.0.1:{sim_port}"),
+                &format!("127.0.0.1:{port}"),
                 "--apps",
                 &format!("{APP}:{APP_SECRET}"),
             ])
@@ -101,15 +102,20 @@ async fn kill_in_flight(tdb: TestDb) {
             .spawn()
             .unwrap(),
     );
-    wait_up(&http, &format!("{sim_base}/sim/stats")).await;
-    // Every send takes 300..600 ms: plenty of calls are in flight at the kill.
+    wait_up(http, &format!("{base}/sim/stats")).await;
     json_post(
-        &http,
-        format!("{sim_base}/sim/faults"),
+        http,
+        format!("{base}/sim/faults"),
         None,
         json!({"send": {"latency_ms": [300, 600]}}),
     )
     .await;
+    (sim, base)
+}
+
+async fn kill_in_flight(tdb: TestDb) {
+    let http = reqwest::Client::new();
+    let (_sim, sim_base) = slow_simulator(&http).await;
 
     let url = tdb.url();
     let port_a = free_port();
@@ -282,30 +288,7 @@ async fn kill_9_mid_flight_postgres() {
 /// rest at once.
 async fn sigterm_in_flight(tdb: TestDb) {
     let http = reqwest::Client::new();
-    let sim_port = free_port();
-    let sim_base = format!("http://127.0.0.1:{sim_port}");
-    let _sim = Proc(
-        Command::new(BIN)
-            .args([
-                "sim",
-                "--bind",
-                &format!("127.0.0.1:{sim_port}"),
-                "--apps",
-                &format!("{APP}:{APP_SECRET}"),
-            ])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    wait_up(&http, &format!("{sim_base}/sim/stats")).await;
-    json_post(
-        &http,
-        format!("{sim_base}/sim/faults"),
-        None,
-        json!({"send": {"latency_ms": [300, 600]}}),
-    )
-    .await;
+    let (_sim, sim_base) = slow_simulator(&http).await;
     let url = tdb.url();
     let port_a = free_port();
     let base_a = format!("http://127.0.0.1:{port_a}");
