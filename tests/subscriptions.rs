@@ -72,6 +72,10 @@ backend_app_tests! {
         let deliveries = app.sim.sim.deliveries();
         assert_eq!(deliveries.len(), 2);
         assert!(deliveries.iter().all(|d| d.kind == MessageKind::Subscribe && d.credential.is_none() && d.template_id == SUB));
+        // miniprogram_state and lang pass through; the data arrives as sent.
+        let d = &deliveries[0];
+        assert_eq!((d.miniprogram_state.as_deref(), d.lang.as_deref()), (Some("trial"), Some("en_US")));
+        assert_eq!(d.data["thing1"].value, "Your parcel left");
         let (_, q) = app.get("/v1/admin/users/u1/quota", Some(KEY_ADMIN)).await;
         assert_eq!(q["by_kind"]["form_id"]["uses_left"], 1);
         assert_eq!(q["subscriptions"], json!({}));

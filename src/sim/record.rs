@@ -28,6 +28,11 @@ pub struct Delivery {
     pub credential: Option<String>,
     pub page: Option<String>,
     pub data: BTreeMap<String, DataValue>,
+    /// A subscribe send's `miniprogram_state` and `lang`, as received.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub miniprogram_state: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lang: Option<String>,
     /// The msgid answered to a subscribe send.
     pub msgid: Option<i64>,
     /// The answer was broken on purpose (`drop_after_read`): the sender cannot know.

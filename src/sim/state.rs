@@ -530,6 +530,8 @@ impl State {
             credential: Some(msg.form_id.clone()),
             page: msg.page.clone(),
             data: msg.data.clone(),
+            miniprogram_state: None,
+            lang: None,
             msgid: None,
             response_dropped: false,
         });
@@ -586,6 +588,8 @@ impl State {
             credential: None,
             page: msg.page.clone(),
             data: msg.data.clone(),
+            miniprogram_state: msg.miniprogram_state.clone(),
+            lang: msg.lang.clone(),
             msgid: Some(msgid),
             response_dropped: false,
         });
