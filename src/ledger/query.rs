@@ -246,10 +246,17 @@ pub fn purge(
     dry_run: bool,
 ) -> DbResult<u64> {
     let expired = "expires_at < $1";
-    let dead = "(uses_left = 0 OR invalid) AND updated_at < $1";
+    let used_up = "(uses_left = 0 OR invalid) AND updated_at < $1";
+    if dry_run {
+        // A row both expired and used up is counted once.
+        let either = format!("{expired} OR ({used_up})");
+        return purge_where(conn, "credentials", &either, older_than, batch, true);
+    }
+    // Deleted in two passes, each walking its own index (expires_at; the partial
+    // index of dead rows), so no batch scans the table while holding the lock.
     let mut total = 0;
-    for predicate in [expired, dead] {
-        total += purge_where(conn, "credentials", predicate, older_than, batch, dry_run)?;
+    for predicate in [expired, used_up] {
+        total += purge_where(conn, "credentials", predicate, older_than, batch, false)?;
     }
     Ok(total)
 }

@@ -147,10 +147,10 @@ impl Sender {
             let settle = if can_probe(&msg) {
                 Settle {
                     attempt: Some((None, "interrupted")),
-                    ..self.keep(&msg, Status::Sending, now, msg.retries, true)
+                    ..keep(Status::Sending, now, msg.retries, true)
                 }
             } else {
-                self.finish(
+                finish(
                     Status::Failed,
                     CredentialFate::Spent,
                     Some((None, "interrupted")),
@@ -166,8 +166,7 @@ impl Sender {
                 // No token, no call: not an attempt on the credential.
                 log::warn!("message {}: no access_token: {e}", msg.id);
                 let retries = msg.retries + 1;
-                let settle = self.keep(
-                    &msg,
+                let settle = keep(
                     Status::from_db(&msg.status),
                     self.backoff_at(retries),
                     msg.retries,
@@ -307,18 +306,12 @@ impl Sender {
                 };
                 Settle {
                     attempt: Some((Some(errcode.unwrap_or(0)), outcome)),
-                    ..self.finish(Status::Sent, CredentialFate::Spent, None, None, now)
+                    ..finish(Status::Sent, CredentialFate::Spent, None, None, now)
                 }
             }
             Action::RetrySame { after } => Settle {
                 attempt: Some((errcode, "retry_later")),
-                ..self.keep(
-                    msg,
-                    Status::Sending,
-                    now + after,
-                    msg.retries,
-                    msg.ambiguous,
-                )
+                ..keep(Status::Sending, now + after, msg.retries, msg.ambiguous)
             },
             Action::NextCredential { invalidate } => {
                 let attempt = Some((errcode, "credential_invalid"));
@@ -330,7 +323,7 @@ impl Sender {
                         errcode,
                         format!("{} credentials tried, none usable", msg.credentials_tried),
                     );
-                    self.finish(
+                    finish(
                         Status::Failed,
                         CredentialFate::Invalidate(invalidate),
                         attempt,
@@ -340,7 +333,7 @@ impl Sender {
                 } else {
                     Settle {
                         attempt,
-                        ..self.drop_credential(CredentialFate::Invalidate(invalidate), now)
+                        ..drop_credential(CredentialFate::Invalidate(invalidate), now)
                     }
                 }
             }
@@ -349,7 +342,7 @@ impl Sender {
                 self.backoff(msg, errcode, errmsg, false)
             }
             Action::Backoff { ambiguous: true } => self.backoff(msg, errcode, errmsg, true),
-            Action::Fail { code } => self.finish(
+            Action::Fail { code } => finish(
                 Status::Failed,
                 give_back(false),
                 Some((errcode, "failed")),
@@ -367,7 +360,7 @@ impl Sender {
                     pause_until: Some(until),
                     status: Status::Queued,
                     next_attempt_at: until,
-                    ..self.drop_credential(give_back(false), now)
+                    ..drop_credential(give_back(false), now)
                 }
             }
         }
@@ -386,7 +379,7 @@ impl Sender {
         if ambiguous && !can_probe(msg) {
             // A multi-use prepay_id or a subscription: another call could deliver a
             // second message, and 41029 would prove nothing.
-            return self.finish(
+            return finish(
                 Status::Failed,
                 CredentialFate::Spent,
                 attempt,
@@ -399,14 +392,14 @@ impl Sender {
             if ambiguous || msg.ambiguous {
                 // A call may have delivered and no probe could prove it either way.
                 let unknown = outcome_unknown(errcode);
-                return self.finish(Status::Failed, CredentialFate::Spent, attempt, unknown, now);
+                return finish(Status::Failed, CredentialFate::Spent, attempt, unknown, now);
             }
             let error = (
                 "retries_exhausted",
                 errcode,
                 format!("WeChat kept failing: {errmsg}"),
             );
-            return self.finish(
+            return finish(
                 Status::Failed,
                 CredentialFate::Release,
                 attempt,
@@ -416,8 +409,7 @@ impl Sender {
         }
         Settle {
             attempt,
-            ..self.keep(
-                msg,
+            ..keep(
                 Status::Sending,
                 self.backoff_at(retries),
                 retries,
@@ -432,7 +424,7 @@ impl Sender {
             Some(until) => Settle {
                 status: Status::Queued,
                 next_attempt_at: until,
-                ..self.drop_credential(CredentialFate::Keep, now)
+                ..drop_credential(CredentialFate::Keep, now)
             },
             None => {
                 let error = (
@@ -440,7 +432,7 @@ impl Sender {
                     None,
                     "the user has no usable credential".to_string(),
                 );
-                self.finish(
+                finish(
                     Status::NoQuota,
                     CredentialFate::Keep,
                     None,
@@ -450,59 +442,6 @@ impl Sender {
             }
         };
         self.settle(msg, settle).await
-    }
-
-    fn keep(
-        &self,
-        _msg: &MessageRow,
-        status: Status,
-        at: DateTime<Utc>,
-        retries: i32,
-        ambiguous: bool,
-    ) -> Settle {
-        Settle {
-            attempt: None,
-            credential: CredentialFate::Keep,
-            status,
-            error: None,
-            next_attempt_at: at,
-            retries,
-            ambiguous,
-            pause_until: None,
-        }
-    }
-
-    fn drop_credential(&self, fate: CredentialFate, now: DateTime<Utc>) -> Settle {
-        Settle {
-            attempt: None,
-            credential: fate,
-            status: Status::Queued,
-            error: None,
-            next_attempt_at: now,
-            retries: 0,
-            ambiguous: false,
-            pause_until: None,
-        }
-    }
-
-    fn finish(
-        &self,
-        status: Status,
-        fate: CredentialFate,
-        attempt: Option<(Option<i32>, &'static str)>,
-        error: Option<(&'static str, Option<i32>, String)>,
-        now: DateTime<Utc>,
-    ) -> Settle {
-        Settle {
-            attempt,
-            credential: fate,
-            status,
-            error,
-            next_attempt_at: now,
-            retries: 0,
-            ambiguous: false,
-            pause_until: None,
-        }
     }
 
     fn backoff_at(&self, retries: i32) -> DateTime<Utc> {
@@ -547,6 +486,54 @@ impl Sender {
             self.nudge();
         }
         Ok(())
+    }
+}
+
+/// Keep the credential for another try at `at`.
+fn keep(status: Status, at: DateTime<Utc>, retries: i32, ambiguous: bool) -> Settle {
+    Settle {
+        attempt: None,
+        credential: CredentialFate::Keep,
+        status,
+        error: None,
+        next_attempt_at: at,
+        retries,
+        ambiguous,
+        pause_until: None,
+    }
+}
+
+/// Let go of the credential (by `fate`); try again now with the next one.
+fn drop_credential(fate: CredentialFate, now: DateTime<Utc>) -> Settle {
+    Settle {
+        attempt: None,
+        credential: fate,
+        status: Status::Queued,
+        error: None,
+        next_attempt_at: now,
+        retries: 0,
+        ambiguous: false,
+        pause_until: None,
+    }
+}
+
+/// A final status.
+fn finish(
+    status: Status,
+    fate: CredentialFate,
+    attempt: Option<(Option<i32>, &'static str)>,
+    error: Option<(&'static str, Option<i32>, String)>,
+    now: DateTime<Utc>,
+) -> Settle {
+    Settle {
+        attempt,
+        credential: fate,
+        status,
+        error,
+        next_attempt_at: now,
+        retries: 0,
+        ambiguous: false,
+        pause_until: None,
     }
 }
 
