@@ -28,6 +28,7 @@ pub fn config(cfg: &mut web::ServiceConfig) {
 #[serde(deny_unknown_fields)]
 pub(crate) struct LoginBody {
     app_id: Option<String>,
+    #[schema(min_length = 1, max_length = 128, pattern = r"^[\x21-\x7E]+$")]
     code: String,
 }
 

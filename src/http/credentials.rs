@@ -29,6 +29,7 @@ pub(crate) enum ServerKind {
 #[serde(deny_unknown_fields)]
 pub(crate) struct ServerCredential {
     app_id: Option<String>,
+    #[schema(min_length = 1, max_length = 128, pattern = r"^[\x21-\x7E]+$")]
     openid: String,
     kind: ServerKind,
     value: String,

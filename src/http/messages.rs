@@ -39,13 +39,17 @@ pub(crate) struct DataIn {
 #[serde(deny_unknown_fields)]
 pub(crate) struct MessageIn {
     app_id: Option<String>,
+    #[schema(min_length = 1, max_length = 128, pattern = r"^[\x21-\x7E]+$")]
     openid: String,
+    #[schema(min_length = 1, max_length = 128, pattern = r"^[\x21-\x7E]+$")]
     template_id: String,
+    #[schema(max_length = 1024)]
     page: Option<String>,
     #[serde(default)]
     data: BTreeMap<String, DataIn>,
     emphasis_keyword: Option<String>,
     #[serde(default)]
+    #[schema(maximum = 600)]
     await_credential_s: u32,
     miniprogram_state: Option<String>,
     lang: Option<String>,
@@ -166,8 +170,8 @@ fn wait_for(query: &WaitQuery) -> Result<Duration, ApiError> {
 
 #[utoipa::path(post, path = "/v1/messages", tag = "business",
     request_body = MessageIn,
-    params(("wait" = Option<u64>, Query, description = "Wait up to N (0..30) seconds for a final status"),
-        ("Idempotency-Key" = Option<String>, Header, description = "Same key and body: the same message; ≤ 255 characters")),
+    params(("wait" = Option<u64>, Query, maximum = 30, description = "Wait up to N (0..30) seconds for a final status"),
+        ("Idempotency-Key" = Option<String>, Header, min_length = 1, max_length = 255, pattern = r"^[\x21-\x7E]+$", description = "Same key and body: the same message; ≤ 255 characters")),
     security(("api_key" = [])),
     responses(
         (status = 429, description = "rate_limited: too many requests from this key, session or address (Retry-After)", body = ErrorBody),
