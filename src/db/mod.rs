@@ -55,13 +55,23 @@ pub enum DbError {
 
 pub type DbResult<T> = Result<T, DbError>;
 
-/// Per-connection SQLite settings: WAL so readers never wait for the writer, a busy
-/// timeout so writers queue instead of failing, and foreign keys on.
+/// Per-connection settings. SQLite: WAL so readers never wait for the writer, a busy
+/// timeout so writers queue instead of failing, foreign keys on. PostgreSQL: custom
+/// plans (below).
 #[derive(Debug, Clone, Copy)]
-struct SqlitePragmas;
+struct ConnectionSetup;
 
-impl CustomizeConnection<DbConn, diesel::r2d2::Error> for SqlitePragmas {
+impl CustomizeConnection<DbConn, diesel::r2d2::Error> for ConnectionSetup {
     fn on_acquire(&self, conn: &mut DbConn) -> Result<(), diesel::r2d2::Error> {
+        if let DbConn::Pg(c) = conn {
+            // Every per-user statement is prepared once per connection; a generic
+            // plan chosen while the table was empty or unanalyzed would scan the
+            // whole app for each of them (measured: 7,597 seq scans over 29.7 M rows
+            // for 8,000 ingests). Planning each execution for its values costs
+            // ~0.05 ms and keeps every query on its index.
+            c.batch_execute("SET plan_cache_mode = force_custom_plan")
+                .map_err(diesel::r2d2::Error::QueryError)?;
+        }
         if let DbConn::Sqlite(c) = conn {
             // synchronous=NORMAL in WAL mode: a commit survives the process being
             // killed (what the chaos tests do); only an OS crash can lose the last ones.
@@ -101,7 +111,7 @@ impl Db {
             .max_size(max_size)
             .min_idle(Some(1))
             .connection_timeout(Duration::from_secs(5))
-            .connection_customizer(Box::new(SqlitePragmas))
+            .connection_customizer(Box::new(ConnectionSetup))
             .build(ConnectionManager::<DbConn>::new(conn_url))
             .map_err(|e| DbError::Unavailable(e.to_string()))?;
         Ok(Db { pool, backend })

@@ -75,20 +75,34 @@ impl AppState {
         }
     }
 
-    /// Records reports and wakes the messages of users who got credentials.
+    /// Records reports and wakes the messages of users who got credentials waiting
+    /// for one — with one connection checkout for both.
     pub async fn record(
         &self,
         reports: Vec<ledger::Report>,
     ) -> Result<ledger::RecordOutcome, error::ApiError> {
         let rules = self.rules.clone();
-        let users: std::collections::BTreeSet<(String, String)> = reports
-            .iter()
-            .map(|r| (r.app_id.clone(), r.openid.clone()))
-            .collect();
-        let outcome = self
+        let (outcome, woken) = self
             .db
-            .run(move |conn| ledger::record(conn, &rules, crate::time::now(), &reports))
+            .run(move |conn| {
+                let now = crate::time::now();
+                let outcome = ledger::record(conn, &rules, now, &reports)?;
+                let mut woken = 0;
+                if outcome.accepted > 0 {
+                    let users: std::collections::BTreeSet<(&str, &str)> = reports
+                        .iter()
+                        .map(|r| (r.app_id.as_str(), r.openid.as_str()))
+                        .collect();
+                    for (app_id, openid) in users {
+                        woken += crate::outbox::store::wake_waiting(conn, app_id, openid, now)?;
+                    }
+                }
+                Ok((outcome, woken))
+            })
             .await?;
+        for _ in 0..woken {
+            self.sender.nudge();
+        }
         let m = &self.metrics;
         m.credentials_recorded
             .with_label_values(&["accepted"])
@@ -100,13 +114,6 @@ impl AppState {
             m.credentials_rejected
                 .with_label_values(&[r.reason.as_str()])
                 .inc();
-        }
-        if outcome.accepted > 0 {
-            for (app_id, openid) in users {
-                if let Err(e) = self.sender.credentials_arrived(&app_id, &openid).await {
-                    log::warn!("could not wake messages waiting for {app_id}: {e}");
-                }
-            }
         }
         Ok(outcome)
     }

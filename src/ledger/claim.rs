@@ -68,6 +68,9 @@ pub fn claim(
     };
     for &picker in pickers {
         let locks: &[&str] = match conn {
+            // A subscription has one use: one locked by another claimer is being
+            // spent, so waiting for it would only find it used up.
+            DbConn::Pg(_) if picker == SUBSCRIPTION => &[" FOR UPDATE SKIP LOCKED"],
             DbConn::Pg(_) => &[" FOR UPDATE SKIP LOCKED", " FOR UPDATE"],
             DbConn::Sqlite(_) => &[""],
         };

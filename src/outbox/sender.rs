@@ -85,19 +85,6 @@ impl Sender {
         self.finished.subscribe()
     }
 
-    /// A user reported credentials: messages waiting for one go now.
-    pub async fn credentials_arrived(&self, app_id: &str, openid: &str) -> DbResult<()> {
-        let (app_id, openid) = (app_id.to_string(), openid.to_string());
-        let woken = self
-            .db
-            .run(move |c| store::wake_waiting(c, &app_id, &openid, crate::time::now()))
-            .await?;
-        for _ in 0..woken {
-            self.nudge();
-        }
-        Ok(())
-    }
-
     /// After the workers stopped: hand back every lease this instance holds.
     pub async fn release_leases(&self) -> DbResult<usize> {
         let owner = self.owner.clone();

@@ -31,6 +31,8 @@ use store::{Need, StoredToken};
 const LEASE: TimeDelta = TimeDelta::seconds(30);
 /// How often a waiting instance looks at the row while another one refreshes.
 const POLL: Duration = Duration::from_millis(50);
+/// How long a token read from the database is reused without reading it again.
+const CACHE_FOR: Duration = Duration::from_secs(2);
 /// Backoff of the background refresher after a failure: first and longest wait.
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(60);
@@ -71,6 +73,10 @@ struct AppSlot {
     /// The last failed fetch of this process: callers that queued behind it get its
     /// error instead of each asking WeChat again.
     last_failure: std::sync::Mutex<Option<(Instant, String)>>,
+    /// The row as last read, for [`CACHE_FOR`]: a send needs no database round trip
+    /// for its token. A token another instance replaced stays valid for WeChat's
+    /// overlap, and a refused one is compare-and-refreshed anyway.
+    cached: std::sync::Mutex<Option<(Instant, StoredToken)>>,
 }
 
 impl AppSlot {
@@ -79,6 +85,24 @@ impl AppSlot {
         last.as_ref()
             .filter(|(at, _)| *at >= since)
             .map(|(_, e)| e.clone())
+    }
+
+    /// The cached row if it is recent and its token still valid at `now`.
+    fn fresh(&self, now: DateTime<Utc>) -> Option<StoredToken> {
+        let cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
+        cached
+            .as_ref()
+            .filter(|(at, row)| at.elapsed() < CACHE_FOR && !Need::ExpiresBefore(now).holds(row))
+            .map(|(_, row)| row.clone())
+    }
+
+    fn forget(&self) {
+        *self.cached.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    fn remember(&self, row: &StoredToken) {
+        let mut cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
+        *cached = Some((Instant::now(), row.clone()));
     }
 
     fn set_failure(&self, error: &str) {
@@ -110,6 +134,7 @@ impl TokenManager {
                         secret: a.secret.clone(),
                         flight: Mutex::new(()),
                         last_failure: std::sync::Mutex::new(None),
+                        cached: std::sync::Mutex::new(None),
                     };
                     (a.app_id.clone(), slot)
                 })
@@ -127,6 +152,9 @@ impl TokenManager {
     /// The app's valid token, fetching one if there is none.
     pub async fn current(&self, app_id: &str) -> Result<CurrentToken, TokenError> {
         let now = crate::time::now();
+        if let Some(row) = self.apps.get(app_id).and_then(|slot| slot.fresh(now)) {
+            return Ok(handed_out(row));
+        }
         let row = self.load(app_id).await?;
         if !Need::ExpiresBefore(now).holds(&row) {
             return Ok(handed_out(row));
@@ -153,12 +181,20 @@ impl TokenManager {
     }
 
     async fn load(&self, app_id: &str) -> Result<StoredToken, TokenError> {
-        if !self.apps.contains_key(app_id) {
-            return Err(TokenError::UnknownApp(app_id.into()));
-        }
+        let slot = self
+            .apps
+            .get(app_id)
+            .ok_or_else(|| TokenError::UnknownApp(app_id.into()))?;
         let id = app_id.to_string();
-        let row = self.db.run(move |c| store::load(c, &id)).await?;
-        row.ok_or_else(|| TokenError::Unavailable("no token row; the service did not start".into()))
+        let row = self
+            .db
+            .run(move |c| store::load(c, &id))
+            .await?
+            .ok_or_else(|| {
+                TokenError::Unavailable("no token row; the service did not start".into())
+            })?;
+        slot.remember(&row);
+        Ok(row)
     }
 
     /// Refreshes if `need` still holds once this process and then this database
@@ -237,6 +273,7 @@ impl TokenManager {
                         "app {app_id}: token lease ran out during the fetch; kept the newer row"
                     );
                 }
+                slot.forget();
                 log::info!("app {app_id}: new access_token, expires at {expires_at}");
                 Ok((
                     CurrentToken {
