@@ -5,6 +5,7 @@ pub mod cli;
 pub mod db;
 pub mod housekeeping;
 pub mod http;
+pub mod ingest;
 pub mod ledger;
 pub mod metrics;
 pub mod outbox;

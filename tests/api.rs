@@ -250,6 +250,38 @@ backend_app_tests! {
         }
     }
 
+    /// Concurrent single reports are committed in groups; each request still gets
+    /// its own outcome, the cap holds across a group, and a value reported twice in
+    /// one group is one credential and one duplicate.
+    async fn concurrent_reports_are_group_committed_and_each_answered(tdb) {
+        let app = std::sync::Arc::new(TestApp::spawn_with(tdb, |s| s.user_cap = 50).await);
+        let calls: Vec<_> = (0..200)
+            .map(|i| {
+                let app = app.clone();
+                // Values 0..99 twice each: every second pair collides.
+                let body = json!({"openid": "busy", "kind": "form_id", "value": format!("v{}", i % 100)});
+                actix_web::rt::spawn(async move { app.post("/v1/credentials", Some(KEY_SEND), &body).await })
+            })
+            .collect();
+        let (mut accepted, mut duplicates, mut capped) = (0, 0, 0);
+        for call in calls {
+            let (status, res) = call.await.unwrap();
+            assert_eq!(status, 200, "{res}");
+            let (a, d, r) = (res["accepted"].as_u64().unwrap(), res["duplicates"].as_u64().unwrap(), res["rejected"].as_array().unwrap().len());
+            assert_eq!(a + d + r as u64, 1, "each request answered for its own item: {res}");
+            accepted += a;
+            duplicates += d;
+            capped += r;
+        }
+        // 50 values fit the cap; the other report of each of those is a duplicate;
+        // both reports of the other 50 values are over the cap (a refused value is
+        // not known, so its second report is judged afresh).
+        assert_eq!(accepted, 50);
+        assert_eq!(duplicates, 50);
+        assert_eq!(capped, 100);
+        assert_eq!(app.credential_count(), 50);
+    }
+
     async fn health_and_readiness(tdb) {
         let app = TestApp::spawn(tdb).await;
         assert_eq!(app.get("/healthz", None).await, (200, json!({"status": "ok"})));

@@ -43,6 +43,7 @@ pub struct AppState {
     pub sender: Arc<Sender>,
     pub metrics: Arc<crate::metrics::Metrics>,
     pub limits: limits::RateLimits,
+    pub ingest: crate::ingest::Ingest,
 }
 
 impl AppState {
@@ -62,6 +63,7 @@ impl AppState {
             user_cap: settings.user_cap,
         };
         AppState {
+            ingest: crate::ingest::Ingest::start(db.clone(), rules.clone()),
             limits: limits::RateLimits::new(settings.limits),
             keys: KeyRing::new(&settings.api_keys),
             db,
@@ -75,31 +77,13 @@ impl AppState {
         }
     }
 
-    /// Records reports and wakes the messages of users who got credentials waiting
-    /// for one — with one connection checkout for both.
+    /// Records reports (group commit with concurrent requests) and wakes the
+    /// messages of users who got credentials waiting for one.
     pub async fn record(
         &self,
         reports: Vec<ledger::Report>,
     ) -> Result<ledger::RecordOutcome, error::ApiError> {
-        let rules = self.rules.clone();
-        let (outcome, woken) = self
-            .db
-            .run(move |conn| {
-                let now = crate::time::now();
-                let outcome = ledger::record(conn, &rules, now, &reports)?;
-                let mut woken = 0;
-                if outcome.accepted > 0 {
-                    let users: std::collections::BTreeSet<(&str, &str)> = reports
-                        .iter()
-                        .map(|r| (r.app_id.as_str(), r.openid.as_str()))
-                        .collect();
-                    for (app_id, openid) in users {
-                        woken += crate::outbox::store::wake_waiting(conn, app_id, openid, now)?;
-                    }
-                }
-                Ok((outcome, woken))
-            })
-            .await?;
+        let (outcome, woken) = self.ingest.record(reports).await?;
         for _ in 0..woken {
             self.sender.nudge();
         }

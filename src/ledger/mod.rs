@@ -10,7 +10,7 @@ mod record;
 
 pub use claim::{claim, invalidate, release, release_id, Pick, Use};
 pub use query::{purge, quota, stats, users, KindQuota, Quota, Stats, UserPage, UserSummary};
-pub use record::{record, Item, RecordOutcome, RejectReason, Rejection, Report};
+pub use record::{record, record_group, Item, RecordOutcome, RejectReason, Rejection, Report};
 
 use chrono::{DateTime, NaiveDateTime, Utc};
 use serde::{Deserialize, Serialize};

@@ -107,12 +107,61 @@ pub fn record(
     now: DateTime<Utc>,
     reports: &[Report],
 ) -> DbResult<RecordOutcome> {
-    let mut outcome = RecordOutcome::default();
-    // Group by user, in a fixed order: on PostgreSQL the per-user locks are then
-    // always taken in the same order and two batches cannot deadlock.
-    let mut users: BTreeMap<(&str, &str), Vec<Candidate<'_>>> = BTreeMap::new();
+    let mut outcomes = record_group(conn, rules, now, &[reports])?;
+    Ok(outcomes.pop().unwrap_or_default())
+}
+
+/// Several independent reports (of concurrent requests) in ONE transaction — group
+/// commit — each with its own outcome, as if recorded one after the other. On
+/// PostgreSQL every user of the group is locked up front in one fixed order, so
+/// concurrent groups cannot deadlock.
+pub fn record_group(
+    conn: &mut DbConn,
+    rules: &Rules,
+    now: DateTime<Utc>,
+    groups: &[&[Report]],
+) -> DbResult<Vec<RecordOutcome>> {
+    let mut outcomes = vec![RecordOutcome::default(); groups.len()];
+    let mut work = Vec::with_capacity(groups.len());
+    for (reports, outcome) in groups.iter().zip(outcomes.iter_mut()) {
+        work.push(prepare(reports, rules, now, outcome));
+    }
+    let mut locks: Vec<(&str, &str)> = work
+        .iter()
+        .flat_map(|(users, _)| users.keys().copied())
+        .collect();
+    locks.sort_unstable();
+    locks.dedup();
+    if locks.is_empty() && work.iter().all(|(_, results)| results.is_empty()) {
+        return Ok(outcomes);
+    }
+    write_tx(conn, |conn| {
+        lock_users(conn, &locks)?;
+        for ((users, results), outcome) in work.iter().zip(outcomes.iter_mut()) {
+            for ((app_id, openid), candidates) in users {
+                store_user(conn, rules, now, app_id, openid, candidates, outcome)?;
+            }
+            count_results(conn, results, now)?;
+        }
+        Ok::<_, DbError>(())
+    })?;
+    Ok(outcomes)
+}
+
+type Users<'a> = BTreeMap<(&'a str, &'a str), Vec<Candidate<'a>>>;
+type Results<'a> = BTreeMap<(&'a str, &'a str, &'a str, &'a str), i64>;
+
+/// Validates one request's items: the valid ones grouped by user (in a fixed
+/// order), the rest rejected into `outcome`; subscription results tallied.
+fn prepare<'a>(
+    reports: &'a [Report],
+    rules: &Rules,
+    now: DateTime<Utc>,
+    outcome: &mut RecordOutcome,
+) -> (Users<'a>, Results<'a>) {
+    let mut users: Users<'a> = BTreeMap::new();
     // Every subscription result, accepted or not, counted per template.
-    let mut results: BTreeMap<(&str, &str, &str, &str), i64> = BTreeMap::new();
+    let mut results: Results<'a> = BTreeMap::new();
     for report in reports {
         let (app_id, openid) = (report.app_id.as_str(), report.openid.as_str());
         let candidates = users.entry((app_id, openid)).or_default();
@@ -135,25 +184,26 @@ pub fn record(
         }
     }
     users.retain(|_, candidates| !candidates.is_empty());
-    if users.is_empty() && results.is_empty() {
-        return Ok(outcome);
-    }
-
-    write_tx(conn, |conn| {
-        for ((app_id, openid), candidates) in &users {
-            store_user(conn, rules, now, app_id, openid, candidates, &mut outcome)?;
-        }
-        count_results(conn, &results, now)?;
-        Ok::<_, DbError>(())
-    })?;
-    Ok(outcome)
+    (users, results)
 }
 
-fn count_results(
-    conn: &mut DbConn,
-    results: &BTreeMap<(&str, &str, &str, &str), i64>,
-    now: DateTime<Utc>,
-) -> DbResult<()> {
+/// PostgreSQL: serialises reports of these users (sorted), so the per-user cap holds
+/// under concurrency. SQLite's write transaction already serialises everything.
+fn lock_users(conn: &mut DbConn, users: &[(&str, &str)]) -> DbResult<()> {
+    if let DbConn::Pg(pg) = conn {
+        for (app_id, openid) in users {
+            diesel::sql_query(
+                "SELECT pg_advisory_xact_lock(hashtextextended($1 || chr(31) || $2, 0))",
+            )
+            .bind::<diesel::sql_types::Text, _>(app_id)
+            .bind::<diesel::sql_types::Text, _>(openid)
+            .execute(pg)?;
+        }
+    }
+    Ok(())
+}
+
+fn count_results(conn: &mut DbConn, results: &Results<'_>, now: DateTime<Utc>) -> DbResult<()> {
     use crate::db::schema::subscription_results::dsl as r;
     use diesel::upsert::excluded;
     for ((app_id, openid, template_id, result), n) in results {
@@ -247,13 +297,6 @@ fn store_user(
     candidates: &[Candidate<'_>],
     outcome: &mut RecordOutcome,
 ) -> DbResult<()> {
-    if let DbConn::Pg(pg) = conn {
-        // Serialises reports of this one user, so the cap holds under concurrency.
-        diesel::sql_query("SELECT pg_advisory_xact_lock(hashtextextended($1 || chr(31) || $2, 0))")
-            .bind::<diesel::sql_types::Text, _>(app_id)
-            .bind::<diesel::sql_types::Text, _>(openid)
-            .execute(pg)?;
-    }
     let now_db = to_db(now);
     let values: Vec<&str> = candidates.iter().filter_map(|c| c.value).collect();
     let (live, known): (i64, Vec<Option<String>>) = dispatch!(conn, |conn| {

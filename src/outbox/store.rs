@@ -433,11 +433,11 @@ pub fn settle(
     })
 }
 
-/// A user reported credentials: their messages waiting for one are due now.
-pub fn wake_waiting(
+/// Users reported credentials: their messages waiting for one are due now.
+pub fn wake_waiting_many(
     conn: &mut DbConn,
     app_id: &str,
-    openid: &str,
+    openids: &[&str],
     now: DateTime<Utc>,
 ) -> DbResult<usize> {
     use messages::dsl as m;
@@ -445,7 +445,7 @@ pub fn wake_waiting(
     Ok(dispatch!(conn, |c| diesel::update(
         m::messages
             .filter(m::app_id.eq(app_id))
-            .filter(m::openid.eq(openid))
+            .filter(m::openid.eq_any(openids))
             .filter(m::status.eq(Status::Queued.as_str()))
             .filter(m::credential_id.is_null())
             .filter(m::next_attempt_at.gt(now_db))

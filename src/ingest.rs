@@ -1,0 +1,127 @@
+//! Group commit for reports: concurrent requests' reports are recorded together in
+//! one transaction (a commit per group, not per request), and each request is
+//! answered only after that commit — an acknowledged report is durable.
+//!
+//! Writers take whatever has queued while the previous group committed (at most
+//! [`MAX_REPORTS`] items), so under load groups grow and under light load a report
+//! goes alone with no added wait.
+
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot, Mutex};
+
+use crate::db::{Backend, Db, DbError, DbResult};
+use crate::ledger::{self, RecordOutcome, Report, Rules};
+use crate::outbox::store::wake_waiting_many;
+
+/// Items one group carries at most.
+const MAX_REPORTS: usize = 1000;
+/// Requests waiting for a writer before new ones wait for room.
+const QUEUE: usize = 4096;
+
+struct Job {
+    reports: Vec<Report>,
+    reply: oneshot::Sender<DbResult<(RecordOutcome, usize)>>,
+}
+
+/// The group-commit front of [`ledger::record`].
+pub struct Ingest {
+    queue: mpsc::Sender<Job>,
+}
+
+impl Ingest {
+    /// Starts the writers: one on SQLite (it has one writer anyway), a few on
+    /// PostgreSQL (groups commit in parallel; users are locked in one order).
+    pub fn start(db: Db, rules: Rules) -> Self {
+        let (queue, rx) = mpsc::channel(QUEUE);
+        let rx = Arc::new(Mutex::new(rx));
+        let writers = match db.backend() {
+            Backend::Sqlite => 1,
+            Backend::Postgres => 4,
+        };
+        for _ in 0..writers {
+            let (db, rules, rx) = (db.clone(), rules.clone(), rx.clone());
+            tokio::spawn(async move { write_groups(db, rules, rx).await });
+        }
+        Ingest { queue }
+    }
+
+    /// Records the reports (with those of concurrent callers) and wakes messages
+    /// waiting for these users; returns the outcome and how many messages woke.
+    pub async fn record(&self, reports: Vec<Report>) -> DbResult<(RecordOutcome, usize)> {
+        let (reply, answer) = oneshot::channel();
+        let gone = || DbError::Unavailable("the ingest writer stopped".into());
+        self.queue
+            .send(Job { reports, reply })
+            .await
+            .map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())?
+    }
+}
+
+async fn write_groups(db: Db, rules: Rules, rx: Arc<Mutex<mpsc::Receiver<Job>>>) {
+    loop {
+        let mut jobs = Vec::new();
+        {
+            let mut rx = rx.lock().await;
+            let Some(first) = rx.recv().await else {
+                return; // the service is gone
+            };
+            let mut items = first.reports.iter().map(|r| r.items.len()).sum::<usize>();
+            jobs.push(first);
+            while items < MAX_REPORTS {
+                let Ok(next) = rx.try_recv() else { break };
+                items += next.reports.iter().map(|r| r.items.len()).sum::<usize>();
+                jobs.push(next);
+            }
+        }
+        let (replies, groups): (Vec<_>, Vec<_>) =
+            jobs.into_iter().map(|j| (j.reply, j.reports)).unzip();
+        let rules = rules.clone();
+        let result = db
+            .run(move |conn| {
+                let now = crate::time::now();
+                let slices: Vec<&[Report]> = groups.iter().map(Vec::as_slice).collect();
+                let outcomes = ledger::record_group(conn, &rules, now, &slices)?;
+                // Messages waiting for these users go now: one statement per app.
+                let mut waiting: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
+                for (reports, outcome) in groups.iter().zip(&outcomes) {
+                    if outcome.accepted > 0 {
+                        for r in reports {
+                            waiting
+                                .entry(r.app_id.as_str())
+                                .or_default()
+                                .push(r.openid.as_str());
+                        }
+                    }
+                }
+                let mut woken = 0;
+                for (app_id, openids) in waiting {
+                    woken += wake_waiting_many(conn, app_id, &openids, now)?;
+                }
+                Ok((outcomes, woken))
+            })
+            .await;
+        match result {
+            Ok((outcomes, woken)) => {
+                // The wake-up count goes to the first request (it only nudges workers).
+                let mut woken = Some(woken);
+                for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                    let _ = reply.send(Ok((outcome, woken.take().unwrap_or(0))));
+                }
+            }
+            Err(e) => {
+                let message = e.to_string();
+                for reply in replies {
+                    let again = match &e {
+                        DbError::Unavailable(_) => DbError::Unavailable(message.clone()),
+                        DbError::Query(_) => {
+                            DbError::Unavailable(format!("recording failed: {message}"))
+                        }
+                    };
+                    let _ = reply.send(Err(again));
+                }
+            }
+        }
+    }
+}
