@@ -37,6 +37,12 @@
 #   on the fresh database, for experiments)
 #   Any LEDGER_* variable set by the caller reaches the service (e.g. LEDGER_DB_POOL_SIZE).
 set -euo pipefail
+
+# The service's rate limits would measure themselves (64 clients on one key exceed
+# the default 10,000/s per key): off unless the caller sets them.
+export LEDGER_RATE_KEY_PER_S="${LEDGER_RATE_KEY_PER_S:-0}"
+export LEDGER_RATE_SESSION_PER_MIN="${LEDGER_RATE_SESSION_PER_MIN:-0}"
+export LEDGER_RATE_IP_PER_MIN="${LEDGER_RATE_IP_PER_MIN:-0}"
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 
