@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use crate::secret::Secret;
 
-/// Every setting the service reads: (name without prefix, default shown in errors/docs).
-const KNOWN: &[&str] = &[
+/// Every setting the service reads, by its name without the `LEDGER_` prefix (the
+/// TOML file's key).
+pub const SETTINGS: &[&str] = &[
     "bind",
     "database_url",
     "db_pool_size",
@@ -236,14 +237,14 @@ impl Settings {
             Some(text) => toml_values(text)?,
             None => BTreeMap::new(),
         };
-        for key in KNOWN {
+        for key in SETTINGS {
             if let Some(v) = env.get(&env_name(key)) {
                 values.insert((*key).to_string(), v.clone());
             }
         }
         for name in env.keys() {
             let key = name.trim_start_matches("LEDGER_").to_ascii_lowercase();
-            if name != "LEDGER_CONFIG" && !KNOWN.contains(&key.as_str()) {
+            if name != "LEDGER_CONFIG" && !SETTINGS.contains(&key.as_str()) {
                 log::warn!("ignoring unknown environment variable {name}");
             }
         }
@@ -386,7 +387,7 @@ fn toml_values(text: &str) -> Result<BTreeMap<String, String>, SettingsError> {
     })?;
     let mut out = BTreeMap::new();
     for (key, value) in table {
-        if !KNOWN.contains(&key.as_str()) {
+        if !SETTINGS.contains(&key.as_str()) {
             return Err(SettingsError {
                 name: "LEDGER_CONFIG".into(),
                 problem: format!("unknown setting {key:?}"),

@@ -113,6 +113,29 @@ async fn slow_simulator(http: &reqwest::Client) -> (Proc, String) {
     (sim, base)
 }
 
+/// Polls the message until it is final (or the deadline passes) and returns it.
+async fn final_message(http: &reqwest::Client, base: &str, id: &str, deadline: Instant) -> Value {
+    loop {
+        let m: Value = http
+            .get(format!("{base}/v1/messages/{id}"))
+            .bearer_auth(KEY_SEND)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if ["sent", "no_quota", "failed"].contains(&m["status"].as_str().unwrap_or("")) {
+            return m;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "message {id} never finished: {m}"
+        );
+        actix_web::rt::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn kill_in_flight(tdb: TestDb) {
     let http = reqwest::Client::new();
     let (_sim, sim_base) = slow_simulator(&http).await;
@@ -185,35 +208,12 @@ async fn kill_in_flight(tdb: TestDb) {
     let mut interrupted = 0;
     let deadline = Instant::now() + Duration::from_secs(90);
     for id in &ids {
-        loop {
-            let m: Value = http
-                .get(format!("{base_b}/v1/messages/{id}"))
-                .bearer_auth(KEY_SEND)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            let status = m["status"].as_str().unwrap().to_string();
-            if ["sent", "no_quota", "failed"].contains(&status.as_str()) {
-                let code = m["error"]["code"].as_str().unwrap_or("").to_string();
-                interrupted += usize::from(
-                    m["attempts"]
-                        .as_array()
-                        .unwrap()
-                        .iter()
-                        .any(|a| a["outcome"] == "interrupted"),
-                );
-                *by_status.entry(format!("{status}/{code}")).or_default() += 1;
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "message {id} never finished: {m}"
-            );
-            actix_web::rt::time::sleep(Duration::from_millis(50)).await;
-        }
+        let m = final_message(&http, &base_b, id, deadline).await;
+        let status = m["status"].as_str().unwrap_or_default();
+        let code = m["error"]["code"].as_str().unwrap_or("");
+        let attempts = m["attempts"].as_array().unwrap();
+        interrupted += usize::from(attempts.iter().any(|a| a["outcome"] == "interrupted"));
+        *by_status.entry(format!("{status}/{code}")).or_default() += 1;
     }
     let deliveries: Vec<Value> = http
         .get(format!("{sim_base}/sim/deliveries"))
@@ -352,36 +352,13 @@ async fn sigterm_in_flight(tdb: TestDb) {
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut sent = 0;
     for id in &ids {
-        loop {
-            let m: Value = http
-                .get(format!("{base_b}/v1/messages/{id}"))
-                .bearer_auth(KEY_SEND)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            let outcomes: Vec<&str> = m["attempts"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|a| a["outcome"].as_str().unwrap())
-                .collect();
-            assert!(
-                !outcomes.contains(&"interrupted"),
-                "a graceful stop left a call in doubt: {m}"
-            );
-            if m["status"] == "sent" {
-                sent += 1;
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "message {id} never finished: {m}"
-            );
-            actix_web::rt::time::sleep(Duration::from_millis(50)).await;
-        }
+        let m = final_message(&http, &base_b, id, deadline).await;
+        let attempts = m["attempts"].as_array().unwrap();
+        assert!(
+            attempts.iter().all(|a| a["outcome"] != "interrupted"),
+            "a graceful stop left a call in doubt: {m}"
+        );
+        sent += usize::from(m["status"] == "sent");
     }
     assert_eq!(sent, 60);
     let deliveries: Vec<Value> = http

@@ -23,39 +23,7 @@ use arbitrary::Arbitrary;
 use formid_ledger::settings::Settings;
 use libfuzzer_sys::fuzz_target;
 
-/// `settings::KNOWN` (private there), as the README documents the settings.
-const KNOWN: &[&str] = &[
-    "bind",
-    "database_url",
-    "db_pool_size",
-    "wechat_api_base",
-    "apps",
-    "api_keys",
-    "session_secret",
-    "prepay_id_uses",
-    "token_api",
-    "user_cap",
-    "expiry_margin_s",
-    "http_workers",
-    "token_refresh_margin_s",
-    "session_ttl_s",
-    "wechat_timeout_s",
-    "sender_workers",
-    "sender_lease_s",
-    "young_window_s",
-    "young_retry_s",
-    "send_max_retries",
-    "send_backoff_base_ms",
-    "shutdown_timeout_s",
-    "purge_interval_s",
-    "credential_retention_s",
-    "message_retention_s",
-    "idempotency_retention_s",
-    "subscription_templates",
-    "rate_session_per_min",
-    "rate_ip_per_min",
-    "rate_key_per_s",
-];
+use formid_ledger::settings::SETTINGS as KNOWN;
 
 #[derive(Arbitrary, Debug)]
 enum Name {
