@@ -1,6 +1,27 @@
 // @generated automatically by Diesel CLI.
 
 diesel::table! {
+    access_tokens (app_id) {
+        app_id -> Text,
+        token -> Text,
+        expires_at -> Timestamp,
+        fetched_at -> Nullable<Timestamp>,
+        lease_owner -> Nullable<Text>,
+        lease_until -> Nullable<Timestamp>,
+        failures -> Int4,
+        last_error -> Nullable<Text>,
+    }
+}
+
+diesel::table! {
+    app_pauses (app_id) {
+        app_id -> Text,
+        until -> Timestamp,
+        reason -> Text,
+    }
+}
+
+diesel::table! {
     credentials (id) {
         id -> Int8,
         app_id -> Text,
@@ -20,23 +41,33 @@ diesel::table! {
 }
 
 diesel::table! {
-    access_tokens (app_id) {
-        app_id -> Text,
-        token -> Text,
-        expires_at -> Timestamp,
-        fetched_at -> Nullable<Timestamp>,
-        lease_owner -> Nullable<Text>,
-        lease_until -> Nullable<Timestamp>,
-        failures -> Int4,
-        last_error -> Nullable<Text>,
+    idempotency_keys (id) {
+        id -> Int8,
+        scope -> Text,
+        key -> Text,
+        request_hash -> Text,
+        message_id -> Int8,
+        created_at -> Timestamp,
     }
 }
 
 diesel::table! {
-    service_secrets (name) {
+    jobs (name) {
         name -> Text,
-        value -> Text,
-        created_at -> Timestamp,
+        lease_owner -> Nullable<Text>,
+        lease_until -> Nullable<Timestamp>,
+        last_run_at -> Nullable<Timestamp>,
+    }
+}
+
+diesel::table! {
+    message_attempts (id) {
+        id -> Int8,
+        message_id -> Int8,
+        at -> Timestamp,
+        credential_id -> Nullable<Int8>,
+        wechat_errcode -> Nullable<Int4>,
+        outcome -> Text,
     }
 }
 
@@ -73,41 +104,10 @@ diesel::table! {
 }
 
 diesel::table! {
-    jobs (name) {
+    service_secrets (name) {
         name -> Text,
-        lease_owner -> Nullable<Text>,
-        lease_until -> Nullable<Timestamp>,
-        last_run_at -> Nullable<Timestamp>,
-    }
-}
-
-diesel::table! {
-    message_attempts (id) {
-        id -> Int8,
-        message_id -> Int8,
-        at -> Timestamp,
-        credential_id -> Nullable<Int8>,
-        wechat_errcode -> Nullable<Int4>,
-        outcome -> Text,
-    }
-}
-
-diesel::table! {
-    idempotency_keys (id) {
-        id -> Int8,
-        scope -> Text,
-        key -> Text,
-        request_hash -> Text,
-        message_id -> Int8,
+        value -> Text,
         created_at -> Timestamp,
-    }
-}
-
-diesel::table! {
-    app_pauses (app_id) {
-        app_id -> Text,
-        until -> Timestamp,
-        reason -> Text,
     }
 }
 
