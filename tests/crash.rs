@@ -113,18 +113,22 @@ async fn slow_simulator(http: &reqwest::Client) -> (Proc, String) {
     (sim, base)
 }
 
+/// GET with an API key, as JSON.
+async fn get_json(http: &reqwest::Client, url: String, key: &str) -> Value {
+    http.get(url)
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 /// Polls the message until it is final (or the deadline passes) and returns it.
 async fn final_message(http: &reqwest::Client, base: &str, id: &str, deadline: Instant) -> Value {
     loop {
-        let m: Value = http
-            .get(format!("{base}/v1/messages/{id}"))
-            .bearer_auth(KEY_SEND)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let m = get_json(http, format!("{base}/v1/messages/{id}"), KEY_SEND).await;
         if ["sent", "no_quota", "failed"].contains(&m["status"].as_str().unwrap_or("")) {
             return m;
         }
@@ -255,15 +259,12 @@ async fn kill_in_flight(tdb: TestDb) {
     );
     let mut left = 0;
     for u in 0..20 {
-        let q: Value = http
-            .get(format!("{base_b}/v1/admin/users/user{u}/quota"))
-            .bearer_auth(KEY_ADMIN)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let q = get_json(
+            &http,
+            format!("{base_b}/v1/admin/users/user{u}/quota"),
+            KEY_ADMIN,
+        )
+        .await;
         left += q["sendable"].as_u64().unwrap() as usize;
     }
     assert_eq!(

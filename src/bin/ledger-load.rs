@@ -325,6 +325,35 @@ struct Tally {
     lat_us: Vec<u32>,
 }
 
+impl Tally {
+    /// One measured operation: its items and latency, or its error.
+    fn add(&mut self, result: Result<u64, String>, took: Duration) {
+        match result {
+            Ok(items) => {
+                self.requests += 1;
+                self.items += items;
+                self.lat_us
+                    .push(u32::try_from(took.as_micros()).unwrap_or(u32::MAX));
+            }
+            Err(e) => {
+                self.errors += 1;
+                self.error_sample.get_or_insert(e);
+            }
+        }
+    }
+
+    /// Adds another thread's or task's tally.
+    fn merge(&mut self, other: Tally) {
+        self.requests += other.requests;
+        self.items += other.items;
+        self.errors += other.errors;
+        if self.error_sample.is_none() {
+            self.error_sample = other.error_sample;
+        }
+        self.lat_us.extend(other.lat_us);
+    }
+}
+
 struct LoopResult {
     tally: Tally,
     secs: f64,
@@ -380,29 +409,9 @@ where
                 if start < measure_from || done > end {
                     continue;
                 }
-                match r {
-                    Ok(items) => {
-                        mine.requests += 1;
-                        mine.items += items;
-                        mine.lat_us
-                            .push(u32::try_from((done - start).as_micros()).unwrap_or(u32::MAX));
-                    }
-                    Err(e) => {
-                        mine.errors += 1;
-                        if mine.error_sample.is_none() {
-                            mine.error_sample = Some(e);
-                        }
-                    }
-                }
+                mine.add(r, done - start);
             }
-            let mut t = tally.lock().unwrap();
-            t.requests += mine.requests;
-            t.items += mine.items;
-            t.errors += mine.errors;
-            if t.error_sample.is_none() {
-                t.error_sample = mine.error_sample;
-            }
-            t.lat_us.extend(mine.lat_us);
+            tally.lock().unwrap().merge(mine);
         });
     }
     local.await;
@@ -828,18 +837,7 @@ fn ceiling(a: CeilingArgs) -> Result<Value, String> {
                 if start < measure_from || done > end {
                     continue;
                 }
-                match r {
-                    Ok(items) => {
-                        t.requests += 1;
-                        t.items += items;
-                        t.lat_us
-                            .push(u32::try_from((done - start).as_micros()).unwrap_or(u32::MAX));
-                    }
-                    Err(e) => {
-                        t.errors += 1;
-                        t.error_sample.get_or_insert(e);
-                    }
-                }
+                t.add(r, done - start);
             }
             Ok(t)
         }));
@@ -847,13 +845,7 @@ fn ceiling(a: CeilingArgs) -> Result<Value, String> {
     let mut all = Tally::default();
     for h in handles {
         let t = h.join().map_err(|_| "thread panicked".to_string())??;
-        all.requests += t.requests;
-        all.items += t.items;
-        all.errors += t.errors;
-        if all.error_sample.is_none() {
-            all.error_sample = t.error_sample;
-        }
-        all.lat_us.extend(t.lat_us);
+        all.merge(t);
     }
     all.lat_us.sort_unstable();
     let secs = a.duration;
