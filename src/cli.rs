@@ -1,4 +1,7 @@
-//! The command line: `serve` (the default) and `migrate`.
+//! The command line, seven commands: `serve` (the default) runs the service,
+//! `migrate` applies the migrations, `sim` runs the WeChat simulator alone, and
+//! `quota`, `purge`, `stats` and `token` are small admin commands on the database
+//! the settings name. Settings come from `LEDGER_*` variables, as for `serve`.
 
 use std::io::Write;
 use std::net::TcpListener;

@@ -11,32 +11,12 @@ use crate::db::schema::jobs::dsl as j;
 use crate::db::{purge_where, single_write, Db, DbConn, DbResult};
 use crate::dispatch;
 use crate::ledger;
+use crate::settings::Retention;
 use crate::time::to_db;
 
 /// Rows per DELETE: small enough that no statement holds a lock for long.
 pub const BATCH: u32 = 1000;
 const JOB: &str = "purge";
-
-/// How long things are kept.
-#[derive(Debug, Clone)]
-pub struct Retention {
-    /// Used-up, invalid or expired credentials, after they died.
-    pub credentials: Duration,
-    /// Finished messages (with their attempts), after they were created.
-    pub messages: Duration,
-    /// Idempotency keys (the contract promises at least 24 h).
-    pub idempotency_keys: Duration,
-}
-
-impl Default for Retention {
-    fn default() -> Self {
-        Retention {
-            credentials: Duration::from_secs(7 * 86_400),
-            messages: Duration::from_secs(30 * 86_400),
-            idempotency_keys: Duration::from_secs(86_400),
-        }
-    }
-}
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Purged {

@@ -7,42 +7,9 @@ use std::net::ToSocketAddrs;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::auth::{ApiKey, Role};
+pub use crate::db::DatabaseUrl;
 use crate::secret::Secret;
-
-/// Every setting the service reads, by its name without the `LEDGER_` prefix (the
-/// TOML file's key).
-pub const SETTINGS: &[&str] = &[
-    "bind",
-    "database_url",
-    "db_pool_size",
-    "wechat_api_base",
-    "apps",
-    "api_keys",
-    "session_secret",
-    "prepay_id_uses",
-    "token_api",
-    "user_cap",
-    "expiry_margin_s",
-    "http_workers",
-    "token_refresh_margin_s",
-    "session_ttl_s",
-    "wechat_timeout_s",
-    "sender_workers",
-    "sender_lease_s",
-    "young_window_s",
-    "young_retry_s",
-    "send_max_retries",
-    "send_backoff_base_ms",
-    "shutdown_timeout_s",
-    "purge_interval_s",
-    "credential_retention_s",
-    "message_retention_s",
-    "idempotency_retention_s",
-    "subscription_templates",
-    "rate_session_per_min",
-    "rate_ip_per_min",
-    "rate_key_per_s",
-];
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("invalid setting {name}: {problem}")]
@@ -64,29 +31,6 @@ fn env_name(key: &str) -> String {
     format!("LEDGER_{}", key.to_ascii_uppercase())
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum DatabaseUrl {
-    /// `sqlite://PATH` (relative paths are relative to the working directory).
-    Sqlite(PathBuf),
-    /// `postgres://…` or `postgresql://…`, passed to libpq as is.
-    Postgres(Secret),
-}
-
-impl DatabaseUrl {
-    pub fn parse(url: &str) -> Result<Self, String> {
-        if let Some(path) = url.strip_prefix("sqlite://") {
-            if path.is_empty() {
-                return Err("sqlite:// needs a file path, e.g. sqlite://data/ledger.db".into());
-            }
-            Ok(DatabaseUrl::Sqlite(PathBuf::from(path)))
-        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            Ok(DatabaseUrl::Postgres(Secret::new(url)))
-        } else {
-            Err("expected sqlite://PATH or postgres://…".into())
-        }
-    }
-}
-
 /// A mini-program the service serves: its appid and app secret.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct App {
@@ -94,41 +38,59 @@ pub struct App {
     pub secret: Secret,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Role {
-    Send,
-    Admin,
-    Token,
-}
-
-impl Role {
-    pub fn name(self) -> &'static str {
-        match self {
-            Role::Send => "send",
-            Role::Admin => "admin",
-            Role::Token => "token",
-        }
-    }
-
-    fn parse(s: &str) -> Option<Role> {
-        [Role::Send, Role::Admin, Role::Token]
-            .into_iter()
-            .find(|r| r.name() == s)
-    }
-}
-
-/// An API key: `name:role+role:key`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ApiKey {
-    pub name: String,
-    pub roles: Vec<Role>,
-    pub key: Secret,
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TokenApi {
     Classic,
     Stable,
+}
+
+impl TokenApi {
+    fn parse(raw: &str) -> Result<Self, String> {
+        match raw {
+            "classic" => Ok(TokenApi::Classic),
+            "stable" => Ok(TokenApi::Stable),
+            _ => Err(format!("{raw:?} is neither classic nor stable")),
+        }
+    }
+}
+
+/// How long housekeeping keeps things.
+#[derive(Debug, Clone)]
+pub struct Retention {
+    /// Used-up, invalid or expired credentials, after they died.
+    pub credentials: Duration,
+    /// Finished messages (with their attempts), after they were created.
+    pub messages: Duration,
+    /// Idempotency keys (the contract promises at least 24 h).
+    pub idempotency_keys: Duration,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            credentials: Duration::from_secs(7 * 86_400),
+            messages: Duration::from_secs(30 * 86_400),
+            idempotency_keys: Duration::from_secs(86_400),
+        }
+    }
+}
+
+/// Rate limits of the HTTP endpoints (0: unlimited).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub per_session_per_minute: u32,
+    pub per_ip_per_minute: u32,
+    pub per_key_per_second: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            per_session_per_minute: 120,
+            per_ip_per_minute: 1200,
+            per_key_per_second: 10_000,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -171,12 +133,12 @@ pub struct Settings {
     pub shutdown_timeout: Duration,
     /// How often (in whichever instance gets the turn) housekeeping purges.
     pub purge_interval: Duration,
-    pub retention: crate::housekeeping::Retention,
+    pub retention: Retention,
     /// Templates sent with subscribe-send in every app (more can be registered per
     /// app through the admin API).
     pub subscription_templates: Vec<String>,
     /// Rate limits (0: unlimited).
-    pub limits: crate::http::limits::Limits,
+    pub limits: Limits,
 }
 
 impl Default for Settings {
@@ -205,9 +167,9 @@ impl Default for Settings {
             send_backoff_base: Duration::from_millis(500),
             shutdown_timeout: Duration::from_secs(20),
             purge_interval: Duration::from_secs(600),
-            retention: crate::housekeeping::Retention::default(),
+            retention: Retention::default(),
             subscription_templates: Vec::new(),
-            limits: crate::http::limits::Limits::default(),
+            limits: Limits::default(),
         }
     }
 }
@@ -237,124 +199,25 @@ impl Settings {
             Some(text) => toml_values(text)?,
             None => BTreeMap::new(),
         };
-        for key in SETTINGS {
-            if let Some(v) = env.get(&env_name(key)) {
-                values.insert((*key).to_string(), v.clone());
+        for setting in SETTINGS {
+            if let Some(v) = env.get(&env_name(setting.name)) {
+                values.insert(setting.name.to_string(), v.clone());
             }
         }
         for name in env.keys() {
             let key = name.trim_start_matches("LEDGER_").to_ascii_lowercase();
-            if name != "LEDGER_CONFIG" && !SETTINGS.contains(&key.as_str()) {
+            if name != "LEDGER_CONFIG" && by_name(&key).is_none() {
                 log::warn!("ignoring unknown environment variable {name}");
             }
         }
         let mut s = Settings::default();
         for (key, raw) in &values {
-            s.apply(key, raw.trim())
+            let setting = by_name(key).ok_or_else(|| SettingsError::new(key, "unknown setting"))?;
+            (setting.apply)(&mut s, raw.trim())
                 .map_err(|problem| SettingsError::new(key, problem))?;
         }
         s.check_consistency()?;
         Ok(s)
-    }
-
-    fn apply(&mut self, key: &str, raw: &str) -> Result<(), String> {
-        match key {
-            "bind" => {
-                raw.to_socket_addrs()
-                    .map_err(|e| format!("{raw:?} is not host:port ({e})"))?;
-                self.bind = raw.into();
-            }
-            "database_url" => self.database_url = DatabaseUrl::parse(raw)?,
-            "db_pool_size" => self.db_pool_size = parse_int(raw, 1, 1000)?,
-            "wechat_api_base" => {
-                if !(raw.starts_with("http://") || raw.starts_with("https://")) {
-                    return Err(format!("{raw:?} is not an http(s) URL"));
-                }
-                self.wechat_api_base = raw.trim_end_matches('/').into();
-            }
-            "apps" => self.apps = parse_apps(raw)?,
-            "api_keys" => self.api_keys = parse_api_keys(raw)?,
-            "session_secret" => {
-                if raw.len() < 32 {
-                    return Err("must be at least 32 characters".into());
-                }
-                self.session_secret = Some(Secret::new(raw));
-            }
-            "prepay_id_uses" => self.prepay_id_uses = parse_int(raw, 1, 100)?,
-            "token_api" => {
-                self.token_api = match raw {
-                    "classic" => TokenApi::Classic,
-                    "stable" => TokenApi::Stable,
-                    _ => return Err(format!("{raw:?} is neither classic nor stable")),
-                }
-            }
-            "user_cap" => self.user_cap = parse_int(raw, 1, 100_000)?,
-            "expiry_margin_s" => {
-                self.expiry_margin = Duration::from_secs(parse_int(raw, 0, 86_400)?.into())
-            }
-            "http_workers" => self.http_workers = parse_int(raw, 0, 256)? as usize,
-            "token_refresh_margin_s" => {
-                self.token_refresh_margin = Duration::from_secs(parse_int(raw, 0, 3600)?.into())
-            }
-            "session_ttl_s" => {
-                self.session_ttl = Duration::from_secs(parse_int(raw, 60, 365 * 86_400)?.into())
-            }
-            "wechat_timeout_s" => {
-                self.wechat_timeout = Duration::from_secs(parse_int(raw, 1, 120)?.into())
-            }
-            "sender_workers" => self.sender_workers = parse_int(raw, 1, 256)? as usize,
-            "sender_lease_s" => {
-                self.sender_lease = Duration::from_secs(parse_int(raw, 2, 3600)?.into())
-            }
-            "young_window_s" => {
-                self.young_window = Duration::from_secs(parse_int(raw, 0, 3600)?.into())
-            }
-            "young_retry_s" => {
-                self.young_retry = Duration::from_secs(parse_int(raw, 0, 600)?.into())
-            }
-            "send_max_retries" => self.send_max_retries = parse_int(raw, 0, 100)?,
-            "send_backoff_base_ms" => {
-                self.send_backoff_base = Duration::from_millis(parse_int(raw, 1, 60_000)?.into())
-            }
-            "purge_interval_s" => {
-                self.purge_interval = Duration::from_secs(parse_int(raw, 1, 86_400)?.into())
-            }
-            "credential_retention_s" => {
-                self.retention.credentials =
-                    Duration::from_secs(parse_int(raw, 0, u32::MAX)?.into())
-            }
-            "message_retention_s" => {
-                self.retention.messages =
-                    Duration::from_secs(parse_int(raw, 3600, u32::MAX)?.into())
-            }
-            "idempotency_retention_s" => {
-                // The contract keeps keys at least 24 h.
-                self.retention.idempotency_keys =
-                    Duration::from_secs(parse_int(raw, 86_400, u32::MAX)?.into())
-            }
-            "rate_session_per_min" => {
-                self.limits.per_session_per_minute = parse_int(raw, 0, 1_000_000)?
-            }
-            "rate_ip_per_min" => self.limits.per_ip_per_minute = parse_int(raw, 0, 10_000_000)?,
-            "rate_key_per_s" => self.limits.per_key_per_second = parse_int(raw, 0, 10_000_000)?,
-            "subscription_templates" => {
-                let list: Vec<String> = raw
-                    .split(',')
-                    .map(str::trim)
-                    .filter(|t| !t.is_empty())
-                    .map(String::from)
-                    .collect();
-                if let Some(bad) = list.iter().find(|t| !crate::ledger::is_valid_value(t)) {
-                    return Err(format!("{bad:?} is not a template id"));
-                }
-                self.subscription_templates = list;
-            }
-            "shutdown_timeout_s" => {
-                self.shutdown_timeout = Duration::from_secs(parse_int(raw, 0, 600)?.into())
-            }
-            _ => return Err("unknown setting".into()),
-        }
-        Ok(())
     }
 
     fn check_consistency(&self) -> Result<(), SettingsError> {
@@ -378,6 +241,66 @@ impl Settings {
     }
 }
 
+/// One setting: its name (the TOML file's key; `LEDGER_` and the name in capitals in
+/// the environment) and how its text becomes a field of [`Settings`].
+pub struct Setting {
+    pub name: &'static str,
+    apply: fn(&mut Settings, &str) -> Result<(), String>,
+}
+
+/// Declares [`SETTINGS`], one line per setting: `name => |settings, text| assignment`.
+macro_rules! settings {
+    ($($name:ident => |$s:ident, $v:ident| $assign:expr;)*) => {
+        /// Every setting the service reads. Adding one is a line here, a field of
+        /// [`Settings`] and its default.
+        pub const SETTINGS: &[Setting] = &[$(Setting {
+            name: stringify!($name),
+            apply: |$s, $v| {
+                $assign;
+                Ok(())
+            },
+        }),*];
+    };
+}
+
+settings! {
+    bind => |s, v| s.bind = socket_address(v)?;
+    database_url => |s, v| s.database_url = DatabaseUrl::parse(v)?;
+    db_pool_size => |s, v| s.db_pool_size = int(v, 1, 1000)?;
+    wechat_api_base => |s, v| s.wechat_api_base = http_url(v)?;
+    apps => |s, v| s.apps = parse_apps(v)?;
+    api_keys => |s, v| s.api_keys = parse_api_keys(v)?;
+    session_secret => |s, v| s.session_secret = Some(session_secret(v)?);
+    prepay_id_uses => |s, v| s.prepay_id_uses = int(v, 1, 100)?;
+    token_api => |s, v| s.token_api = TokenApi::parse(v)?;
+    user_cap => |s, v| s.user_cap = int(v, 1, 100_000)?;
+    expiry_margin_s => |s, v| s.expiry_margin = secs(v, 0, 86_400)?;
+    http_workers => |s, v| s.http_workers = int(v, 0, 256)? as usize;
+    token_refresh_margin_s => |s, v| s.token_refresh_margin = secs(v, 0, 3600)?;
+    session_ttl_s => |s, v| s.session_ttl = secs(v, 60, 365 * 86_400)?;
+    wechat_timeout_s => |s, v| s.wechat_timeout = secs(v, 1, 120)?;
+    sender_workers => |s, v| s.sender_workers = int(v, 1, 256)? as usize;
+    sender_lease_s => |s, v| s.sender_lease = secs(v, 2, 3600)?;
+    young_window_s => |s, v| s.young_window = secs(v, 0, 3600)?;
+    young_retry_s => |s, v| s.young_retry = secs(v, 0, 600)?;
+    send_max_retries => |s, v| s.send_max_retries = int(v, 0, 100)?;
+    send_backoff_base_ms => |s, v| s.send_backoff_base = Duration::from_millis(int(v, 1, 60_000)?.into());
+    shutdown_timeout_s => |s, v| s.shutdown_timeout = secs(v, 0, 600)?;
+    purge_interval_s => |s, v| s.purge_interval = secs(v, 1, 86_400)?;
+    credential_retention_s => |s, v| s.retention.credentials = secs(v, 0, u32::MAX)?;
+    message_retention_s => |s, v| s.retention.messages = secs(v, 3600, u32::MAX)?;
+    // The contract keeps idempotency keys at least 24 h.
+    idempotency_retention_s => |s, v| s.retention.idempotency_keys = secs(v, 86_400, u32::MAX)?;
+    subscription_templates => |s, v| s.subscription_templates = template_ids(v)?;
+    rate_session_per_min => |s, v| s.limits.per_session_per_minute = int(v, 0, 1_000_000)?;
+    rate_ip_per_min => |s, v| s.limits.per_ip_per_minute = int(v, 0, 10_000_000)?;
+    rate_key_per_s => |s, v| s.limits.per_key_per_second = int(v, 0, 10_000_000)?;
+}
+
+fn by_name(name: &str) -> Option<&'static Setting> {
+    SETTINGS.iter().find(|s| s.name == name)
+}
+
 /// Flattens the TOML file into `key → text`; numbers and booleans become text so the
 /// file and the environment go through one parser.
 fn toml_values(text: &str) -> Result<BTreeMap<String, String>, SettingsError> {
@@ -387,7 +310,7 @@ fn toml_values(text: &str) -> Result<BTreeMap<String, String>, SettingsError> {
     })?;
     let mut out = BTreeMap::new();
     for (key, value) in table {
-        if !SETTINGS.contains(&key.as_str()) {
+        if by_name(&key).is_none() {
             return Err(SettingsError {
                 name: "LEDGER_CONFIG".into(),
                 problem: format!("unknown setting {key:?}"),
@@ -410,11 +333,50 @@ fn toml_values(text: &str) -> Result<BTreeMap<String, String>, SettingsError> {
     Ok(out)
 }
 
-fn parse_int(raw: &str, min: u32, max: u32) -> Result<u32, String> {
+fn int(raw: &str, min: u32, max: u32) -> Result<u32, String> {
     match raw.parse::<u32>() {
         Ok(n) if (min..=max).contains(&n) => Ok(n),
         _ => Err(format!("{raw:?} is not a whole number in {min}..={max}")),
     }
+}
+
+/// Whole seconds in `min..=max`.
+fn secs(raw: &str, min: u32, max: u32) -> Result<Duration, String> {
+    Ok(Duration::from_secs(int(raw, min, max)?.into()))
+}
+
+fn socket_address(raw: &str) -> Result<String, String> {
+    raw.to_socket_addrs()
+        .map_err(|e| format!("{raw:?} is not host:port ({e})"))?;
+    Ok(raw.into())
+}
+
+fn http_url(raw: &str) -> Result<String, String> {
+    if !(raw.starts_with("http://") || raw.starts_with("https://")) {
+        return Err(format!("{raw:?} is not an http(s) URL"));
+    }
+    Ok(raw.trim_end_matches('/').into())
+}
+
+fn session_secret(raw: &str) -> Result<Secret, String> {
+    if raw.len() < 32 {
+        return Err("must be at least 32 characters".into());
+    }
+    Ok(Secret::new(raw))
+}
+
+/// A comma-separated list of template ids, each a value as the ledger takes it.
+fn template_ids(raw: &str) -> Result<Vec<String>, String> {
+    let list: Vec<String> = raw
+        .split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(String::from)
+        .collect();
+    if let Some(bad) = list.iter().find(|t| !crate::ledger::is_valid_value(t)) {
+        return Err(format!("{bad:?} is not a template id"));
+    }
+    Ok(list)
 }
 
 fn is_plain_token(s: &str) -> bool {
@@ -447,6 +409,7 @@ pub fn parse_apps(raw: &str) -> Result<Vec<App>, String> {
     Ok(apps)
 }
 
+/// `name:role+role:key[,…]`.
 fn parse_api_keys(raw: &str) -> Result<Vec<ApiKey>, String> {
     let mut keys: Vec<ApiKey> = Vec::new();
     for entry in raw.split(',').map(str::trim).filter(|e| !e.is_empty()) {
@@ -572,6 +535,21 @@ mod tests {
     fn apps_without_keys_are_refused() {
         let err = Settings::from_sources(None, &env(&[("LEDGER_APPS", "wx1:sec")])).unwrap_err();
         assert_eq!(err.name, "LEDGER_API_KEYS");
+    }
+
+    #[test]
+    fn each_setting_is_declared_once_and_read_from_its_variable() {
+        let mut names: Vec<&str> = SETTINGS.iter().map(|s| s.name).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), SETTINGS.len(), "a setting is declared twice");
+        // A bad value is reported under the variable's name: the table reached it.
+        for setting in SETTINGS {
+            let name = env_name(setting.name);
+            let err = Settings::from_sources(None, &env(&[(name.as_str(), "\u{7f}")]))
+                .expect_err(&name);
+            assert_eq!(err.name, name);
+        }
     }
 
     #[test]

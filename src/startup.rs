@@ -8,6 +8,7 @@ use actix_web::dev::Server;
 use actix_web::{middleware, web, App, HttpServer};
 use base64::Engine;
 
+use crate::auth::{ApiKey, Role, SessionKey};
 use crate::db::{Db, DbError};
 use crate::http::{self, AppState};
 use crate::metrics::Metrics;
@@ -15,8 +16,7 @@ use crate::outbox::policy::Policy;
 use crate::outbox::sender::SenderConfig;
 use crate::outbox::Sender;
 use crate::secret::Secret;
-use crate::session::SessionKey;
-use crate::settings::{ApiKey, Role, Settings};
+use crate::settings::{Retention, Settings};
 use crate::sim::{SimConfig, Simulator};
 use crate::tokens::{TokenError, TokenManager};
 use crate::wechat::client::WechatClient;
@@ -52,7 +52,7 @@ pub struct Application {
     sender: Arc<Sender>,
     shutdown_timeout: Duration,
     purge_interval: Duration,
-    retention: crate::housekeeping::Retention,
+    retention: Retention,
     state: web::Data<AppState>,
     stop: tokio::sync::watch::Sender<bool>,
 }

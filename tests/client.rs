@@ -4,8 +4,8 @@ mod common;
 
 use chrono::{TimeDelta, Utc};
 use common::{TestApp, APP, KEY_ADMIN, KEY_ALL, KEY_SEND};
+use formid_ledger::auth::SessionKey;
 use formid_ledger::secret::Secret;
-use formid_ledger::session::SessionKey;
 use formid_ledger::sim::{FaultSet, Faults};
 use serde_json::{json, Value};
 

@@ -5,8 +5,9 @@ mod common;
 use chrono::{TimeDelta, Utc};
 use diesel::prelude::*;
 use formid_ledger::db::schema::messages::dsl as m;
-use formid_ledger::housekeeping::{purge, Purged, Retention};
+use formid_ledger::housekeeping::{purge, Purged};
 use formid_ledger::outbox::{self, Content, IdempotencyKey, NewMessage, Submitted};
+use formid_ledger::settings::Retention;
 
 fn message(openid: &str) -> NewMessage {
     NewMessage {

@@ -34,7 +34,7 @@ enum Name {
 impl Name {
     fn key(&self) -> String {
         match self {
-            Name::Known(i) => KNOWN[*i as usize % KNOWN.len()].to_string(),
+            Name::Known(i) => KNOWN[*i as usize % KNOWN.len()].name.to_string(),
             Name::Other(s) => s.clone(),
         }
     }
@@ -181,7 +181,7 @@ fuzz_target!(|input: Input| {
     let message = err.to_string();
     let setting = err.name.strip_prefix("LEDGER_").map(str::to_ascii_lowercase);
     assert!(
-        err.name == "LEDGER_CONFIG" || setting.as_deref().is_some_and(|s| KNOWN.contains(&s)),
+        err.name == "LEDGER_CONFIG" || setting.as_deref().is_some_and(|s| KNOWN.iter().any(|k| k.name == s)),
         "the error names no setting: {err:?}"
     );
     assert!(message.contains(&err.name), "{message:?} does not say {}", err.name);

@@ -5,6 +5,7 @@
 
 pub mod schema;
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use diesel::connection::{AnsiTransactionManager, SimpleConnection, TransactionManager};
@@ -12,13 +13,37 @@ use diesel::prelude::*;
 use diesel::r2d2::{ConnectionManager, CustomizeConnection, Pool, PooledConnection};
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 
-use crate::settings::DatabaseUrl;
+use crate::secret::Secret;
 
 const PG_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
 const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
 
 /// Any lock id will do as long as it is this service's own.
 const MIGRATION_LOCK: i64 = 0x666f_726d_6964; // "formid"
+
+/// Where the database is (`LEDGER_DATABASE_URL`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DatabaseUrl {
+    /// `sqlite://PATH` (relative paths are relative to the working directory).
+    Sqlite(PathBuf),
+    /// `postgres://…` or `postgresql://…`, passed to libpq as is.
+    Postgres(Secret),
+}
+
+impl DatabaseUrl {
+    pub fn parse(url: &str) -> Result<Self, String> {
+        if let Some(path) = url.strip_prefix("sqlite://") {
+            if path.is_empty() {
+                return Err("sqlite:// needs a file path, e.g. sqlite://data/ledger.db".into());
+            }
+            Ok(DatabaseUrl::Sqlite(PathBuf::from(path)))
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(DatabaseUrl::Postgres(Secret::new(url)))
+        } else {
+            Err("expected sqlite://PATH or postgres://…".into())
+        }
+    }
+}
 
 #[derive(diesel::MultiConnection)]
 pub enum DbConn {
@@ -51,6 +76,10 @@ pub enum DbError {
     Unavailable(String),
     #[error(transparent)]
     Query(#[from] diesel::result::Error),
+    /// A stored row the code cannot read (an unknown kind or status, a body that does
+    /// not parse): a bug or a hand-edited database, reported, never guessed around.
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
 }
 
 pub type DbResult<T> = Result<T, DbError>;
@@ -249,7 +278,7 @@ pub fn service_secret(
     conn: &mut DbConn,
     name: &str,
     fresh: impl FnOnce() -> String,
-) -> DbResult<crate::secret::Secret> {
+) -> DbResult<Secret> {
     use schema::service_secrets::dsl as s;
     let value = fresh();
     let now = crate::time::to_db(crate::time::now());
@@ -263,7 +292,7 @@ pub fn service_secret(
             .select(s::value)
             .first(c)?
     });
-    Ok(crate::secret::Secret::new(stored))
+    Ok(Secret::new(stored))
 }
 
 /// Deletes the rows of `table` matching `predicate` (raw SQL with `$1` bound to

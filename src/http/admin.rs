@@ -5,9 +5,8 @@ use actix_web::{web, HttpResponse};
 
 use serde::Deserialize;
 
-use super::auth::{AdminRole, Authorized};
-use super::error::ApiError;
-use super::openapi::ErrorBody;
+use super::error::{ApiError, ErrorBody};
+use super::extract::{AdminRole, Authorized};
 use super::{check_openid, resource, AppState};
 use crate::{ledger, outbox};
 

@@ -5,8 +5,7 @@
 use actix_web::http::header::{self, HeaderValue};
 use actix_web::{web, HttpResponse};
 
-use super::error::ApiError;
-use super::openapi::ErrorBody;
+use super::error::{ApiError, ErrorBody};
 use super::resource;
 
 const INDEX_HTML: &str = include_str!("../../assets/admin/index.html");

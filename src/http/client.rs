@@ -1,20 +1,16 @@
 //! Mini-program endpoints: log in with a `wx.login()` code, then report credentials
 //! with the session that login returned.
 
-use std::future::{ready, Ready};
-
-use actix_web::dev::Payload;
 use actix_web::http::StatusCode;
-use actix_web::{web, FromRequest, HttpRequest, HttpResponse};
+use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 
-use super::auth::bearer;
-use super::error::ApiError;
-use super::openapi::ErrorBody;
+use super::error::{ApiError, ErrorBody};
+use super::extract::{peer_ip, ClientSession};
 use super::{check_openid, resource, AppState};
+use crate::auth::SessionClaims;
 use crate::ledger::{self, Item, Kind, Report};
-use crate::session::SessionClaims;
-use crate::wechat::errcode::ErrorClass;
+use crate::wechat::errcode::LoginRefusal;
 
 /// Most items one report may carry.
 pub const MAX_ITEMS: usize = 50;
@@ -68,28 +64,28 @@ pub(crate) async fn login(
         .code_to_session(&app_id, &secret, &code)
         .await
         .map_err(|e| {
-            let (status, code, message) = match (e.errcode, e.class) {
-                (Some(40029), _) => (
+            let (status, code, message) = match LoginRefusal::of(e.errcode, e.class) {
+                LoginRefusal::InvalidCode => (
                     StatusCode::UNAUTHORIZED,
                     "invalid_code",
                     "the code is invalid, used or expired: call wx.login() again",
                 ),
-                (Some(40226), _) => (
+                LoginRefusal::UserBlocked => (
                     StatusCode::FORBIDDEN,
                     "user_blocked",
                     "WeChat blocked this user as high-risk",
                 ),
-                (Some(45011), _) => (
+                LoginRefusal::RateLimited => (
                     StatusCode::TOO_MANY_REQUESTS,
                     "rate_limited",
                     "WeChat's login rate limit for this user: try again in a minute",
                 ),
-                (_, ErrorClass::Transient | ErrorClass::Ambiguous) => (
+                LoginRefusal::Unavailable => (
                     StatusCode::BAD_GATEWAY,
                     "wechat_unavailable",
                     "WeChat did not answer; try again",
                 ),
-                _ => {
+                LoginRefusal::Refused => {
                     log::error!("app {app_id}: jscode2session refused: {e}");
                     (
                         StatusCode::BAD_GATEWAY,
@@ -126,37 +122,6 @@ pub(crate) struct SessionResponse {
     openid: String,
     #[serde(with = "crate::time::rfc3339")]
     expires_at: chrono::DateTime<chrono::Utc>,
-}
-
-/// Extractor: a valid client session (401 otherwise). API keys are not sessions.
-pub struct ClientSession(pub SessionClaims);
-
-impl FromRequest for ClientSession {
-    type Error = ApiError;
-    type Future = Ready<Result<Self, ApiError>>;
-
-    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
-        let unauthorized = || {
-            ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "missing, forged or expired session: log in again",
-            )
-        };
-        let Some(state) = req.app_data::<web::Data<AppState>>() else {
-            return ready(Err(ApiError::internal(&"application state missing")));
-        };
-        let claims = bearer(req)
-            .and_then(|token| state.sessions.verify(token, crate::time::now()).ok())
-            // A session of an app no longer configured is worthless.
-            .filter(|claims| state.settings.app(&claims.app_id).is_some());
-        let result = claims.ok_or_else(unauthorized).and_then(|claims| {
-            state.limits.ip(&peer_ip(req))?;
-            state.limits.session(&claims.app_id, &claims.openid)?;
-            Ok(ClientSession(claims))
-        });
-        ready(result)
-    }
 }
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -227,14 +192,6 @@ pub(crate) async fn report(
         openid,
         items,
     }];
-    let outcome = state.record(reports.into()).await?;
+    let outcome = state.reporting.record(reports.into()).await?;
     Ok(HttpResponse::Ok().json(outcome))
-}
-
-/// The client's address as this server sees it (a proxy in front makes every client
-/// one address: raise LEDGER_RATE_IP_PER_MIN or set it to 0 there).
-fn peer_ip(req: &HttpRequest) -> String {
-    req.peer_addr()
-        .map(|a| a.ip().to_string())
-        .unwrap_or_else(|| "unknown".into())
 }

@@ -5,9 +5,8 @@ use actix_web::{web, HttpResponse};
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
 
-use super::auth::{Authorized, SendRole};
-use super::error::ApiError;
-use super::openapi::ErrorBody;
+use super::error::{ApiError, ErrorBody};
+use super::extract::{Authorized, SendRole};
 use super::{check_openid, resource, AppState};
 use crate::ledger::{self, Item, Kind, Report};
 
@@ -108,6 +107,6 @@ pub(crate) async fn register(
             }],
         });
     }
-    let outcome = state.record(reports).await?;
+    let outcome = state.reporting.record(reports).await?;
     Ok(HttpResponse::Ok().json(outcome))
 }

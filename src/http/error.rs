@@ -3,9 +3,46 @@
 
 use actix_web::http::{header, StatusCode};
 use actix_web::{HttpResponse, ResponseError};
+use serde::Serialize;
 use serde_json::json;
+use utoipa::ToSchema;
 
 use crate::db::DbError;
+
+/// Every error, as the OpenAPI document shows it: `{"error": {"code": …, "message": …}}`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorDetail {
+    pub code: ErrorCode,
+    /// Human text; never a secret.
+    pub message: String,
+}
+
+/// The contract's error codes of HTTP responses.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    InvalidRequest,
+    PayloadTooLarge,
+    AppIdRequired,
+    UnknownApp,
+    Unauthorized,
+    Forbidden,
+    NotFound,
+    MethodNotAllowed,
+    InvalidCode,
+    UserBlocked,
+    RateLimited,
+    WechatUnavailable,
+    IdempotencyMismatch,
+    DataInvalid,
+    Unavailable,
+    Internal,
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{code}: {message}")]
@@ -99,6 +136,7 @@ impl From<DbError> for ApiError {
                 ApiError::unavailable("the database is not answering; try again shortly")
             }
             DbError::Query(e) => ApiError::internal(&e),
+            DbError::Corrupt(cause) => ApiError::internal(&format!("corrupt row: {cause}")),
         }
     }
 }

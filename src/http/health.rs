@@ -2,10 +2,11 @@
 //! answers).
 
 use actix_web::{web, HttpResponse};
+use serde::Serialize;
 use serde_json::json;
+use utoipa::ToSchema;
 
-use super::error::ApiError;
-use super::openapi::{ErrorBody, StatusBody};
+use super::error::{ApiError, ErrorBody};
 use super::{resource, AppState};
 
 pub fn config(cfg: &mut web::ServiceConfig) {
@@ -43,4 +44,9 @@ pub(crate) async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")
         .body(m.render())
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct StatusBody {
+    pub status: String,
 }

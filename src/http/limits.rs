@@ -11,24 +11,7 @@ use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
 use super::error::ApiError;
-
-/// Requests allowed per minute (0: unlimited).
-#[derive(Debug, Clone, Copy)]
-pub struct Limits {
-    pub per_session_per_minute: u32,
-    pub per_ip_per_minute: u32,
-    pub per_key_per_second: u32,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            per_session_per_minute: 120,
-            per_ip_per_minute: 1200,
-            per_key_per_second: 10_000,
-        }
-    }
-}
+use crate::settings::Limits;
 
 pub struct RateLimits {
     session: Option<DefaultKeyedRateLimiter<String>>,

@@ -7,9 +7,8 @@ use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 
-use super::auth::{Authorized, SendRole};
-use super::error::ApiError;
-use super::openapi::ErrorBody;
+use super::error::{ApiError, ErrorBody};
+use super::extract::{Authorized, SendRole};
 use super::{check_openid, resource, AppState};
 use crate::ledger;
 use crate::outbox::{

@@ -3,10 +3,10 @@
 
 pub mod admin;
 pub mod admin_page;
-pub mod auth;
 pub mod client;
 pub mod credentials;
 pub mod error;
+pub mod extract;
 pub mod health;
 pub mod limits;
 pub mod messages;
@@ -18,14 +18,14 @@ use std::sync::Arc;
 use actix_web::error::{JsonPayloadError, PayloadError};
 use actix_web::{web, HttpRequest, HttpResponse};
 
+use crate::auth::{KeyRing, SessionKey};
 use crate::db::Db;
 use crate::ledger::{self, Rules};
 use crate::outbox::Sender;
-use crate::session::SessionKey;
+use crate::reporting::Reporting;
 use crate::settings::Settings;
 use crate::tokens::TokenManager;
 use crate::wechat::client::WechatClient;
-use auth::KeyRing;
 use error::ApiError;
 
 /// Largest request body the contract allows.
@@ -43,7 +43,7 @@ pub struct AppState {
     pub sender: Arc<Sender>,
     pub metrics: Arc<crate::metrics::Metrics>,
     pub limits: limits::RateLimits,
-    pub ingest: crate::ingest::Ingest,
+    pub reporting: Reporting,
 }
 
 impl AppState {
@@ -63,7 +63,7 @@ impl AppState {
             user_cap: settings.user_cap,
         };
         AppState {
-            ingest: crate::ingest::Ingest::start(db.clone(), rules.clone()),
+            reporting: Reporting::start(db.clone(), rules.clone(), sender.clone(), metrics.clone()),
             limits: limits::RateLimits::new(settings.limits),
             keys: KeyRing::new(&settings.api_keys),
             db,
@@ -75,31 +75,6 @@ impl AppState {
             sender,
             metrics,
         }
-    }
-
-    /// Records reports (group commit with concurrent requests) and wakes the
-    /// messages of users who got credentials waiting for one.
-    pub async fn record(
-        &self,
-        reports: Vec<ledger::Report>,
-    ) -> Result<ledger::RecordOutcome, error::ApiError> {
-        let (outcome, woken) = self.ingest.record(reports).await?;
-        for _ in 0..woken {
-            self.sender.nudge();
-        }
-        let m = &self.metrics;
-        m.credentials_recorded
-            .with_label_values(&["accepted"])
-            .inc_by(outcome.accepted.into());
-        m.credentials_recorded
-            .with_label_values(&["duplicate"])
-            .inc_by(outcome.duplicates.into());
-        for r in &outcome.rejected {
-            m.credentials_rejected
-                .with_label_values(&[r.reason.as_str()])
-                .inc();
-        }
-        Ok(outcome)
     }
 
     /// The app a request is about: the named one, or the only one configured.

@@ -12,41 +12,6 @@ pub fn config(cfg: &mut web::ServiceConfig) {
     cfg.service(resource("/openapi.json").route(web::get().to(document)));
 }
 
-/// Every error: `{"error": {"code": …, "message": …}}`.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct ErrorBody {
-    pub error: ErrorDetail,
-}
-
-#[derive(Debug, Serialize, ToSchema)]
-pub struct ErrorDetail {
-    pub code: ErrorCode,
-    /// Human text; never a secret.
-    pub message: String,
-}
-
-/// The contract's error codes of HTTP responses.
-#[derive(Debug, Serialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum ErrorCode {
-    InvalidRequest,
-    PayloadTooLarge,
-    AppIdRequired,
-    UnknownApp,
-    Unauthorized,
-    Forbidden,
-    NotFound,
-    MethodNotAllowed,
-    InvalidCode,
-    UserBlocked,
-    RateLimited,
-    WechatUnavailable,
-    IdempotencyMismatch,
-    DataInvalid,
-    Unavailable,
-    Internal,
-}
-
 /// Final error codes a message can carry (`error.code` of the message resource).
 #[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
@@ -61,11 +26,6 @@ pub enum MessageErrorCode {
     CredentialsExhausted,
     TemplateApiRetired,
     WechatRejected,
-}
-
-#[derive(Debug, Serialize, ToSchema)]
-pub struct StatusBody {
-    pub status: String,
 }
 
 pub(crate) struct Security;
@@ -113,7 +73,7 @@ impl Modify for Security {
         super::admin_page::page,
         super::admin_page::asset,
     ),
-    components(schemas(ErrorBody, ErrorCode, MessageErrorCode)),
+    components(schemas(super::error::ErrorBody, super::error::ErrorCode, MessageErrorCode)),
     modifiers(&Security)
 )]
 pub struct ApiDoc;

@@ -5,9 +5,8 @@ use actix_web::http::StatusCode;
 use actix_web::{web, HttpResponse};
 use serde::Deserialize;
 
-use super::auth::{Authorized, TokenRole};
-use super::error::ApiError;
-use super::openapi::ErrorBody;
+use super::error::{ApiError, ErrorBody};
+use super::extract::{Authorized, TokenRole};
 use super::{resource, AppState};
 use crate::tokens::{CurrentToken, TokenError};
 

@@ -93,7 +93,7 @@ pub fn claim(
             })?;
             if let Some(row) = row {
                 return Ok(Some(Use {
-                    credential: row.into(),
+                    credential: row.try_into()?,
                 }));
             }
         }

@@ -16,6 +16,7 @@ use chrono::{DateTime, NaiveDateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::db::schema::credentials;
+use crate::db::DbError;
 
 /// WeChat's validity of a form_id / prepay_id.
 pub const VALIDITY: chrono::TimeDelta = chrono::TimeDelta::days(7);
@@ -55,13 +56,13 @@ impl Kind {
         }
     }
 
-    pub(crate) fn from_db(s: &str) -> Kind {
-        match s {
-            "form_id" => Kind::FormId,
-            "prepay_id" => Kind::PrepayId,
-            // The column's CHECK constraint admits nothing else.
-            _ => Kind::Subscription,
-        }
+    /// The kind a stored `kind` column names. The column's CHECK constraint admits
+    /// nothing else, so anything else is a corrupt row, never a guess.
+    pub fn from_db(s: &str) -> Result<Kind, DbError> {
+        [Kind::FormId, Kind::PrepayId, Kind::Subscription]
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| DbError::Corrupt(format!("unknown credential kind {s:?}")))
     }
 }
 
@@ -134,11 +135,13 @@ pub(crate) struct CredentialRow {
     updated_at: NaiveDateTime,
 }
 
-impl From<CredentialRow> for Credential {
-    fn from(r: CredentialRow) -> Self {
-        Credential {
+impl TryFrom<CredentialRow> for Credential {
+    type Error = DbError;
+
+    fn try_from(r: CredentialRow) -> Result<Self, DbError> {
+        Ok(Credential {
             id: r.id,
-            kind: Kind::from_db(&r.kind),
+            kind: Kind::from_db(&r.kind)?,
             app_id: r.app_id,
             openid: r.openid,
             value: r.value,
@@ -150,7 +153,7 @@ impl From<CredentialRow> for Credential {
             invalid: r.invalid,
             invalid_reason: r.invalid_reason,
             created_at: r.created_at.and_utc(),
-        }
+        })
     }
 }
 
@@ -168,5 +171,16 @@ mod tests {
         assert!(!is_valid_value("tab\there"));
         assert!(!is_valid_value("ünïcode"));
         assert!(!is_valid_value("nul\0"));
+    }
+
+    #[test]
+    fn an_unknown_stored_kind_is_an_error_not_a_guess() {
+        for kind in [Kind::FormId, Kind::PrepayId, Kind::Subscription] {
+            assert_eq!(Kind::from_db(kind.as_str()).ok(), Some(kind));
+        }
+        assert!(matches!(
+            Kind::from_db("subscriptoin"),
+            Err(DbError::Corrupt(m)) if m.contains("subscriptoin")
+        ));
     }
 }

@@ -99,7 +99,7 @@ pub fn quota(conn: &mut DbConn, app_id: &str, openid: &str, now: DateTime<Utc>) 
     for (kind, template_id, uses_left, expires_at) in rows {
         let expires_at = expires_at.map(|t| t.and_utc());
         let uses = u32::try_from(uses_left).unwrap_or(0);
-        match Kind::from_db(&kind) {
+        match Kind::from_db(&kind)? {
             Kind::Subscription => {
                 *quota
                     .subscriptions
@@ -223,7 +223,7 @@ pub fn stats(conn: &mut DbConn, app_id: &str, now: DateTime<Utc>) -> DbResult<St
         .collect();
     for (kind, n, uses) in by_kind {
         live.insert(
-            Kind::from_db(&kind),
+            Kind::from_db(&kind)?,
             KindTotals {
                 credentials: u64::try_from(n).unwrap_or(0),
                 uses_left: u64::try_from(uses.unwrap_or(0)).unwrap_or(0),

@@ -45,7 +45,9 @@ pub struct MessageRow {
 
 impl MessageRow {
     pub fn credential_kind(&self) -> Option<Kind> {
-        self.credential_kind.as_deref().map(Kind::from_db)
+        self.credential_kind
+            .as_deref()
+            .and_then(|k| Kind::from_db(k).ok()) // MERGE: h-sender
     }
 
     /// The credentials this message may use: its channel decides.

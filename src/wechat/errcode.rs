@@ -83,9 +83,48 @@ pub fn classify(errcode: i64) -> ErrorClass {
         .map_or(ErrorClass::Caller, |(_, class, _)| *class)
 }
 
+/// Why `jscode2session` refused a login, as the mini-program must hear it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoginRefusal {
+    /// 40029: the code is invalid, used or expired; call `wx.login()` again.
+    InvalidCode,
+    /// 40226: WeChat blocked the user as high-risk.
+    UserBlocked,
+    /// 45011: WeChat's per-user login rate limit.
+    RateLimited,
+    /// WeChat did not answer (busy, unreachable, no reply).
+    Unavailable,
+    /// Anything else: the service's own fault (wrong appid or secret, …).
+    Refused,
+}
+
+impl LoginRefusal {
+    /// The refusal a failed `jscode2session` call means.
+    pub fn of(errcode: Option<i64>, class: ErrorClass) -> Self {
+        match (errcode, class) {
+            (Some(40029), _) => LoginRefusal::InvalidCode,
+            (Some(40226), _) => LoginRefusal::UserBlocked,
+            (Some(45011), _) => LoginRefusal::RateLimited,
+            (_, ErrorClass::Transient | ErrorClass::Ambiguous) => LoginRefusal::Unavailable,
+            _ => LoginRefusal::Refused,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::{classify, ErrorClass::*};
+
+    #[test]
+    fn login_refusals_follow_the_errcode() {
+        use super::LoginRefusal::{self, *};
+        assert_eq!(LoginRefusal::of(Some(40029), Credential), InvalidCode);
+        assert_eq!(LoginRefusal::of(Some(40226), Caller), UserBlocked);
+        assert_eq!(LoginRefusal::of(Some(45011), Limit), RateLimited);
+        assert_eq!(LoginRefusal::of(Some(-1), Transient), Unavailable);
+        assert_eq!(LoginRefusal::of(None, Ambiguous), Unavailable);
+        assert_eq!(LoginRefusal::of(Some(40125), Caller), Refused);
+    }
 
     #[test]
     fn every_documented_errcode_has_its_class() {

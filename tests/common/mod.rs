@@ -7,9 +7,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use diesel::prelude::*;
+use formid_ledger::auth::{ApiKey, Role};
 use formid_ledger::db::Db;
 use formid_ledger::secret::Secret;
-use formid_ledger::settings::{ApiKey, App, DatabaseUrl, Role, Settings};
+use formid_ledger::settings::{App, DatabaseUrl, Settings};
 use formid_ledger::sim::{SimConfig, Simulator};
 use formid_ledger::startup::Application;
 

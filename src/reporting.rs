@@ -1,6 +1,15 @@
-//! Group commit for reports: concurrent requests' reports are recorded together in
-//! one transaction (a commit per group, not per request), and each request is
-//! answered only after that commit — an acknowledged report is durable.
+//! Reporting: credentials in. Every report, a mini-program's (`POST
+//! /v1/client/credentials`) or a backend's (`POST /v1/credentials`), goes through
+//! [`Reporting::record`]:
+//!
+//! 1. group commit: concurrent requests' reports are recorded together in one
+//!    transaction (a commit per group, not per request), and each request is
+//!    answered only after that commit, so an acknowledged report is durable;
+//! 2. the ledger's rules for taking credentials in ([`ledger::record_group`]:
+//!    validation, duplicates, the per-user cap);
+//! 3. in the same transaction, messages waiting for these users are made due
+//!    ([`wake_waiting_many`]) and this instance's sender is nudged;
+//! 4. the metrics of what was accepted, duplicate or rejected.
 //!
 //! Writers take whatever has queued while the previous group committed (at most
 //! [`MAX_REPORTS`] items), so under load groups grow and under light load a report
@@ -12,7 +21,9 @@ use tokio::sync::{mpsc, oneshot, Mutex};
 
 use crate::db::{Backend, Db, DbError, DbResult};
 use crate::ledger::{self, RecordOutcome, Report, Rules};
+use crate::metrics::Metrics;
 use crate::outbox::store::wake_waiting_many;
+use crate::outbox::Sender;
 
 /// Items one group carries at most.
 const MAX_REPORTS: usize = 1000;
@@ -24,15 +35,17 @@ struct Job {
     reply: oneshot::Sender<DbResult<(RecordOutcome, usize)>>,
 }
 
-/// The group-commit front of [`ledger::record`].
-pub struct Ingest {
+/// The reporting service of one instance.
+pub struct Reporting {
     queue: mpsc::Sender<Job>,
+    sender: Arc<Sender>,
+    metrics: Arc<Metrics>,
 }
 
-impl Ingest {
+impl Reporting {
     /// Starts the writers: one on SQLite (it has one writer anyway), a few on
     /// PostgreSQL (groups commit in parallel; users are locked in one order).
-    pub fn start(db: Db, rules: Rules) -> Self {
+    pub fn start(db: Db, rules: Rules, sender: Arc<Sender>, metrics: Arc<Metrics>) -> Self {
         let (queue, rx) = mpsc::channel(QUEUE);
         let rx = Arc::new(Mutex::new(rx));
         let writers = match db.backend() {
@@ -43,19 +56,44 @@ impl Ingest {
             let (db, rules, rx) = (db.clone(), rules.clone(), rx.clone());
             tokio::spawn(async move { write_groups(db, rules, rx).await });
         }
-        Ingest { queue }
+        Reporting {
+            queue,
+            sender,
+            metrics,
+        }
     }
 
-    /// Records the reports (with those of concurrent callers) and wakes messages
-    /// waiting for these users; returns the outcome and how many messages woke.
-    pub async fn record(&self, reports: Vec<Report>) -> DbResult<(RecordOutcome, usize)> {
+    /// Records the reports (with those of concurrent callers), wakes the messages
+    /// waiting for these users, and counts the outcome.
+    pub async fn record(&self, reports: Vec<Report>) -> DbResult<RecordOutcome> {
         let (reply, answer) = oneshot::channel();
-        let gone = || DbError::Unavailable("the ingest writer stopped".into());
+        let gone = || DbError::Unavailable("the reporting writer stopped".into());
         self.queue
             .send(Job { reports, reply })
             .await
             .map_err(|_| gone())?;
-        answer.await.map_err(|_| gone())?
+        let (outcome, woken) = answer.await.map_err(|_| gone())??;
+        for _ in 0..woken {
+            self.sender.nudge();
+        }
+        self.count(&outcome);
+        Ok(outcome)
+    }
+
+    fn count(&self, outcome: &RecordOutcome) {
+        let recorded = &self.metrics.credentials_recorded;
+        recorded
+            .with_label_values(&["accepted"])
+            .inc_by(outcome.accepted.into());
+        recorded
+            .with_label_values(&["duplicate"])
+            .inc_by(outcome.duplicates.into());
+        for r in &outcome.rejected {
+            self.metrics
+                .credentials_rejected
+                .with_label_values(&[r.reason.as_str()])
+                .inc();
+        }
     }
 }
 
@@ -115,7 +153,7 @@ async fn write_groups(db: Db, rules: Rules, rx: Arc<Mutex<mpsc::Receiver<Job>>>)
                 for reply in replies {
                     let again = match &e {
                         DbError::Unavailable(_) => DbError::Unavailable(message.clone()),
-                        DbError::Query(_) => {
+                        DbError::Query(_) | DbError::Corrupt(_) => {
                             DbError::Unavailable(format!("recording failed: {message}"))
                         }
                     };
