@@ -154,7 +154,7 @@ impl Sender {
                 log::warn!("message {}: no access_token: {e}", msg.id);
                 let retries = msg.retries + 1;
                 let settle = keep(
-                    Status::from_db(&msg.status),
+                    msg.status()?,
                     self.backoff_at(retries),
                     msg.retries,
                     msg.ambiguous,

@@ -4,7 +4,7 @@ use chrono::{DateTime, NaiveDateTime, Utc};
 use diesel::prelude::*;
 use diesel::sql_types::{Text, Timestamp};
 
-use super::{Channel, Status};
+use super::{Channel, Status, UnknownValue};
 use crate::db::schema::{app_pauses, idempotency_keys, message_attempts, messages};
 use crate::db::{native_sql, single_write, write_tx, DbConn, DbError, DbResult};
 use crate::dispatch;
@@ -48,12 +48,27 @@ impl MessageRow {
         self.credential_kind.as_deref().map(Kind::from_db)
     }
 
+    /// The stored status; an unknown one is logged with the message id and is an error.
+    pub fn status(&self) -> DbResult<Status> {
+        Status::try_from(self.status.as_str()).map_err(|e| self.corrupt(e))
+    }
+
+    /// The stored channel; an unknown one is logged with the message id and is an error.
+    pub fn channel(&self) -> DbResult<Channel> {
+        Channel::try_from(self.channel.as_str()).map_err(|e| self.corrupt(e))
+    }
+
+    fn corrupt(&self, e: UnknownValue) -> DbError {
+        log::error!("message {}: {e}", self.id);
+        e.into()
+    }
+
     /// The credentials this message may use: its channel decides.
-    pub fn pick(&self) -> ledger::Pick<'_> {
-        match Channel::from_db(&self.channel) {
+    pub fn pick(&self) -> DbResult<ledger::Pick<'_>> {
+        Ok(match self.channel()? {
             Channel::Subscription => ledger::Pick::SubscriptionOnly(&self.template_id),
             Channel::Template => ledger::Pick::SubscriptionFirst(&self.template_id),
-        }
+        })
     }
 }
 
@@ -252,7 +267,7 @@ pub fn claim_credential(
 ) -> DbResult<Option<ledger::Use>> {
     use messages::dsl as m;
     write_tx(conn, |conn| {
-        let Some(used) = ledger::claim(conn, &msg.app_id, &msg.openid, msg.pick(), now)? else {
+        let Some(used) = ledger::claim(conn, &msg.app_id, &msg.openid, msg.pick()?, now)? else {
             return Ok(None);
         };
         let cred = &used.credential;
