@@ -170,18 +170,10 @@ impl Sender {
                 .await?;
             let hit = if claimed.is_some() { "hit" } else { "miss" };
             self.metrics.claims.with_label_values(&[hit]).inc();
-            let Some(used) = claimed else {
+            let Some(holding) = claimed else {
                 return self.no_credential(&msg, now).await;
             };
-            let cred = used.credential;
-            msg.credential_id = Some(cred.id);
-            msg.credential_kind = Some(cred.kind.as_str().into());
-            msg.credential_value = cred.value;
-            msg.credential_uses_total = Some(cred.uses_total);
-            msg.credential_created_at = Some(crate::time::to_db(cred.created_at));
-            msg.credentials_tried += 1;
-            msg.retries = 0;
-            msg.ambiguous = false;
+            msg = holding;
         } else {
             let (id, owner) = (msg.id, self.owner.clone());
             let ours = self

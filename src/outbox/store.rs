@@ -258,20 +258,21 @@ pub fn lease_next(
 
 /// Claims a use of the user's credential for the message and marks the call in
 /// flight, in one transaction: a use is never spent without the message knowing.
-/// None if the user has no live credential (or the lease was lost).
+/// Returns the message as it now stands (holding the credential); None if the user
+/// has no live credential (or the lease was lost).
 pub fn claim_credential(
     conn: &mut DbConn,
     msg: &MessageRow,
     owner: &str,
     now: DateTime<Utc>,
-) -> DbResult<Option<ledger::Use>> {
+) -> DbResult<Option<MessageRow>> {
     use messages::dsl as m;
     write_tx(conn, |conn| {
         let Some(used) = ledger::claim(conn, &msg.app_id, &msg.openid, msg.pick()?, now)? else {
             return Ok(None);
         };
         let cred = &used.credential;
-        let changed = dispatch!(conn, |c| diesel::update(
+        let updated = dispatch!(conn, |c| diesel::update(
             m::messages
                 .filter(m::id.eq(msg.id))
                 .filter(m::lease_owner.eq(owner))
@@ -289,12 +290,14 @@ pub fn claim_credential(
             m::in_flight.eq(true),
             m::updated_at.eq(to_db(now)),
         ))
-        .execute(c))?;
-        if changed == 0 {
+        .returning(MessageRow::as_returning())
+        .get_result(c)
+        .optional())?;
+        match updated {
+            Some(row) => Ok(Some(row)),
             // Lease lost: roll the claim back with the transaction.
-            return Err(DbError::Query(diesel::result::Error::RollbackTransaction));
+            None => Err(DbError::Query(diesel::result::Error::RollbackTransaction)),
         }
-        Ok(Some(used))
     })
     .or_else(|e| match e {
         DbError::Query(diesel::result::Error::RollbackTransaction) => Ok(None),
