@@ -10,6 +10,7 @@
 
 pub mod policy;
 pub mod sender;
+pub mod settle;
 pub mod store;
 pub mod templates;
 

@@ -4,6 +4,7 @@ use chrono::{DateTime, NaiveDateTime, Utc};
 use diesel::prelude::*;
 use diesel::sql_types::{Text, Timestamp};
 
+use super::settle::{CredentialFate, Settlement};
 use super::{Channel, Status, UnknownValue};
 use crate::db::schema::{app_pauses, idempotency_keys, message_attempts, messages};
 use crate::db::{native_sql, single_write, write_tx, DbConn, DbError, DbResult};
@@ -323,42 +324,13 @@ pub fn mark_in_flight(
     Ok(changed == 1)
 }
 
-/// What happens to the held credential use when a step settles.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CredentialFate {
-    /// The message keeps it for the next try.
-    Keep,
-    /// Spent (sent, or possibly sent): the message lets go of it, uses stay charged.
-    Spent,
-    /// Not the credential's fault: the use goes back to the user.
-    Release,
-    /// WeChat says the credential is bad: it is marked invalid, the use stays charged.
-    Invalidate(&'static str),
-}
-
-/// The end of one step of a message: recorded in one transaction.
-#[derive(Debug, Clone)]
-pub struct Settle {
-    /// The attempt to record, if a WeChat call (or a lost one) happened.
-    pub attempt: Option<(Option<i32>, &'static str)>,
-    pub credential: CredentialFate,
-    pub status: Status,
-    /// Final error: (contract code, WeChat errcode, message).
-    pub error: Option<(&'static str, Option<i32>, String)>,
-    pub next_attempt_at: DateTime<Utc>,
-    pub retries: i32,
-    pub ambiguous: bool,
-    /// Pause the app's sending until then (45009).
-    pub pause_until: Option<DateTime<Utc>>,
-}
-
 /// Applies a step's end if the lease is still ours; false if it was lost (another
 /// worker took over after our lease ran out: it will redo this step).
 pub fn settle(
     conn: &mut DbConn,
     msg: &MessageRow,
     owner: &str,
-    s: &Settle,
+    s: &Settlement,
     now: DateTime<Utc>,
 ) -> DbResult<bool> {
     use app_pauses::dsl as p;
@@ -368,10 +340,7 @@ pub fn settle(
     write_tx(conn, |conn| {
         let keep = s.credential == CredentialFate::Keep;
         let final_status = s.status.is_final();
-        let (code, errcode, message) = match &s.error {
-            Some((code, errcode, message)) => (Some(*code), *errcode, Some(message.as_str())),
-            None => (None, None, None),
-        };
+        let error = s.error.as_ref();
         let changed = dispatch!(conn, |c| diesel::update(
             m::messages
                 .filter(m::id.eq(msg.id))
@@ -382,9 +351,9 @@ pub fn settle(
             m::in_flight.eq(false),
             m::ambiguous.eq(keep && s.ambiguous),
             m::retries.eq(s.retries),
-            m::error_code.eq(code),
-            m::wechat_errcode.eq(errcode),
-            m::error_message.eq(message),
+            m::error_code.eq(error.map(|e| e.code.as_str())),
+            m::wechat_errcode.eq(error.and_then(|e| e.wechat_errcode)),
+            m::error_message.eq(error.map(|e| e.message.as_str())),
             m::next_attempt_at.eq(to_db(s.next_attempt_at)),
             m::lease_owner.eq(None::<String>),
             m::lease_until.eq(None::<NaiveDateTime>),
@@ -408,14 +377,14 @@ pub fn settle(
             ))
             .execute(c))?;
         }
-        if let Some((errcode, outcome)) = s.attempt {
+        if let Some(attempt) = s.attempt {
             dispatch!(conn, |c| diesel::insert_into(a::message_attempts)
                 .values((
                     a::message_id.eq(msg.id),
                     a::at.eq(now_db),
                     a::credential_id.eq(msg.credential_id),
-                    a::wechat_errcode.eq(errcode),
-                    a::outcome.eq(outcome),
+                    a::wechat_errcode.eq(attempt.wechat_errcode),
+                    a::outcome.eq(attempt.outcome.as_str()),
                 ))
                 .execute(c))?;
         }
