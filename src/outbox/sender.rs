@@ -135,6 +135,16 @@ impl Sender {
             // settled: WeChat may have delivered.
             return self.settle(&msg, settle::interrupted(&msg, now)).await;
         }
+        let content = match msg.content() {
+            Ok(content) => content,
+            Err(e) => {
+                log::error!(
+                    "message {}: stored body does not parse ({e}); failed, not sent",
+                    msg.id
+                );
+                return self.settle(&msg, settle::corrupt_body(&msg, now)).await;
+            }
+        };
         let token = match self.tokens.current(&msg.app_id).await {
             Ok(t) => t.token,
             Err(e) => {
@@ -148,7 +158,7 @@ impl Sender {
         let Some(msg) = self.hold_credential(msg, now).await? else {
             return Ok(());
         };
-        let result = self.send_with_fresh_token(&msg, token).await;
+        let result = self.send_with_fresh_token(&msg, &content, token).await;
         let settlement = settle::outcome(&msg, &result, &self.config.policy, crate::time::now());
         self.settle(&msg, settlement).await
     }
@@ -187,11 +197,12 @@ impl Sender {
     async fn send_with_fresh_token(
         &self,
         msg: &MessageRow,
+        content: &Content,
         mut token: Secret,
     ) -> Result<(), WechatError> {
         let mut refreshes = 0;
         loop {
-            let result = self.send(msg, &token).await;
+            let result = self.send(msg, content.clone(), &token).await;
             let token_problem =
                 matches!(&result, Err(e) if e.class == crate::wechat::errcode::ErrorClass::Token);
             if !token_problem || refreshes >= self.config.policy.max_token_refreshes {
@@ -209,14 +220,12 @@ impl Sender {
         }
     }
 
-    async fn send(&self, msg: &MessageRow, token: &Secret) -> Result<(), WechatError> {
-        // The body was written by `submit` from this very type.
-        let content: Content = serde_json::from_str(&msg.body).unwrap_or(Content {
-            data: Default::default(),
-            emphasis_keyword: None,
-            miniprogram_state: None,
-            lang: None,
-        });
+    async fn send(
+        &self,
+        msg: &MessageRow,
+        content: Content,
+        token: &Secret,
+    ) -> Result<(), WechatError> {
         if msg.credential_kind() == Some(Kind::Subscription) {
             let body = SubscribeMessage {
                 touser: msg.openid.clone(),

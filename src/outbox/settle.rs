@@ -81,6 +81,10 @@ pub enum MessageErrorCode {
     OutcomeUnknown,
     /// Every credential tried was bad.
     CredentialsExhausted,
+    /// The service's own fault, not the caller's nor WeChat's: the stored message
+    /// body does not parse (see [`corrupt_body`]). The same code as the HTTP 500
+    /// answer, so clients need no new vocabulary; the cause is in the service log.
+    Internal,
 }
 
 impl MessageErrorCode {
@@ -96,6 +100,7 @@ impl MessageErrorCode {
             MessageErrorCode::RetriesExhausted => "retries_exhausted",
             MessageErrorCode::OutcomeUnknown => "outcome_unknown",
             MessageErrorCode::CredentialsExhausted => "credentials_exhausted",
+            MessageErrorCode::Internal => "internal",
         }
     }
 }
@@ -252,6 +257,20 @@ pub fn no_credential(msg: &MessageRow, now: DateTime<Utc>) -> Settlement {
     }
 }
 
+/// The stored body does not parse ([`MessageRow::content`]): the message fails with
+/// `internal` and is never sent (a guess at its data could deliver a wrong message,
+/// and retrying cannot repair a stored body). A held use goes back to the user
+/// unless an earlier call with it may have delivered.
+pub fn corrupt_body(msg: &MessageRow, now: DateTime<Utc>) -> Settlement {
+    Settlement::failed(
+        give_back(msg),
+        MessageErrorCode::Internal,
+        None,
+        "the stored message does not parse; not sent (see the service log)",
+        now,
+    )
+}
+
 /// WeChat's answer to a call with the held credential, settled by the policy table.
 pub fn outcome(
     msg: &MessageRow,
@@ -400,6 +419,7 @@ pub fn next_beijing_midnight(now: DateTime<Utc>) -> DateTime<Utc> {
 mod tests {
     use super::*;
     use crate::wechat::errcode::{classify, ErrorClass};
+    use crate::wechat::wire::DataValue;
     use chrono::TimeZone;
 
     fn now() -> DateTime<Utc> {
@@ -505,6 +525,7 @@ mod tests {
             (C::RetriesExhausted, "retries_exhausted"),
             (C::OutcomeUnknown, "outcome_unknown"),
             (C::CredentialsExhausted, "credentials_exhausted"),
+            (C::Internal, "internal"),
         ];
         for (code, s) in codes {
             assert_eq!(code.as_str(), s);
@@ -716,6 +737,61 @@ mod tests {
         );
         assert_eq!(error(&s), Some(("no_quota", None)));
         assert_eq!(s.attempt, None);
+    }
+
+    #[test]
+    fn a_body_that_does_not_parse_is_an_error_not_empty_data() {
+        let content = crate::outbox::Content {
+            data: [(
+                "keyword1".to_string(),
+                DataValue {
+                    value: "339208499".into(),
+                    color: None,
+                },
+            )]
+            .into(),
+            emphasis_keyword: Some("keyword1.DATA".into()),
+            miniprogram_state: None,
+            lang: None,
+        };
+        let stored = MessageRow {
+            body: serde_json::to_string(&content).unwrap(),
+            ..form_id()
+        };
+        assert_eq!(stored.content().unwrap(), content);
+        for body in [
+            "",
+            "not json",
+            "{}",
+            r#"{"data": 5}"#,
+            r#"{"data":{"k":{"value":1}}}"#,
+        ] {
+            let msg = MessageRow {
+                body: body.into(),
+                ..form_id()
+            };
+            assert!(msg.content().is_err(), "{body:?} parsed");
+        }
+    }
+
+    #[test]
+    fn a_corrupt_message_fails_as_internal_without_an_attempt_or_a_spent_use() {
+        let s = corrupt_body(&form_id(), now());
+        assert_eq!(
+            (s.status, s.credential),
+            (Status::Failed, CredentialFate::Release)
+        );
+        assert_eq!(error(&s), Some(("internal", None)));
+        assert_eq!(s.attempt, None, "no call was made");
+        // An earlier call with the held use may have delivered: it stays charged.
+        let ambiguous = MessageRow {
+            ambiguous: true,
+            ..form_id()
+        };
+        assert_eq!(
+            corrupt_body(&ambiguous, now()).credential,
+            CredentialFate::Spent
+        );
     }
 
     #[test]

@@ -5,7 +5,7 @@ use diesel::prelude::*;
 use diesel::sql_types::{Text, Timestamp};
 
 use super::settle::{CredentialFate, Settlement};
-use super::{Channel, Status, UnknownValue};
+use super::{Channel, Content, Status, UnknownValue};
 use crate::db::schema::{app_pauses, idempotency_keys, message_attempts, messages};
 use crate::db::{native_sql, single_write, write_tx, DbConn, DbError, DbResult};
 use crate::dispatch;
@@ -57,6 +57,13 @@ impl MessageRow {
     /// The stored channel; an unknown one is logged with the message id and is an error.
     pub fn channel(&self) -> DbResult<Channel> {
         Channel::try_from(self.channel.as_str()).map_err(|e| self.corrupt(e))
+    }
+
+    /// The stored content. `submit` wrote it from this very type: an error means the
+    /// row was damaged or written by something else, and the message must not be
+    /// sent with a guess at its data.
+    pub fn content(&self) -> Result<Content, serde_json::Error> {
+        serde_json::from_str(&self.body)
     }
 
     fn corrupt(&self, e: UnknownValue) -> DbError {
