@@ -3,7 +3,7 @@
 //! [`store::settle`](super::store::settle) writes a [`Settlement`] in one transaction.
 
 use chrono::{DateTime, Days, FixedOffset, TimeDelta, Utc};
-use serde::{Serialize, Serializer};
+use serde::Serialize;
 
 use super::policy::{self, decide, Action, Context, Policy};
 use super::store::MessageRow;
@@ -13,7 +13,8 @@ use crate::wechat::client::WechatError;
 
 /// What one attempt came to: stored in `message_attempts.outcome` and shown as the
 /// message resource's `attempts[].outcome`, as [`AttemptOutcome::as_str`] spells it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum AttemptOutcome {
     /// WeChat accepted the message.
     Sent,
@@ -51,15 +52,10 @@ impl AttemptOutcome {
     }
 }
 
-impl Serialize for AttemptOutcome {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(self.as_str())
-    }
-}
-
 /// The contract's `error.code` of a message that ended `failed` or `no_quota`.
 /// (The HTTP layer's `MessageErrorCode` documents the same codes.)
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum MessageErrorCode {
     /// The user had no usable credential.
     NoQuota,
@@ -102,12 +98,6 @@ impl MessageErrorCode {
             MessageErrorCode::CredentialsExhausted => "credentials_exhausted",
             MessageErrorCode::Internal => "internal",
         }
-    }
-}
-
-impl Serialize for MessageErrorCode {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(self.as_str())
     }
 }
 
@@ -485,6 +475,11 @@ mod tests {
         outcome(msg, &result, &Policy::default(), now())
     }
 
+    /// The status and what becomes of the held use.
+    fn end(s: &Settlement) -> (Status, CredentialFate) {
+        (s.status, s.credential)
+    }
+
     fn attempt(s: &Settlement) -> Option<(Option<i32>, &'static str)> {
         s.attempt.map(|a| (a.wechat_errcode, a.outcome.as_str()))
     }
@@ -536,10 +531,7 @@ mod tests {
     #[test]
     fn accepted_is_sent_and_spends_the_use() {
         let s = settle(&form_id(), Ok(()));
-        assert_eq!(
-            (s.status, s.credential),
-            (Status::Sent, CredentialFate::Spent)
-        );
+        assert_eq!(end(&s), (Status::Sent, CredentialFate::Spent));
         assert_eq!(attempt(&s), Some((Some(0), "sent")));
         assert_eq!(s.error, None);
     }
@@ -547,10 +539,7 @@ mod tests {
     #[test]
     fn an_ambiguous_single_use_credential_is_probed() {
         let s = settle(&form_id(), dropped());
-        assert_eq!(
-            (s.status, s.credential),
-            (Status::Sending, CredentialFate::Keep)
-        );
+        assert_eq!(end(&s), (Status::Sending, CredentialFate::Keep));
         assert_eq!((s.retries, s.ambiguous), (1, true));
         assert!(s.next_attempt_at > now(), "the probe waits a backoff");
         assert_eq!(attempt(&s), Some((None, "ambiguous")));
@@ -561,10 +550,7 @@ mod tests {
             ..form_id()
         };
         let s = settle(&probed, wechat(41029));
-        assert_eq!(
-            (s.status, s.credential),
-            (Status::Sent, CredentialFate::Spent)
-        );
+        assert_eq!(end(&s), (Status::Sent, CredentialFate::Spent));
         assert_eq!(attempt(&s), Some((Some(41029), "delivered_earlier")));
     }
 
@@ -572,10 +558,7 @@ mod tests {
     fn an_ambiguous_multi_use_or_subscription_call_is_outcome_unknown() {
         for msg in [holding(Kind::PrepayId, 3), holding(Kind::Subscription, 1)] {
             let s = settle(&msg, dropped());
-            assert_eq!(
-                (s.status, s.credential),
-                (Status::Failed, CredentialFate::Spent)
-            );
+            assert_eq!(end(&s), (Status::Failed, CredentialFate::Spent));
             assert_eq!(error(&s), Some(("outcome_unknown", None)));
             assert_eq!(attempt(&s), Some((None, "ambiguous")));
         }
@@ -588,20 +571,14 @@ mod tests {
             ..form_id()
         };
         let s = interrupted(&msg, now());
-        assert_eq!(
-            (s.status, s.credential),
-            (Status::Sending, CredentialFate::Keep)
-        );
+        assert_eq!(end(&s), (Status::Sending, CredentialFate::Keep));
         assert_eq!(
             (s.next_attempt_at, s.retries, s.ambiguous),
             (now(), 2, true)
         );
         assert_eq!(attempt(&s), Some((None, "interrupted")));
         let s = interrupted(&holding(Kind::PrepayId, 3), now());
-        assert_eq!(
-            (s.status, s.credential),
-            (Status::Failed, CredentialFate::Spent)
-        );
+        assert_eq!(end(&s), (Status::Failed, CredentialFate::Spent));
         assert_eq!(error(&s), Some(("outcome_unknown", None)));
         assert_eq!(attempt(&s), Some((None, "interrupted")));
     }
@@ -610,10 +587,7 @@ mod tests {
     fn transient_failures_retry_then_exhaust() {
         let p = Policy::default();
         let s = settle(&form_id(), wechat(-1));
-        assert_eq!(
-            (s.status, s.credential),
-            (Status::Sending, CredentialFate::Keep)
-        );
+        assert_eq!(end(&s), (Status::Sending, CredentialFate::Keep));
         assert_eq!((s.retries, s.ambiguous), (1, false));
         assert_eq!(attempt(&s), Some((Some(-1), "retry")));
         let last = MessageRow {
@@ -621,10 +595,7 @@ mod tests {
             ..form_id()
         };
         let s = settle(&last, wechat(-1));
-        assert_eq!(
-            (s.status, s.credential),
-            (Status::Failed, CredentialFate::Release)
-        );
+        assert_eq!(end(&s), (Status::Failed, CredentialFate::Release));
         assert_eq!(error(&s), Some(("retries_exhausted", Some(-1))));
         assert_eq!(s.error.unwrap().message, "WeChat kept failing: errcode -1");
         // An earlier call may have delivered: the use stays charged.
@@ -635,20 +606,14 @@ mod tests {
             },
             wechat(-1),
         );
-        assert_eq!(
-            (s.status, s.credential),
-            (Status::Failed, CredentialFate::Spent)
-        );
+        assert_eq!(end(&s), (Status::Failed, CredentialFate::Spent));
         assert_eq!(error(&s), Some(("outcome_unknown", Some(-1))));
     }
 
     #[test]
     fn a_token_wechat_keeps_refusing_counts_as_transient() {
         let s = settle(&form_id(), wechat(40001));
-        assert_eq!(
-            (s.status, s.credential),
-            (Status::Sending, CredentialFate::Keep)
-        );
+        assert_eq!(end(&s), (Status::Sending, CredentialFate::Keep));
         assert_eq!(attempt(&s), Some((Some(40001), "retry")));
     }
 
@@ -659,10 +624,7 @@ mod tests {
             ..holding(Kind::PrepayId, 1)
         };
         let s = settle(&msg, wechat(41028));
-        assert_eq!(
-            (s.status, s.credential),
-            (Status::Sending, CredentialFate::Keep)
-        );
+        assert_eq!(end(&s), (Status::Sending, CredentialFate::Keep));
         assert_eq!(
             s.next_attempt_at,
             now() + Policy::default().young_retry_delay
@@ -674,7 +636,7 @@ mod tests {
     fn a_bad_credential_is_invalidated_until_the_credentials_are_exhausted() {
         let s = settle(&form_id(), wechat(43101));
         assert_eq!(
-            (s.status, s.credential),
+            end(&s),
             (Status::Queued, CredentialFate::Invalidate("43101"))
         );
         assert_eq!((s.next_attempt_at, s.error.as_ref()), (now(), None));
@@ -685,7 +647,7 @@ mod tests {
         };
         let s = settle(&fifth, wechat(41028));
         assert_eq!(
-            (s.status, s.credential),
+            end(&s),
             (Status::Failed, CredentialFate::Invalidate("41028"))
         );
         assert_eq!(error(&s), Some(("credentials_exhausted", Some(41028))));
@@ -695,10 +657,7 @@ mod tests {
     #[test]
     fn a_callers_error_fails_and_gives_the_use_back() {
         let s = settle(&form_id(), wechat(40037));
-        assert_eq!(
-            (s.status, s.credential),
-            (Status::Failed, CredentialFate::Release)
-        );
+        assert_eq!(end(&s), (Status::Failed, CredentialFate::Release));
         assert_eq!(error(&s), Some(("template_invalid", Some(40037))));
         assert_eq!(attempt(&s), Some((Some(40037), "failed")));
     }
@@ -707,10 +666,7 @@ mod tests {
     fn the_daily_limit_pauses_the_app_until_beijing_midnight() {
         let s = settle(&form_id(), wechat(45009));
         let midnight = Utc.with_ymd_and_hms(2026, 11, 27, 16, 0, 0).unwrap();
-        assert_eq!(
-            (s.status, s.credential),
-            (Status::Queued, CredentialFate::Release)
-        );
+        assert_eq!(end(&s), (Status::Queued, CredentialFate::Release));
         assert_eq!(
             (s.pause_until, s.next_attempt_at),
             (Some(midnight), midnight)
@@ -731,10 +687,7 @@ mod tests {
         assert_eq!((s.status, s.next_attempt_at), (Status::Queued, until));
         assert_eq!(s.error, None);
         let s = no_credential(&waiting, until);
-        assert_eq!(
-            (s.status, s.credential),
-            (Status::NoQuota, CredentialFate::Keep)
-        );
+        assert_eq!(end(&s), (Status::NoQuota, CredentialFate::Keep));
         assert_eq!(error(&s), Some(("no_quota", None)));
         assert_eq!(s.attempt, None);
     }
@@ -777,10 +730,7 @@ mod tests {
     #[test]
     fn a_corrupt_message_fails_as_internal_without_an_attempt_or_a_spent_use() {
         let s = corrupt_body(&form_id(), now());
-        assert_eq!(
-            (s.status, s.credential),
-            (Status::Failed, CredentialFate::Release)
-        );
+        assert_eq!(end(&s), (Status::Failed, CredentialFate::Release));
         assert_eq!(error(&s), Some(("internal", None)));
         assert_eq!(s.attempt, None, "no call was made");
         // An earlier call with the held use may have delivered: it stays charged.
