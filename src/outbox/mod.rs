@@ -10,6 +10,7 @@
 
 pub mod policy;
 pub mod sender;
+pub mod settle;
 pub mod store;
 pub mod templates;
 
@@ -19,7 +20,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::db::{DbConn, DbResult};
+use crate::db::{DbConn, DbError, DbResult};
 use crate::time::to_db;
 use crate::wechat::wire::DataValue;
 pub use sender::Sender;
@@ -36,6 +37,14 @@ pub enum Status {
 }
 
 impl Status {
+    pub const ALL: [Status; 5] = [
+        Status::Queued,
+        Status::Sending,
+        Status::Sent,
+        Status::NoQuota,
+        Status::Failed,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Status::Queued => "queued",
@@ -46,18 +55,19 @@ impl Status {
         }
     }
 
-    pub fn from_db(s: &str) -> Status {
-        match s {
-            "sending" => Status::Sending,
-            "sent" => Status::Sent,
-            "no_quota" => Status::NoQuota,
-            "failed" => Status::Failed,
-            _ => Status::Queued,
-        }
-    }
-
     pub fn is_final(self) -> bool {
         matches!(self, Status::Sent | Status::NoQuota | Status::Failed)
+    }
+}
+
+impl TryFrom<&str> for Status {
+    type Error = UnknownValue;
+
+    fn try_from(s: &str) -> Result<Status, UnknownValue> {
+        Status::ALL
+            .into_iter()
+            .find(|status| status.as_str() == s)
+            .ok_or_else(|| UnknownValue::new("status", s))
     }
 }
 
@@ -80,13 +90,43 @@ impl Channel {
             Channel::Subscription => "subscription",
         }
     }
+}
 
-    pub fn from_db(s: &str) -> Channel {
-        if s == "subscription" {
-            Channel::Subscription
-        } else {
-            Channel::Template
+impl TryFrom<&str> for Channel {
+    type Error = UnknownValue;
+
+    fn try_from(s: &str) -> Result<Channel, UnknownValue> {
+        match s {
+            "template" => Ok(Channel::Template),
+            "subscription" => Ok(Channel::Subscription),
+            _ => Err(UnknownValue::new("channel", s)),
         }
+    }
+}
+
+/// A value read from the database that this version does not know (a row written by
+/// hand or by a newer version): an error the operator sees, never a guess.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown {column} {value:?} in the database")]
+pub struct UnknownValue {
+    pub column: &'static str,
+    pub value: String,
+}
+
+impl UnknownValue {
+    fn new(column: &'static str, value: &str) -> Self {
+        UnknownValue {
+            column,
+            value: value.to_string(),
+        }
+    }
+}
+
+/// A row that does not deserialise is a query error: the HTTP layer answers an
+/// opaque 500 and logs the cause.
+impl From<UnknownValue> for DbError {
+    fn from(e: UnknownValue) -> Self {
+        DbError::Query(diesel::result::Error::DeserializationError(Box::new(e)))
     }
 }
 
@@ -211,8 +251,8 @@ pub struct MessageView {
 }
 
 impl MessageView {
-    fn new(row: MessageRow, attempts: Vec<AttemptRow>) -> Self {
-        let status = Status::from_db(&row.status);
+    fn new(row: MessageRow, attempts: Vec<AttemptRow>) -> DbResult<Self> {
+        let (status, channel) = (row.status()?, row.channel()?);
         let error = matches!(status, Status::Failed | Status::NoQuota).then(|| ErrorView {
             code: row.error_code.clone().unwrap_or_else(|| "failed".into()),
             wechat_errcode: row.wechat_errcode,
@@ -225,9 +265,9 @@ impl MessageView {
             }),
             _ => None,
         };
-        MessageView {
+        Ok(MessageView {
             id: row.id.to_string(),
-            channel: Channel::from_db(&row.channel),
+            channel,
             status,
             error,
             credential,
@@ -245,13 +285,15 @@ impl MessageView {
             app_id: row.app_id,
             openid: row.openid,
             template_id: row.template_id,
-        }
+        })
     }
 }
 
 /// The message resource, if it exists.
 pub fn view(conn: &mut DbConn, id: i64) -> DbResult<Option<MessageView>> {
-    Ok(store::load(conn, id)?.map(|(row, attempts)| MessageView::new(row, attempts)))
+    store::load(conn, id)?
+        .map(|(row, attempts)| MessageView::new(row, attempts))
+        .transpose()
 }
 
 /// A user's latest messages, newest first.
@@ -261,10 +303,10 @@ pub fn recent(
     openid: &str,
     limit: u32,
 ) -> DbResult<Vec<MessageView>> {
-    Ok(store::recent_for_user(conn, app_id, openid, limit.into())?
+    store::recent_for_user(conn, app_id, openid, limit.into())?
         .into_iter()
         .map(|(row, attempts)| MessageView::new(row, attempts))
-        .collect())
+        .collect()
 }
 
 /// Message totals of one app over the last 24 h, for the admin overview.
@@ -294,19 +336,13 @@ pub struct HourCount {
 pub fn stats(conn: &mut DbConn, app_id: &str, now: DateTime<Utc>) -> DbResult<MessageStats> {
     let since = now - chrono::TimeDelta::hours(24);
     let rows = store::status_counts(conn, app_id, since)?;
-    let mut messages_24h: BTreeMap<&'static str, i64> = [
-        Status::Queued,
-        Status::Sending,
-        Status::Sent,
-        Status::NoQuota,
-        Status::Failed,
-    ]
-    .into_iter()
-    .map(|s| (s.as_str(), 0))
-    .collect();
+    let mut messages_24h: BTreeMap<&'static str, i64> =
+        Status::ALL.into_iter().map(|s| (s.as_str(), 0)).collect();
     let mut hours: BTreeMap<String, HourCount> = BTreeMap::new();
     for (hour, status, n) in rows {
-        let status = Status::from_db(&status);
+        let status = Status::try_from(status.as_str()).inspect_err(|e| {
+            log::error!("messages of app {app_id}: {e}");
+        })?;
         *messages_24h.entry(status.as_str()).or_default() += n;
         let bucket = hours.entry(hour.clone()).or_insert_with(|| HourCount {
             hour,
@@ -328,4 +364,33 @@ pub fn stats(conn: &mut DbConn, app_id: &str, now: DateTime<Utc>) -> DbResult<Me
         top_errcodes,
         messages_per_hour: hours.into_values().collect(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_status_reads_back_as_itself() {
+        for status in Status::ALL {
+            assert_eq!(Status::try_from(status.as_str()).unwrap(), status);
+        }
+        for channel in [Channel::Template, Channel::Subscription] {
+            assert_eq!(Channel::try_from(channel.as_str()).unwrap(), channel);
+        }
+    }
+
+    #[test]
+    fn an_unknown_status_or_channel_is_an_error_not_a_default() {
+        for unknown in ["", "Queued", "sent ", "delivered"] {
+            let e = Status::try_from(unknown).unwrap_err();
+            assert_eq!((e.column, e.value.as_str()), ("status", unknown));
+        }
+        let e = Channel::try_from("sms").unwrap_err();
+        assert_eq!((e.column, e.value.as_str()), ("channel", "sms"));
+        assert!(matches!(
+            DbError::from(e),
+            DbError::Query(diesel::result::Error::DeserializationError(_))
+        ));
+    }
 }

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use super::settle::MessageErrorCode;
 use crate::wechat::client::WechatError;
 use crate::wechat::errcode::ErrorClass;
 
@@ -55,7 +56,7 @@ pub enum Action {
     /// have delivered.
     Backoff { ambiguous: bool },
     /// Final failure that is not the credential's: the use is given back.
-    Fail { code: &'static str },
+    Fail { code: MessageErrorCode },
     /// The app's daily limit: pause the app's sending until the limit resets, give
     /// the use back, keep the message queued.
     PauseApp,
@@ -94,19 +95,19 @@ pub fn decide(result: &Result<(), WechatError>, ctx: Context, policy: &Policy) -
         },
         (Some(45009), _) => PauseApp,
         (Some(40037), _) => Fail {
-            code: "template_invalid",
+            code: MessageErrorCode::TemplateInvalid,
         },
         (Some(41030), _) => Fail {
-            code: "page_invalid",
+            code: MessageErrorCode::PageInvalid,
         },
         (Some(47003), _) => Fail {
-            code: "data_invalid",
+            code: MessageErrorCode::DataInvalid,
         },
         (Some(40003), _) => Fail {
-            code: "openid_invalid",
+            code: MessageErrorCode::OpenidInvalid,
         },
         (Some(45103), _) => Fail {
-            code: "template_api_retired",
+            code: MessageErrorCode::TemplateApiRetired,
         },
         (_, Token) => RefreshToken,
         // Rate limits other than the daily one (45011, 43108) pass within seconds.
@@ -116,7 +117,7 @@ pub fn decide(result: &Result<(), WechatError>, ctx: Context, policy: &Policy) -
             invalidate: "credential",
         },
         (_, Caller) => Fail {
-            code: "wechat_rejected",
+            code: MessageErrorCode::WechatRejected,
         },
     }
 }
@@ -199,32 +200,32 @@ mod tests {
         assert_eq!(
             code(40037, 0, false),
             Action::Fail {
-                code: "template_invalid"
+                code: MessageErrorCode::TemplateInvalid
             }
         );
         assert_eq!(
             code(41030, 0, false),
             Action::Fail {
-                code: "page_invalid"
+                code: MessageErrorCode::PageInvalid
             }
         );
         assert_eq!(
             code(47003, 0, false),
             Action::Fail {
-                code: "data_invalid"
+                code: MessageErrorCode::DataInvalid
             }
         );
         assert_eq!(
             code(40003, 0, false),
             Action::Fail {
-                code: "openid_invalid"
+                code: MessageErrorCode::OpenidInvalid
             }
         );
         assert_eq!(code(45009, 0, false), Action::PauseApp);
         assert_eq!(
             code(99999, 0, false),
             Action::Fail {
-                code: "wechat_rejected"
+                code: MessageErrorCode::WechatRejected
             }
         );
     }

@@ -4,7 +4,8 @@ use chrono::{DateTime, NaiveDateTime, Utc};
 use diesel::prelude::*;
 use diesel::sql_types::{Text, Timestamp};
 
-use super::{Channel, Status};
+use super::settle::{CredentialFate, Settlement};
+use super::{Channel, Content, Status, UnknownValue};
 use crate::db::schema::{app_pauses, idempotency_keys, message_attempts, messages};
 use crate::db::{native_sql, single_write, write_tx, DbConn, DbError, DbResult};
 use crate::dispatch;
@@ -50,12 +51,34 @@ impl MessageRow {
             .and_then(|k| Kind::from_db(k).ok()) // MERGE: h-sender
     }
 
+    /// The stored status; an unknown one is logged with the message id and is an error.
+    pub fn status(&self) -> DbResult<Status> {
+        Status::try_from(self.status.as_str()).map_err(|e| self.corrupt(e))
+    }
+
+    /// The stored channel; an unknown one is logged with the message id and is an error.
+    pub fn channel(&self) -> DbResult<Channel> {
+        Channel::try_from(self.channel.as_str()).map_err(|e| self.corrupt(e))
+    }
+
+    /// The stored content. `submit` wrote it from this very type: an error means the
+    /// row was damaged or written by something else, and the message must not be
+    /// sent with a guess at its data.
+    pub fn content(&self) -> Result<Content, serde_json::Error> {
+        serde_json::from_str(&self.body)
+    }
+
+    fn corrupt(&self, e: UnknownValue) -> DbError {
+        log::error!("message {}: {e}", self.id);
+        e.into()
+    }
+
     /// The credentials this message may use: its channel decides.
-    pub fn pick(&self) -> ledger::Pick<'_> {
-        match Channel::from_db(&self.channel) {
+    pub fn pick(&self) -> DbResult<ledger::Pick<'_>> {
+        Ok(match self.channel()? {
             Channel::Subscription => ledger::Pick::SubscriptionOnly(&self.template_id),
             Channel::Template => ledger::Pick::SubscriptionFirst(&self.template_id),
-        }
+        })
     }
 }
 
@@ -245,20 +268,21 @@ pub fn lease_next(
 
 /// Claims a use of the user's credential for the message and marks the call in
 /// flight, in one transaction: a use is never spent without the message knowing.
-/// None if the user has no live credential (or the lease was lost).
+/// Returns the message as it now stands (holding the credential); None if the user
+/// has no live credential (or the lease was lost).
 pub fn claim_credential(
     conn: &mut DbConn,
     msg: &MessageRow,
     owner: &str,
     now: DateTime<Utc>,
-) -> DbResult<Option<ledger::Use>> {
+) -> DbResult<Option<MessageRow>> {
     use messages::dsl as m;
     write_tx(conn, |conn| {
-        let Some(used) = ledger::claim(conn, &msg.app_id, &msg.openid, msg.pick(), now)? else {
+        let Some(used) = ledger::claim(conn, &msg.app_id, &msg.openid, msg.pick()?, now)? else {
             return Ok(None);
         };
         let cred = &used.credential;
-        let changed = dispatch!(conn, |c| diesel::update(
+        let updated = dispatch!(conn, |c| diesel::update(
             m::messages
                 .filter(m::id.eq(msg.id))
                 .filter(m::lease_owner.eq(owner))
@@ -276,12 +300,14 @@ pub fn claim_credential(
             m::in_flight.eq(true),
             m::updated_at.eq(to_db(now)),
         ))
-        .execute(c))?;
-        if changed == 0 {
+        .returning(MessageRow::as_returning())
+        .get_result(c)
+        .optional())?;
+        match updated {
+            Some(row) => Ok(Some(row)),
             // Lease lost: roll the claim back with the transaction.
-            return Err(DbError::Query(diesel::result::Error::RollbackTransaction));
+            None => Err(DbError::Query(diesel::result::Error::RollbackTransaction)),
         }
-        Ok(Some(used))
     })
     .or_else(|e| match e {
         DbError::Query(diesel::result::Error::RollbackTransaction) => Ok(None),
@@ -307,42 +333,13 @@ pub fn mark_in_flight(
     Ok(changed == 1)
 }
 
-/// What happens to the held credential use when a step settles.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CredentialFate {
-    /// The message keeps it for the next try.
-    Keep,
-    /// Spent (sent, or possibly sent): the message lets go of it, uses stay charged.
-    Spent,
-    /// Not the credential's fault: the use goes back to the user.
-    Release,
-    /// WeChat says the credential is bad: it is marked invalid, the use stays charged.
-    Invalidate(&'static str),
-}
-
-/// The end of one step of a message: recorded in one transaction.
-#[derive(Debug, Clone)]
-pub struct Settle {
-    /// The attempt to record, if a WeChat call (or a lost one) happened.
-    pub attempt: Option<(Option<i32>, &'static str)>,
-    pub credential: CredentialFate,
-    pub status: Status,
-    /// Final error: (contract code, WeChat errcode, message).
-    pub error: Option<(&'static str, Option<i32>, String)>,
-    pub next_attempt_at: DateTime<Utc>,
-    pub retries: i32,
-    pub ambiguous: bool,
-    /// Pause the app's sending until then (45009).
-    pub pause_until: Option<DateTime<Utc>>,
-}
-
 /// Applies a step's end if the lease is still ours; false if it was lost (another
 /// worker took over after our lease ran out: it will redo this step).
 pub fn settle(
     conn: &mut DbConn,
     msg: &MessageRow,
     owner: &str,
-    s: &Settle,
+    s: &Settlement,
     now: DateTime<Utc>,
 ) -> DbResult<bool> {
     use app_pauses::dsl as p;
@@ -352,10 +349,7 @@ pub fn settle(
     write_tx(conn, |conn| {
         let keep = s.credential == CredentialFate::Keep;
         let final_status = s.status.is_final();
-        let (code, errcode, message) = match &s.error {
-            Some((code, errcode, message)) => (Some(*code), *errcode, Some(message.as_str())),
-            None => (None, None, None),
-        };
+        let error = s.error.as_ref();
         let changed = dispatch!(conn, |c| diesel::update(
             m::messages
                 .filter(m::id.eq(msg.id))
@@ -366,9 +360,9 @@ pub fn settle(
             m::in_flight.eq(false),
             m::ambiguous.eq(keep && s.ambiguous),
             m::retries.eq(s.retries),
-            m::error_code.eq(code),
-            m::wechat_errcode.eq(errcode),
-            m::error_message.eq(message),
+            m::error_code.eq(error.map(|e| e.code.as_str())),
+            m::wechat_errcode.eq(error.and_then(|e| e.wechat_errcode)),
+            m::error_message.eq(error.map(|e| e.message.as_str())),
             m::next_attempt_at.eq(to_db(s.next_attempt_at)),
             m::lease_owner.eq(None::<String>),
             m::lease_until.eq(None::<NaiveDateTime>),
@@ -392,14 +386,14 @@ pub fn settle(
             ))
             .execute(c))?;
         }
-        if let Some((errcode, outcome)) = s.attempt {
+        if let Some(attempt) = s.attempt {
             dispatch!(conn, |c| diesel::insert_into(a::message_attempts)
                 .values((
                     a::message_id.eq(msg.id),
                     a::at.eq(now_db),
                     a::credential_id.eq(msg.credential_id),
-                    a::wechat_errcode.eq(errcode),
-                    a::outcome.eq(outcome),
+                    a::wechat_errcode.eq(attempt.wechat_errcode),
+                    a::outcome.eq(attempt.outcome.as_str()),
                 ))
                 .execute(c))?;
         }
