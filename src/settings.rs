@@ -546,8 +546,8 @@ mod tests {
         // A bad value is reported under the variable's name: the table reached it.
         for setting in SETTINGS {
             let name = env_name(setting.name);
-            let err = Settings::from_sources(None, &env(&[(name.as_str(), "\u{7f}")]))
-                .expect_err(&name);
+            let err =
+                Settings::from_sources(None, &env(&[(name.as_str(), "\u{7f}")])).expect_err(&name);
             assert_eq!(err.name, name);
         }
     }

@@ -2,30 +2,13 @@
 //! handlers' annotations and the types they take and return.
 
 use actix_web::{web, HttpResponse};
-use serde::Serialize;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
-use utoipa::{Modify, OpenApi, ToSchema};
+use utoipa::{Modify, OpenApi};
 
 use super::resource;
 
 pub fn config(cfg: &mut web::ServiceConfig) {
     cfg.service(resource("/openapi.json").route(web::get().to(document)));
-}
-
-/// Final error codes a message can carry (`error.code` of the message resource).
-#[derive(Debug, Serialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum MessageErrorCode {
-    NoQuota,
-    TemplateInvalid,
-    PageInvalid,
-    DataInvalid,
-    OpenidInvalid,
-    RetriesExhausted,
-    OutcomeUnknown,
-    CredentialsExhausted,
-    TemplateApiRetired,
-    WechatRejected,
 }
 
 pub(crate) struct Security;
@@ -73,7 +56,12 @@ impl Modify for Security {
         super::admin_page::page,
         super::admin_page::asset,
     ),
-    components(schemas(super::error::ErrorBody, super::error::ErrorCode, MessageErrorCode)),
+    components(schemas(
+        super::error::ErrorBody,
+        super::error::ErrorCode,
+        crate::outbox::settle::MessageErrorCode,
+        crate::outbox::settle::AttemptOutcome
+    )),
     modifiers(&Security)
 )]
 pub struct ApiDoc;

@@ -61,13 +61,13 @@ impl Status {
 }
 
 impl TryFrom<&str> for Status {
-    type Error = UnknownValue;
+    type Error = DbError;
 
-    fn try_from(s: &str) -> Result<Status, UnknownValue> {
+    fn try_from(s: &str) -> Result<Status, DbError> {
         Status::ALL
             .into_iter()
             .find(|status| status.as_str() == s)
-            .ok_or_else(|| UnknownValue::new("status", s))
+            .ok_or_else(|| unknown("status", s))
     }
 }
 
@@ -93,41 +93,21 @@ impl Channel {
 }
 
 impl TryFrom<&str> for Channel {
-    type Error = UnknownValue;
+    type Error = DbError;
 
-    fn try_from(s: &str) -> Result<Channel, UnknownValue> {
+    fn try_from(s: &str) -> Result<Channel, DbError> {
         match s {
             "template" => Ok(Channel::Template),
             "subscription" => Ok(Channel::Subscription),
-            _ => Err(UnknownValue::new("channel", s)),
+            _ => Err(unknown("channel", s)),
         }
     }
 }
 
 /// A value read from the database that this version does not know (a row written by
 /// hand or by a newer version): an error the operator sees, never a guess.
-#[derive(Debug, thiserror::Error)]
-#[error("unknown {column} {value:?} in the database")]
-pub struct UnknownValue {
-    pub column: &'static str,
-    pub value: String,
-}
-
-impl UnknownValue {
-    fn new(column: &'static str, value: &str) -> Self {
-        UnknownValue {
-            column,
-            value: value.to_string(),
-        }
-    }
-}
-
-/// A row that does not deserialise is a query error: the HTTP layer answers an
-/// opaque 500 and logs the cause.
-impl From<UnknownValue> for DbError {
-    fn from(e: UnknownValue) -> Self {
-        DbError::Query(diesel::result::Error::DeserializationError(Box::new(e)))
-    }
+fn unknown(column: &str, value: &str) -> DbError {
+    DbError::Corrupt(format!("unknown {column} {value:?}"))
 }
 
 /// What is sent to WeChat besides the user, template and page (stored as JSON).
@@ -185,7 +165,8 @@ pub fn submit(
         template_id: msg.template_id.clone(),
         channel: msg.channel.as_str(),
         page: msg.page.clone(),
-        body: serde_json::to_string(&msg.content).unwrap_or_default(),
+        body: serde_json::to_string(&msg.content)
+            .map_err(|e| DbError::Corrupt(format!("message body does not serialise: {e}")))?,
         status: Status::Queued.as_str(),
         await_until: (msg.await_credential_s > 0)
             .then(|| to_db(now + chrono::TimeDelta::seconds(msg.await_credential_s.into()))),
@@ -253,11 +234,17 @@ pub struct MessageView {
 impl MessageView {
     fn new(row: MessageRow, attempts: Vec<AttemptRow>) -> DbResult<Self> {
         let (status, channel) = (row.status()?, row.channel()?);
-        let error = matches!(status, Status::Failed | Status::NoQuota).then(|| ErrorView {
-            code: row.error_code.clone().unwrap_or_else(|| "failed".into()),
-            wechat_errcode: row.wechat_errcode,
-            message: row.error_message.clone().unwrap_or_default(),
-        });
+        let error = match status {
+            Status::Failed | Status::NoQuota => Some(ErrorView {
+                code: row
+                    .error_code
+                    .clone()
+                    .ok_or_else(|| unknown("error_code of a finished message", ""))?,
+                wechat_errcode: row.wechat_errcode,
+                message: row.error_message.clone().unwrap_or_default(),
+            }),
+            _ => None,
+        };
         let credential = match (&row.credential_kind, row.credential_id) {
             (Some(kind), Some(id)) => Some(CredentialRef {
                 kind: kind.clone(),
@@ -384,13 +371,10 @@ mod tests {
     fn an_unknown_status_or_channel_is_an_error_not_a_default() {
         for unknown in ["", "Queued", "sent ", "delivered"] {
             let e = Status::try_from(unknown).unwrap_err();
-            assert_eq!((e.column, e.value.as_str()), ("status", unknown));
+            let expected = format!("unknown status {unknown:?}");
+            assert!(matches!(e, DbError::Corrupt(m) if m == expected));
         }
         let e = Channel::try_from("sms").unwrap_err();
-        assert_eq!((e.column, e.value.as_str()), ("channel", "sms"));
-        assert!(matches!(
-            DbError::from(e),
-            DbError::Query(diesel::result::Error::DeserializationError(_))
-        ));
+        assert!(matches!(e, DbError::Corrupt(m) if m == "unknown channel \"sms\""));
     }
 }

@@ -133,7 +133,7 @@ impl Sender {
         if msg.in_flight {
             // The worker that made this call died (or lost its lease) before it
             // settled: WeChat may have delivered.
-            return self.settle(&msg, settle::interrupted(&msg, now)).await;
+            return self.settle(&msg, settle::interrupted(&msg, now)?).await;
         }
         let content = match msg.content() {
             Ok(content) => content,
@@ -158,8 +158,11 @@ impl Sender {
         let Some(msg) = self.hold_credential(msg, now).await? else {
             return Ok(());
         };
-        let result = self.send_with_fresh_token(&msg, &content, token).await;
-        let settlement = settle::outcome(&msg, &result, &self.config.policy, crate::time::now());
+        let kind = msg.credential_kind()?;
+        let result = self
+            .send_with_fresh_token(&msg, kind, &content, token)
+            .await;
+        let settlement = settle::outcome(&msg, &result, &self.config.policy, crate::time::now())?;
         self.settle(&msg, settlement).await
     }
 
@@ -197,12 +200,13 @@ impl Sender {
     async fn send_with_fresh_token(
         &self,
         msg: &MessageRow,
+        kind: Option<Kind>,
         content: &Content,
         mut token: Secret,
     ) -> Result<(), WechatError> {
         let mut refreshes = 0;
         loop {
-            let result = self.send(msg, content.clone(), &token).await;
+            let result = self.send(msg, kind, content.clone(), &token).await;
             let token_problem =
                 matches!(&result, Err(e) if e.class == crate::wechat::errcode::ErrorClass::Token);
             if !token_problem || refreshes >= self.config.policy.max_token_refreshes {
@@ -223,10 +227,11 @@ impl Sender {
     async fn send(
         &self,
         msg: &MessageRow,
+        kind: Option<Kind>,
         content: Content,
         token: &Secret,
     ) -> Result<(), WechatError> {
-        if msg.credential_kind() == Some(Kind::Subscription) {
+        if kind == Some(Kind::Subscription) {
             let body = SubscribeMessage {
                 touser: msg.openid.clone(),
                 template_id: msg.template_id.clone(),

@@ -8,12 +8,14 @@ use serde::Serialize;
 use super::policy::{self, decide, Action, Context, Policy};
 use super::store::MessageRow;
 use super::Status;
+use crate::db::DbResult;
 use crate::ledger::Kind;
 use crate::wechat::client::WechatError;
 
 /// What one attempt came to: stored in `message_attempts.outcome` and shown as the
-/// message resource's `attempts[].outcome`, as [`AttemptOutcome::as_str`] spells it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+/// message resource's `attempts[].outcome`, as [`AttemptOutcome::as_str`] spells it
+/// (the OpenAPI document shows this enum).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum AttemptOutcome {
     /// WeChat accepted the message.
@@ -52,9 +54,9 @@ impl AttemptOutcome {
     }
 }
 
-/// The contract's `error.code` of a message that ended `failed` or `no_quota`.
-/// (The HTTP layer's `MessageErrorCode` documents the same codes.)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+/// The contract's `error.code` of a message that ended `failed` or `no_quota` (the
+/// OpenAPI document shows this enum).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum MessageErrorCode {
     /// The user had no usable credential.
@@ -210,13 +212,13 @@ impl Settlement {
 /// The message's call was in flight when its worker died (or lost its lease):
 /// WeChat may have delivered. A single-use credential is probed (sent again: 41029
 /// then proves the delivery); anything else is `outcome_unknown`, never sent again.
-pub fn interrupted(msg: &MessageRow, now: DateTime<Utc>) -> Settlement {
-    let settlement = if can_probe(msg) {
+pub fn interrupted(msg: &MessageRow, now: DateTime<Utc>) -> DbResult<Settlement> {
+    let settlement = if can_probe(msg)? {
         Settlement::keep(Status::Sending, now, msg.retries, true)
     } else {
         outcome_unknown(None, now)
     };
-    settlement.recording(None, AttemptOutcome::Interrupted)
+    Ok(settlement.recording(None, AttemptOutcome::Interrupted))
 }
 
 /// No access token: no call, so no attempt on the credential; the step is taken
@@ -267,7 +269,7 @@ pub fn outcome(
     result: &Result<(), WechatError>,
     policy: &Policy,
     now: DateTime<Utc>,
-) -> Settlement {
+) -> DbResult<Settlement> {
     let ctx = Context {
         credential_age: msg
             .credential_created_at
@@ -281,7 +283,7 @@ pub fn outcome(
         .and_then(|e| e.errcode)
         .and_then(|c| i32::try_from(c).ok());
     let errmsg = result.as_ref().err().map_or("", |e| e.message.as_str());
-    match decide(result, ctx, policy) {
+    Ok(match decide(result, ctx, policy) {
         Action::Sent => {
             let outcome = if result.is_ok() {
                 AttemptOutcome::Sent
@@ -309,8 +311,8 @@ pub fn outcome(
             settlement.recording(errcode, AttemptOutcome::CredentialInvalid)
         }
         // Token errors that outlived the refreshes are treated as transient.
-        Action::RefreshToken => backoff(msg, errcode, errmsg, false, policy, now),
-        Action::Backoff { ambiguous } => backoff(msg, errcode, errmsg, ambiguous, policy, now),
+        Action::RefreshToken => backoff(msg, errcode, errmsg, false, policy, now)?,
+        Action::Backoff { ambiguous } => backoff(msg, errcode, errmsg, ambiguous, policy, now)?,
         Action::Fail { code } => Settlement::failed(give_back(msg), code, errcode, errmsg, now)
             .recording(errcode, AttemptOutcome::Failed),
         Action::PauseApp => {
@@ -321,7 +323,7 @@ pub fn outcome(
             }
             .recording(errcode, AttemptOutcome::AppPaused)
         }
-    }
+    })
 }
 
 /// A transient (or, if `ambiguous`, possibly delivered) failure: the same
@@ -333,14 +335,14 @@ fn backoff(
     ambiguous: bool,
     policy: &Policy,
     now: DateTime<Utc>,
-) -> Settlement {
+) -> DbResult<Settlement> {
     let outcome = if ambiguous {
         AttemptOutcome::Ambiguous
     } else {
         AttemptOutcome::Retry
     };
     let retries = msg.retries + 1;
-    let settlement = if ambiguous && !can_probe(msg) {
+    let settlement = if ambiguous && !can_probe(msg)? {
         // A multi-use prepay_id or a subscription: another call could deliver a
         // second message, and 41029 would prove nothing.
         outcome_unknown(errcode, now)
@@ -357,7 +359,7 @@ fn backoff(
         let at = backoff_at(policy, retries, now);
         Settlement::keep(Status::Sending, at, retries, msg.ambiguous || ambiguous)
     };
-    settlement.recording(errcode, outcome)
+    Ok(settlement.recording(errcode, outcome))
 }
 
 /// Failed, the use spent: a call may have delivered and nothing can prove it.
@@ -383,8 +385,8 @@ fn give_back(msg: &MessageRow) -> CredentialFate {
 
 /// Can an ambiguous call be repeated with the same credential? Only if it has a
 /// single use: then WeChat answers 41029 if the earlier call delivered.
-fn can_probe(msg: &MessageRow) -> bool {
-    msg.credential_kind() != Some(Kind::Subscription) && msg.credential_uses_total == Some(1)
+fn can_probe(msg: &MessageRow) -> DbResult<bool> {
+    Ok(msg.credential_kind()? != Some(Kind::Subscription) && msg.credential_uses_total == Some(1))
 }
 
 /// When transient retry number `retries` (1-based) is due.
@@ -472,7 +474,7 @@ mod tests {
     }
 
     fn settle(msg: &MessageRow, result: Result<(), WechatError>) -> Settlement {
-        outcome(msg, &result, &Policy::default(), now())
+        outcome(msg, &result, &Policy::default(), now()).expect("a known kind")
     }
 
     /// The status and what becomes of the held use.
@@ -570,14 +572,14 @@ mod tests {
             retries: 2,
             ..form_id()
         };
-        let s = interrupted(&msg, now());
+        let s = interrupted(&msg, now()).expect("a known kind");
         assert_eq!(end(&s), (Status::Sending, CredentialFate::Keep));
         assert_eq!(
             (s.next_attempt_at, s.retries, s.ambiguous),
             (now(), 2, true)
         );
         assert_eq!(attempt(&s), Some((None, "interrupted")));
-        let s = interrupted(&holding(Kind::PrepayId, 3), now());
+        let s = interrupted(&holding(Kind::PrepayId, 3), now()).expect("a known kind");
         assert_eq!(end(&s), (Status::Failed, CredentialFate::Spent));
         assert_eq!(error(&s), Some(("outcome_unknown", None)));
         assert_eq!(attempt(&s), Some((None, "interrupted")));

@@ -5,7 +5,7 @@ use diesel::prelude::*;
 use diesel::sql_types::{Text, Timestamp};
 
 use super::settle::{CredentialFate, Settlement};
-use super::{Channel, Content, Status, UnknownValue};
+use super::{Channel, Content, Status};
 use crate::db::schema::{app_pauses, idempotency_keys, message_attempts, messages};
 use crate::db::{native_sql, single_write, write_tx, DbConn, DbError, DbResult};
 use crate::dispatch;
@@ -45,10 +45,14 @@ pub struct MessageRow {
 }
 
 impl MessageRow {
-    pub fn credential_kind(&self) -> Option<Kind> {
+    /// The kind of the credential it holds; an unknown one is logged with the
+    /// message id and is an error.
+    pub fn credential_kind(&self) -> DbResult<Option<Kind>> {
         self.credential_kind
             .as_deref()
-            .and_then(|k| Kind::from_db(k).ok()) // MERGE: h-sender
+            .map(Kind::from_db)
+            .transpose()
+            .map_err(|e| self.corrupt(e))
     }
 
     /// The stored status; an unknown one is logged with the message id and is an error.
@@ -68,9 +72,9 @@ impl MessageRow {
         serde_json::from_str(&self.body)
     }
 
-    fn corrupt(&self, e: UnknownValue) -> DbError {
+    fn corrupt(&self, e: DbError) -> DbError {
         log::error!("message {}: {e}", self.id);
-        e.into()
+        e
     }
 
     /// The credentials this message may use: its channel decides.
