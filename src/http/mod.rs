@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod admin_page;
+pub mod api_docs;
 pub mod auth;
 pub mod client;
 pub mod credentials;
