@@ -165,6 +165,7 @@ pub fn config(cfg: &mut web::ServiceConfig) {
     .configure(openapi::config)
     .configure(admin::config)
     .configure(admin_page::config)
+    .configure(api_docs::config)
     .default_service(web::to(not_found));
 }
 
