@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod admin_page;
+pub mod api_docs;
 pub mod client;
 pub mod credentials;
 pub mod error;
@@ -139,6 +140,7 @@ pub fn config(cfg: &mut web::ServiceConfig) {
     .configure(openapi::config)
     .configure(admin::config)
     .configure(admin_page::config)
+    .configure(api_docs::config)
     .default_service(web::to(not_found));
 }
 

@@ -55,6 +55,7 @@ impl Modify for Security {
         super::admin::unregister_template,
         super::admin_page::page,
         super::admin_page::asset,
+        super::api_docs::page, super::api_docs::asset,
     ),
     components(schemas(
         super::error::ErrorBody,

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Headless-browser test of the admin page (GET /admin) against the real service.
+# Headless-browser tests of the admin page (GET /admin, admin.test.mjs) and the API
+# reference (GET /docs, docs.test.mjs) against the real service.
 #
 #   tests/browser/run.sh                 builds target/debug/formid-ledger, then tests it
 #   LEDGER_BIN=/path/to/bin tests/browser/run.sh   tests that binary, builds nothing
@@ -34,4 +35,4 @@ if [ -z "${LEDGER_BIN:-}" ]; then
 fi
 
 cd "$HERE"
-exec node --test admin.test.mjs
+exec node --test admin.test.mjs docs.test.mjs
