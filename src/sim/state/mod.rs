@@ -1,5 +1,14 @@
 //! The simulator's state and every rule of WECHAT.md, as plain methods that take
 //! `now` and need no HTTP.
+//!
+//! By subject: [`tokens`], [`login`], [`sends`] and [`control`] (apps, faults, the new
+//! day, the record), each an `impl State` block with its tests. Here: the state, the
+//! path every WeChat call takes (faults, answer, record) and the helpers they share.
+
+mod control;
+mod login;
+mod sends;
+mod tokens;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
@@ -10,20 +19,14 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
 use super::config::{FaultSet, Faults, Latency, SimConfig};
-use super::record::{Delivery, MessageKind, Stats, TokenApi, TokenFetch};
+use super::record::{Delivery, Stats, TokenApi, TokenFetch};
 use crate::secret::Secret;
-use crate::wechat::subscribe_data;
 use crate::wechat::wire::{
-    ApiStatus, Code2SessionQuery, Code2SessionResponse, StableTokenRequest, SubscribeMessage,
-    SubscribeSendResponse, TemplateMessage, TokenQuery, TokenResponse,
+    ApiStatus, Code2SessionQuery, StableTokenRequest, SubscribeMessage, TemplateMessage, TokenQuery,
 };
-
-/// Tokens are forgotten this long after they expired (then they answer 40001).
-const FORGET_TOKENS_AFTER: Duration = Duration::from_secs(3600);
-/// The most credentials or grants one control call may mint.
-const MAX_MINT: u32 = 10_000;
-/// msgids of subscribe sends are this plus the delivery's seq.
-const MSGID_BASE: i64 = 3_000_000_000;
+use login::Code;
+use sends::Credential;
+use tokens::Tokens;
 
 /// A control request the simulator cannot serve.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -98,89 +101,6 @@ pub(crate) enum Reply {
     Dropped(Vec<u8>),
 }
 
-struct TokenInfo {
-    appid: String,
-    expires_at: Instant,
-    /// Superseded or revoked: answers 40001 from then on.
-    dies_at: Option<Instant>,
-}
-
-#[derive(Default)]
-struct Tokens(HashMap<String, TokenInfo>);
-
-impl Tokens {
-    fn issue(&mut self, rng: &mut StdRng, appid: &str, life: Duration, now: Instant) -> String {
-        self.0
-            .retain(|_, t| now < t.expires_at + FORGET_TOKENS_AFTER);
-        let token = random_string(rng, 96, ALNUM);
-        self.0.insert(
-            token.clone(),
-            TokenInfo {
-                appid: appid.to_owned(),
-                expires_at: now + life,
-                dies_at: None,
-            },
-        );
-        token
-    }
-
-    /// Makes `token` answer 40001 from `at` on (or earlier if it already was to).
-    fn kill(&mut self, token: &str, at: Instant) {
-        if let Some(t) = self.0.get_mut(token) {
-            t.dies_at = Some(t.dies_at.map_or(at, |d| d.min(at)));
-        }
-    }
-
-    /// The app of a token usable at `now`.
-    fn check(&self, token: &str, now: Instant) -> Result<&str, ApiStatus> {
-        if token.is_empty() {
-            return Err(wx(41001, "access_token missing"));
-        }
-        let Some(t) = self.0.get(token) else {
-            let well_formed = token.len() >= 64
-                && token
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
-            return Err(if well_formed {
-                wx(
-                    40001,
-                    "invalid credential, access_token is invalid or not latest",
-                )
-            } else {
-                wx(40014, "invalid access_token")
-            });
-        };
-        if t.dies_at.is_some_and(|d| now >= d) {
-            return Err(wx(
-                40001,
-                "invalid credential, access_token is invalid or not latest",
-            ));
-        }
-        if now >= t.expires_at {
-            return Err(wx(42001, "access_token expired"));
-        }
-        Ok(&t.appid)
-    }
-
-    /// Time left of a usable token.
-    fn remaining(&self, token: &str, now: Instant) -> Option<Duration> {
-        self.check(token, now).ok()?;
-        self.0.get(token).map(|t| t.expires_at - now)
-    }
-}
-
-struct Code {
-    openid: String,
-    expires_at: Instant,
-}
-
-struct Credential {
-    openid: String,
-    uses_left: u32,
-    active_at: Instant,
-    expires_at: Instant,
-}
-
 struct App {
     appid: String,
     secret: Secret,
@@ -234,14 +154,6 @@ impl Record {
     fn next_seq(&self) -> u64 {
         self.deliveries.len() as u64 + 1
     }
-}
-
-/// The fields of a send that every send checks.
-struct Target<'m> {
-    token: &'m str,
-    template_id: &'m str,
-    page: Option<&'m str>,
-    touser: &'m str,
 }
 
 pub(crate) struct State {
@@ -379,427 +291,6 @@ impl State {
             }
         }
     }
-
-    fn classic_token(&mut self, q: &TokenQuery, now: Instant) -> Result<TokenResponse, ApiStatus> {
-        if q.grant_type != "client_credential" {
-            return Err(wx(40002, "invalid grant_type"));
-        }
-        let app = authenticate(&mut self.apps, &q.appid, &q.secret)?;
-        if app.token_calls >= self.cfg.token_daily_limit {
-            return Err(wx(45009, "reach max api daily quota limit"));
-        }
-        app.token_calls += 1;
-        let life = self.cfg.token_expires_in;
-        let token = self.tokens.issue(&mut self.rng, &app.appid, life, now);
-        if let Some(old) = app.classic.replace(token.clone()) {
-            self.tokens.kill(&old, now + self.cfg.token_overlap);
-        }
-        Ok(TokenResponse {
-            access_token: token,
-            expires_in: secs_ceil(life),
-        })
-    }
-
-    /// Normal mode: the current token while more than `min(300 s, life / 4)` of it
-    /// is left; in that last stretch a new one, the old one living on to its expiry.
-    /// `force_refresh`: the current token dies now and a new one is issued.
-    fn stable_token(
-        &mut self,
-        r: &StableTokenRequest,
-        now: Instant,
-    ) -> Result<TokenResponse, ApiStatus> {
-        if r.grant_type != "client_credential" {
-            return Err(wx(40002, "invalid grant_type"));
-        }
-        let app = authenticate(&mut self.apps, &r.appid, &r.secret)?;
-        let life = self.cfg.token_expires_in;
-        if r.force_refresh {
-            if app.force_refreshes >= self.cfg.stable_force_daily_limit {
-                return Err(wx(45009, "reach max api daily quota limit"));
-            }
-            if app
-                .last_force
-                .is_some_and(|t| now < t + self.cfg.stable_force_interval)
-            {
-                return Err(wx(
-                    45011,
-                    "api minute-quota reach limit, force refresh too often",
-                ));
-            }
-            app.force_refreshes += 1;
-            app.last_force = Some(now);
-            if let Some(old) = app.stable.take() {
-                self.tokens.kill(&old, now);
-            }
-        } else if let Some(current) = &app.stable {
-            let window = (life / 4).min(Duration::from_secs(300));
-            if let Some(left) = self.tokens.remaining(current, now).filter(|l| *l > window) {
-                return Ok(TokenResponse {
-                    access_token: current.clone(),
-                    expires_in: secs_ceil(left),
-                });
-            }
-        }
-        let token = self.tokens.issue(&mut self.rng, &app.appid, life, now);
-        app.stable = Some(token.clone());
-        Ok(TokenResponse {
-            access_token: token,
-            expires_in: secs_ceil(life),
-        })
-    }
-
-    fn login(
-        &mut self,
-        q: &Code2SessionQuery,
-        now: Instant,
-    ) -> Result<Code2SessionResponse, ApiStatus> {
-        let app = authenticate(&mut self.apps, &q.appid, &q.secret)?;
-        if !q.grant_type.is_empty() && q.grant_type != "authorization_code" {
-            return Err(wx(40002, "invalid grant_type"));
-        }
-        if q.js_code.is_empty() {
-            return Err(wx(41008, "missing code"));
-        }
-        let openid = app
-            .codes
-            .get(&q.js_code)
-            .filter(|c| now < c.expires_at)
-            .map(|c| c.openid.clone())
-            .ok_or_else(|| wx(40029, "invalid code"))?;
-        // A rate-limited login leaves the code usable, as a retry would expect.
-        let recent = app.logins.entry(openid.clone()).or_default();
-        while recent
-            .front()
-            .is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(60))
-        {
-            recent.pop_front();
-        }
-        if recent.len() >= self.cfg.login_rate_per_minute as usize {
-            return Err(wx(45011, "api minute-quota reach limit"));
-        }
-        recent.push_back(now);
-        app.codes.remove(&q.js_code);
-        if app.blocked.contains(&openid) {
-            return Err(wx(40226, "high risk user blocked"));
-        }
-        Ok(Code2SessionResponse {
-            openid,
-            session_key: random_string(&mut self.rng, 24, ALNUM),
-            unionid: None,
-        })
-    }
-
-    fn send_template(
-        &mut self,
-        token: &str,
-        msg: &TemplateMessage,
-        now: Instant,
-    ) -> Result<ApiStatus, ApiStatus> {
-        let target = Target {
-            token,
-            template_id: &msg.template_id,
-            page: msg.page.as_deref(),
-            touser: &msg.touser,
-        };
-        if self.cfg.template_api_retired {
-            self.tokens.check(token, now)?;
-            return Err(wx(45103, "This API has been unsupported"));
-        }
-        let app = self.sender(&target, now)?;
-        let credential = app
-            .credentials
-            .get_mut(&msg.form_id)
-            .filter(|c| c.openid == msg.touser)
-            .ok_or_else(|| wx(41028, "invalid form id"))?;
-        if credential.uses_left == 0 {
-            return Err(wx(41029, "form id used count reach limit"));
-        }
-        if now >= credential.expires_at || now < credential.active_at {
-            return Err(wx(41028, "invalid form id"));
-        }
-        credential.uses_left -= 1;
-        app.sends += 1;
-        let appid = app.appid.clone();
-        self.record.deliveries.push(Delivery {
-            seq: self.record.next_seq(),
-            at: Utc::now(),
-            appid,
-            touser: msg.touser.clone(),
-            template_id: msg.template_id.clone(),
-            kind: MessageKind::Template,
-            credential: Some(msg.form_id.clone()),
-            page: msg.page.clone(),
-            data: msg.data.clone(),
-            miniprogram_state: None,
-            lang: None,
-            msgid: None,
-            response_dropped: false,
-        });
-        Ok(wx(0, "ok"))
-    }
-
-    fn send_subscribe(
-        &mut self,
-        token: &str,
-        msg: &SubscribeMessage,
-        now: Instant,
-    ) -> Result<SubscribeSendResponse, ApiStatus> {
-        let target = Target {
-            token,
-            template_id: &msg.template_id,
-            page: msg.page.as_deref(),
-            touser: &msg.touser,
-        };
-        let app = self.sender(&target, now)?;
-        if msg
-            .miniprogram_state
-            .as_deref()
-            .is_some_and(|s| !matches!(s, "developer" | "trial" | "formal"))
-        {
-            return Err(wx(47003, "argument invalid! miniprogram_state"));
-        }
-        if msg
-            .lang
-            .as_deref()
-            .is_some_and(|l| !matches!(l, "zh_CN" | "en_US" | "zh_HK" | "zh_TW"))
-        {
-            return Err(wx(47003, "argument invalid! lang"));
-        }
-        if let Some(field) = subscribe_data::first_invalid(&msg.data) {
-            return Err(wx(47003, &format!("argument invalid! {field}")));
-        }
-        let grants = app
-            .grants
-            .get_mut(&(msg.touser.clone(), msg.template_id.clone()))
-            .filter(|n| **n > 0)
-            .ok_or_else(|| wx(43101, "user refuse to accept the msg"))?;
-        *grants -= 1;
-        app.sends += 1;
-        let appid = app.appid.clone();
-        let seq = self.record.next_seq();
-        let msgid = MSGID_BASE.saturating_add_unsigned(seq);
-        self.record.deliveries.push(Delivery {
-            seq,
-            at: Utc::now(),
-            appid,
-            touser: msg.touser.clone(),
-            template_id: msg.template_id.clone(),
-            kind: MessageKind::Subscribe,
-            credential: None,
-            page: msg.page.clone(),
-            data: msg.data.clone(),
-            miniprogram_state: msg.miniprogram_state.clone(),
-            lang: msg.lang.clone(),
-            msgid: Some(msgid),
-            response_dropped: false,
-        });
-        Ok(SubscribeSendResponse {
-            errcode: 0,
-            errmsg: "ok".into(),
-            msgid: Some(msgid),
-        })
-    }
-
-    /// The checks every send makes before looking at the credential, in WeChat's
-    /// order of concerns: token, account quota, template, page, user.
-    fn sender(&mut self, t: &Target<'_>, now: Instant) -> Result<&mut App, ApiStatus> {
-        let appid = self.tokens.check(t.token, now)?;
-        let app = self
-            .apps
-            .get_mut(appid)
-            .ok_or_else(|| wx(40001, "invalid credential"))?;
-        if self.faults.daily_send_limit.is_some_and(|l| app.sends >= l) {
-            return Err(wx(45009, "reach max api daily quota limit"));
-        }
-        let template_ok = match &self.cfg.templates {
-            None => !t.template_id.is_empty(),
-            Some(list) => list.iter().any(|x| x == t.template_id),
-        };
-        if !template_ok {
-            return Err(wx(40037, "invalid template_id"));
-        }
-        let page_ok = match (&self.cfg.pages, t.page.filter(|p| !p.is_empty())) {
-            (Some(list), Some(page)) => {
-                let path = page.split('?').next().unwrap_or_default();
-                list.iter().any(|x| x == path)
-            }
-            _ => true,
-        };
-        if !page_ok {
-            return Err(wx(41030, "invalid page"));
-        }
-        if !app.known.contains(t.touser) {
-            return Err(wx(40003, "invalid openid"));
-        }
-        Ok(app)
-    }
-
-    // ----- control -----
-
-    pub(crate) fn add_app(&mut self, appid: &str, secret: &Secret) {
-        self.apps
-            .entry(appid.to_owned())
-            .and_modify(|a| a.secret = secret.clone())
-            .or_insert_with(|| App::new(appid, secret));
-    }
-
-    pub(crate) fn mint_code(
-        &mut self,
-        appid: &str,
-        openid: &str,
-        now: Instant,
-    ) -> Result<String, SimError> {
-        let app = user_app(&mut self.apps, appid, openid)?;
-        app.codes.retain(|_, c| now < c.expires_at);
-        let code = random_string(&mut self.rng, 32, ALNUM);
-        app.codes.insert(
-            code.clone(),
-            Code {
-                openid: openid.to_owned(),
-                expires_at: now + self.cfg.code_life,
-            },
-        );
-        Ok(code)
-    }
-
-    pub(crate) fn mint_form_ids(
-        &mut self,
-        appid: &str,
-        openid: &str,
-        count: u32,
-        now: Instant,
-    ) -> Result<Vec<String>, SimError> {
-        let expires_at = now + self.cfg.form_id_life;
-        let app = user_app(&mut self.apps, appid, openid)?;
-        check_count(count)?;
-        Ok((0..count)
-            .map(|_| {
-                let value = random_string(&mut self.rng, 32, HEX);
-                app.credentials.insert(
-                    value.clone(),
-                    Credential {
-                        openid: openid.to_owned(),
-                        uses_left: 1,
-                        active_at: now,
-                        expires_at,
-                    },
-                );
-                value
-            })
-            .collect())
-    }
-
-    pub(crate) fn mint_prepay_ids(
-        &mut self,
-        appid: &str,
-        openid: &str,
-        count: u32,
-        uses: Option<u32>,
-        activation_delay: Option<Duration>,
-        now: Instant,
-    ) -> Result<Vec<String>, SimError> {
-        let uses = uses.unwrap_or(self.cfg.prepay_uses);
-        let active_at = now + activation_delay.unwrap_or(self.cfg.prepay_activation_delay);
-        let expires_at = now + self.cfg.form_id_life;
-        let app = user_app(&mut self.apps, appid, openid)?;
-        check_count(count)?;
-        Ok((0..count)
-            .map(|_| {
-                let value = format!("wx{}", random_string(&mut self.rng, 32, LOWER_ALNUM));
-                app.credentials.insert(
-                    value.clone(),
-                    Credential {
-                        openid: openid.to_owned(),
-                        uses_left: uses,
-                        active_at,
-                        expires_at,
-                    },
-                );
-                value
-            })
-            .collect())
-    }
-
-    /// Adds `count` one-time grants; returns the grants now left.
-    pub(crate) fn grant_subscriptions(
-        &mut self,
-        appid: &str,
-        openid: &str,
-        template_id: &str,
-        count: u32,
-    ) -> Result<u32, SimError> {
-        let app = user_app(&mut self.apps, appid, openid)?;
-        check_count(count)?;
-        let n = app
-            .grants
-            .entry((openid.to_owned(), template_id.to_owned()))
-            .or_default();
-        *n = n.saturating_add(count);
-        Ok(*n)
-    }
-
-    pub(crate) fn set_faults(&mut self, faults: Faults) -> Result<(), SimError> {
-        faults.send.check("send").map_err(SimError::Invalid)?;
-        faults.token.check("token").map_err(SimError::Invalid)?;
-        faults.login.check("login").map_err(SimError::Invalid)?;
-        if let Some(seed) = faults.seed {
-            self.rng = StdRng::seed_from_u64(seed);
-        }
-        self.faults = faults;
-        Ok(())
-    }
-
-    pub(crate) fn faults(&self) -> Faults {
-        self.faults.clone()
-    }
-
-    /// Every token of the app (classic and stable, current or in overlap) dies now.
-    /// Returns how many were still usable.
-    pub(crate) fn invalidate_tokens(
-        &mut self,
-        appid: &str,
-        now: Instant,
-    ) -> Result<usize, SimError> {
-        let app = find_app(&mut self.apps, appid)?;
-        app.classic = None;
-        app.stable = None;
-        let mut killed = 0;
-        for t in self.tokens.0.values_mut().filter(|t| t.appid == appid) {
-            if t.dies_at.is_none_or(|d| d > now) && t.expires_at > now {
-                killed += 1;
-            }
-            t.dies_at = Some(t.dies_at.map_or(now, |d| d.min(now)));
-        }
-        Ok(killed)
-    }
-
-    /// A new day: token, force-refresh and send counters of every app back to 0.
-    pub(crate) fn reset_limits(&mut self) {
-        for app in self.apps.values_mut() {
-            app.token_calls = 0;
-            app.force_refreshes = 0;
-            app.last_force = None;
-            app.sends = 0;
-        }
-    }
-
-    pub(crate) fn block(&mut self, appid: &str, openid: &str) -> Result<(), SimError> {
-        let app = user_app(&mut self.apps, appid, openid)?;
-        app.blocked.insert(openid.to_owned());
-        Ok(())
-    }
-
-    pub(crate) fn deliveries(&self) -> Vec<Delivery> {
-        self.record.deliveries.clone()
-    }
-
-    pub(crate) fn token_fetches(&self) -> Vec<TokenFetch> {
-        self.record.token_fetches.clone()
-    }
-
-    pub(crate) fn stats(&self) -> Stats {
-        self.record.stats.clone()
-    }
 }
 
 fn wx(errcode: i64, errmsg: &str) -> ApiStatus {
@@ -820,10 +311,6 @@ fn encode<T: Serialize>(result: Result<T, ApiStatus>) -> (Vec<u8>, String) {
         Ok(v) => (to_json(&v), "ok".to_owned()),
         Err(e) => (to_json(&e), e.errcode.to_string()),
     }
-}
-
-fn secs_ceil(d: Duration) -> i64 {
-    i64::try_from(d.as_millis().div_ceil(1000)).unwrap_or(i64::MAX)
 }
 
 fn authenticate<'a>(
@@ -867,13 +354,6 @@ fn user_app<'a>(
     Ok(app)
 }
 
-fn check_count(count: u32) -> Result<(), SimError> {
-    if count == 0 || count > MAX_MINT {
-        return Err(SimError::Invalid(format!("count must be 1..={MAX_MINT}")));
-    }
-    Ok(())
-}
-
 const ALNUM: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
 const LOWER_ALNUM: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
 const HEX: &[u8] = b"0123456789abcdef";
@@ -885,12 +365,12 @@ fn random_string(rng: &mut StdRng, len: usize, charset: &[u8]) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+mod testing {
     use super::*;
 
-    const S: fn(u64) -> Duration = Duration::from_secs;
+    pub(super) const S: fn(u64) -> Duration = Duration::from_secs;
 
-    fn state(cfg: SimConfig) -> State {
+    pub(super) fn state(cfg: SimConfig) -> State {
         State::new(SimConfig {
             apps: vec![("wxa".into(), Secret::new("s"))],
             seed: Some(1),
@@ -898,140 +378,12 @@ mod tests {
         })
     }
 
-    fn classic(st: &mut State, now: Instant) -> String {
+    pub(super) fn classic(st: &mut State, now: Instant) -> String {
         let q = TokenQuery {
             grant_type: "client_credential".into(),
             appid: "wxa".into(),
             secret: "s".into(),
         };
         st.classic_token(&q, now).expect("token").access_token
-    }
-
-    fn stable(st: &mut State, force_refresh: bool, now: Instant) -> Result<String, i64> {
-        let r = StableTokenRequest {
-            grant_type: "client_credential".into(),
-            appid: "wxa".into(),
-            secret: "s".into(),
-            force_refresh,
-        };
-        st.stable_token(&r, now)
-            .map(|t| t.access_token)
-            .map_err(|e| e.errcode)
-    }
-
-    fn check(st: &State, token: &str, now: Instant) -> Result<(), i64> {
-        st.tokens.check(token, now).map(drop).map_err(|e| e.errcode)
-    }
-
-    #[test]
-    fn a_superseded_classic_token_works_for_the_overlap_only() {
-        let mut st = state(SimConfig {
-            token_overlap: S(10),
-            token_expires_in: S(100),
-            ..SimConfig::default()
-        });
-        let t0 = Instant::now();
-        let a = classic(&mut st, t0);
-        let b = classic(&mut st, t0 + S(5));
-        assert_eq!(
-            check(&st, &a, t0 + S(15) - Duration::from_millis(1)),
-            Ok(())
-        );
-        assert_eq!(check(&st, &a, t0 + S(15)), Err(40001));
-        assert_eq!(
-            check(&st, &b, t0 + S(105) - Duration::from_millis(1)),
-            Ok(())
-        );
-        assert_eq!(check(&st, &b, t0 + S(105)), Err(42001));
-    }
-
-    #[test]
-    fn without_overlap_the_old_token_dies_at_once() {
-        let mut st = state(SimConfig {
-            token_overlap: Duration::ZERO,
-            ..SimConfig::default()
-        });
-        let t0 = Instant::now();
-        let a = classic(&mut st, t0);
-        let _b = classic(&mut st, t0);
-        assert_eq!(check(&st, &a, t0), Err(40001));
-    }
-
-    #[test]
-    fn stable_token_renews_in_the_last_quarter_and_force_refresh_kills() {
-        let mut st = state(SimConfig {
-            token_expires_in: S(100),
-            ..SimConfig::default()
-        });
-        let t0 = Instant::now();
-        let a = stable(&mut st, false, t0).expect("a");
-        assert_eq!(stable(&mut st, false, t0 + S(74)), Ok(a.clone()));
-        let b = stable(&mut st, false, t0 + S(76)).expect("b");
-        assert_ne!(a, b);
-        assert_eq!(check(&st, &a, t0 + S(99)), Ok(()));
-        assert_eq!(check(&st, &a, t0 + S(100)), Err(42001));
-        assert_eq!(stable(&mut st, false, t0 + S(80)), Ok(b.clone()));
-
-        let c = stable(&mut st, true, t0 + S(80)).expect("c");
-        assert_eq!(check(&st, &b, t0 + S(80)), Err(40001));
-        assert_eq!(stable(&mut st, true, t0 + S(109)), Err(45011));
-        assert!(stable(&mut st, true, t0 + S(110)).is_ok_and(|d| d != c));
-    }
-
-    #[test]
-    fn a_prepay_id_waits_for_activation_then_has_its_uses() {
-        let mut st = state(SimConfig {
-            token_expires_in: S(8 * 24 * 3600),
-            ..SimConfig::default()
-        });
-        let t0 = Instant::now();
-        let token = classic(&mut st, t0);
-        let prepay = st
-            .mint_prepay_ids("wxa", "o", 1, Some(2), Some(S(5)), t0)
-            .expect("prepay")
-            .remove(0);
-        let fid = st.mint_form_ids("wxa", "o", 1, t0).expect("fid").remove(0);
-        let mut send = |value: &str, at: Instant| {
-            let msg = TemplateMessage {
-                touser: "o".into(),
-                template_id: "T".into(),
-                form_id: value.into(),
-                ..TemplateMessage::default()
-            };
-            st.send_template(&token, &msg, at)
-                .map(drop)
-                .map_err(|e| e.errcode)
-        };
-        assert_eq!(send(&prepay, t0 + S(4)), Err(41028));
-        assert_eq!(send(&prepay, t0 + S(5)), Ok(()));
-        assert_eq!(send(&prepay, t0 + S(6)), Ok(()));
-        assert_eq!(send(&prepay, t0 + S(7)), Err(41029));
-        // A form_id lives 7 days.
-        assert_eq!(send(&fid, t0 + S(7 * 24 * 3600)), Err(41028));
-    }
-
-    #[test]
-    fn logins_are_rate_limited_per_user_without_losing_the_code() {
-        let mut st = state(SimConfig {
-            login_rate_per_minute: 1,
-            ..SimConfig::default()
-        });
-        let t0 = Instant::now();
-        let login = |st: &mut State, code: &str, at: Instant| {
-            let q = Code2SessionQuery {
-                appid: "wxa".into(),
-                secret: "s".into(),
-                js_code: code.into(),
-                grant_type: "authorization_code".into(),
-            };
-            st.login(&q, at).map(|r| r.openid).map_err(|e| e.errcode)
-        };
-        let first = st.mint_code("wxa", "o", t0).expect("code");
-        let second = st.mint_code("wxa", "o", t0).expect("code");
-        assert_eq!(login(&mut st, &first, t0), Ok("o".to_owned()));
-        assert_eq!(login(&mut st, &second, t0 + S(59)), Err(45011));
-        assert_eq!(login(&mut st, &second, t0 + S(60)), Ok("o".to_owned()));
-        let late = st.mint_code("wxa", "o", t0).expect("code");
-        assert_eq!(login(&mut st, &late, t0 + S(300)), Err(40029));
     }
 }
