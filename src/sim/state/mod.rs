@@ -1,5 +1,5 @@
-//! The simulator's state and every rule of WECHAT.md, as plain methods that take
-//! `now` and need no HTTP.
+//! The simulator's state and every rule the [`sim`](super) documentation lists, as
+//! plain methods that take `now` and need no HTTP.
 //!
 //! By subject: [`tokens`], [`login`], [`sends`] and [`control`] (apps, faults, the new
 //! day, the record), each an `impl State` block with its tests. Here: the state, the
