@@ -93,10 +93,13 @@ mkdir -p "$BENCH_DIR" "$LOGS" "$BIN"
 
 if [ "$BENCH_BUILD" = 1 ]; then
   log "building (release)"
-  cargo build --release --bin formid-ledger --bin ledger-load >&2
+  # The service, and the load generator from the bench/ workspace member.
+  cargo build --release -p formid-ledger --bin formid-ledger -p formid-ledger-bench --bin ledger-load >&2
 fi
 # Private copies: other builds of target/release during the run do not change them.
-cp target/release/formid-ledger target/release/ledger-load "$BIN/"
+# Cargo builds into CARGO_TARGET_DIR when it is set (e.g. a target dir shared by worktrees).
+RELEASE=${CARGO_TARGET_DIR:-target}/release
+cp "$RELEASE/formid-ledger" "$RELEASE/ledger-load" "$BIN/"
 
 SIM_PID= SVC_PID= ANALYZE_PID=
 cleanup() {

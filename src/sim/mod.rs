@@ -1,6 +1,13 @@
-//! A WeChat simulator: behaves like the real API (../shared/WECHAT.md) and records
-//! what it received, so tests, the sandbox and benchmarks have a faithful peer.
-//! It shares nothing with the rest of the service but [`crate::wechat::wire`].
+//! A WeChat simulator: answers the mini-program server API as WeChat does (the
+//! endpoints, and what it does where WeChat's documentation leaves a choice, are
+//! listed below) and records what it received, so tests, the sandbox and benchmarks
+//! have a faithful peer.
+//!
+//! From the rest of the crate it uses the JSON shapes of the WeChat endpoints
+//! ([`crate::wechat::wire`]), the subscribe-message value rules
+//! ([`crate::wechat::subscribe_data`], the same the service applies when a message is
+//! posted, so a mistake in them would not show up in tests against the simulator) and
+//! [`crate::secret::Secret`] for app secrets; nothing else.
 //!
 //! Use it in-process ([`Simulator::configure`] mounts it on another app, e.g. the
 //! service's sandbox mode) or standalone ([`serve`]).
@@ -8,8 +15,8 @@
 //! # WeChat endpoints
 //! `GET /cgi-bin/token`, `POST /cgi-bin/stable_token`, `GET /sns/jscode2session`,
 //! `POST /cgi-bin/message/wxopen/template/send`, `POST /cgi-bin/message/subscribe/send`,
-//! as WECHAT.md describes; errors are HTTP 200 `{"errcode": N, "errmsg": "..."}`.
-//! Where WECHAT.md leaves a choice, the simulator:
+//! as WeChat documents them; errors are HTTP 200 `{"errcode": N, "errmsg": "..."}`.
+//! Where WeChat's documentation leaves a choice, the simulator:
 //! - answers 40014 for a token that is not even token-shaped, 40001 for an unknown,
 //!   superseded (after the overlap) or invalidated one, 42001 for an expired one;
 //! - renews a `stable_token` (normal mode) in the last `min(300 s, expires_in / 4)`

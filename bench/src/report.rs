@@ -1,0 +1,198 @@
+//! Report: the JSONL the other subcommands wrote → Markdown tables.
+
+use clap::Args;
+use serde_json::Value;
+
+#[derive(Args)]
+pub struct ReportArgs {
+    /// The JSONL file the other subcommands' outputs were appended to.
+    pub file: String,
+}
+
+/// The send rate held against the claim ceiling: with a backlog after posting
+/// stopped (the senders alone), else the rate while 64 clients were posting.
+fn send_metric(r: &Value) -> &'static str {
+    if r["drain_sent_per_s"].as_f64().unwrap_or(0.0) > 0.0 {
+        "drain_sent_per_s"
+    } else {
+        "sent_per_s"
+    }
+}
+
+pub fn report(file: &str) {
+    let text = std::fs::read_to_string(file).unwrap_or_default();
+    let rows: Vec<Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .collect();
+    let find = |backend: &str, phase: &str, scenario: &str| -> Option<&Value> {
+        rows.iter()
+            .rev()
+            .find(|r| r["backend"] == backend && r["phase"] == phase && r["scenario"] == scenario)
+    };
+    let mut backends: Vec<String> = Vec::new();
+    for r in &rows {
+        if let Some(b) = r["backend"].as_str() {
+            if !b.is_empty() && !backends.iter().any(|x| x == b) {
+                backends.push(b.to_string());
+            }
+        }
+    }
+    let f = |v: &Value| v.as_f64().map_or("–".to_string(), |x| format!("{x:.1}"));
+    let f2 = |v: &Value| v.as_f64().map_or("–".to_string(), |x| format!("{x:.2}"));
+    for b in &backends {
+        println!("\n### {b}\n");
+        println!("| phase | scenario | req/s | items/s | p50 ms | p99 ms | errors | ceiling | ratio | peak RSS MB | CPU cores svc/pg/sim/gen (machine) |");
+        println!("|---|---|---:|---:|---:|---:|---:|---|---:|---:|---|");
+        let phases: Vec<String> = {
+            let mut p: Vec<String> = Vec::new();
+            for r in rows.iter().filter(|r| r["backend"] == b.as_str()) {
+                let ph = r["phase"].as_str().unwrap_or("").to_string();
+                if !p.contains(&ph) {
+                    p.push(ph);
+                }
+            }
+            p
+        };
+        for ph in &phases {
+            for r in rows.iter().filter(|r| {
+                r["backend"] == b.as_str() && r["phase"] == ph.as_str() && r["scenario"].is_string()
+            }) {
+                let sc = r["scenario"].as_str().unwrap_or("");
+                // Which ceiling the scenario is held against.
+                let (ceil_name, ceil_metric, own) = match sc {
+                    "ingest-single" => ("ceiling-ingest", "rps", "rps"),
+                    "ingest-batch" => ("ceiling-ingest", "rps", "items_per_s"),
+                    "send" => ("ceiling-claim", "rps", send_metric(r)),
+                    _ => ("", "", "rps"),
+                };
+                let ceiling = if ceil_name.is_empty() {
+                    None
+                } else {
+                    find(b, ph, ceil_name)
+                };
+                let ceil_val = ceiling.and_then(|c| c[ceil_metric].as_f64());
+                let own_val = r[own].as_f64();
+                let ratio = match (own_val, ceil_val) {
+                    (Some(o), Some(c)) if c > 0.0 => format!("{:.2}×", o / c),
+                    _ => "–".into(),
+                };
+                let ceil_txt = ceil_val.map_or("–".into(), |c| format!("{ceil_name} {c:.0}/s"));
+                let items = if sc == "send" {
+                    format!(
+                        "{} sent/s ({} while posting)",
+                        f(&r[send_metric(r)]),
+                        f(&r["sent_per_s"])
+                    )
+                } else {
+                    f(&r["items_per_s"])
+                };
+                let rss = r["rss_peak_kb"]
+                    .as_f64()
+                    .map_or("–".into(), |k| format!("{:.1}", k / 1024.0));
+                let cpu = &r["cpu_cores"];
+                let cpu_txt = if cpu.is_object() {
+                    format!(
+                        "{}/{}/{}/{} ({})",
+                        f2(&cpu["service"]),
+                        f2(&cpu["postgres"]),
+                        f2(&cpu["sim"]),
+                        f2(&cpu["generator"]),
+                        f2(&cpu["machine"])
+                    )
+                } else {
+                    "–".into()
+                };
+                println!(
+                    "| {ph} | {sc} | {} | {items} | {} | {} | {} | {ceil_txt} | {ratio} | {rss} | {cpu_txt} |",
+                    f(&r["rps"]),
+                    f2(&r["p50_ms"]),
+                    f2(&r["p99_ms"]),
+                    r["errors"].as_u64().unwrap_or(0),
+                );
+            }
+        }
+        // The targets, per phase.
+        println!("\nTargets ({b})\n");
+        println!("| phase | target | measured | met |");
+        println!("|---|---|---:|---|");
+        let num = |ph: &str, sc: &str, key: &str| find(b, ph, sc).and_then(|r| r[key].as_f64());
+        let yes = |ok: bool| if ok { "yes" } else { "**no**" };
+        for ph in &phases {
+            if let (Some(s), Some(c)) = (
+                num(ph, "ingest-single", "rps"),
+                num(ph, "ceiling-ingest", "rps"),
+            ) {
+                println!(
+                    "| {ph} | ingest single ≥ 1.0× ingest ceiling | {:.2}× | {} |",
+                    s / c,
+                    yes(s >= c)
+                );
+            }
+            if let (Some(bt), Some(s)) = (
+                num(ph, "ingest-batch", "items_per_s"),
+                num(ph, "ingest-single", "rps"),
+            ) {
+                println!(
+                    "| {ph} | ingest batch ≥ 5× single (credentials/s) | {:.2}× | {} |",
+                    bt / s,
+                    yes(bt >= 5.0 * s)
+                );
+            }
+            if let (Some(r), Some(c)) = (find(b, ph, "send"), num(ph, "ceiling-claim", "rps")) {
+                let sent = r[send_metric(r)].as_f64().unwrap_or(0.0);
+                println!(
+                    "| {ph} | send ≥ 0.4× claim ceiling | {:.2}× | {} |",
+                    sent / c,
+                    yes(sent >= 0.4 * c)
+                );
+            }
+            for sc in ["ingest-single", "ingest-batch", "quota", "quota-bulk"] {
+                if let Some(p99) = num(ph, sc, "p99_ms") {
+                    println!(
+                        "| {ph} | p99 of {sc} < 20 ms | {p99:.1} ms | {} |",
+                        yes(p99 < 20.0)
+                    );
+                }
+            }
+            let rss = rows
+                .iter()
+                .filter(|r| r["backend"] == b.as_str() && r["phase"] == ph.as_str())
+                .filter_map(|r| r["rss_peak_kb"].as_f64())
+                .fold(0.0f64, f64::max);
+            if rss > 0.0 {
+                println!(
+                    "| {ph} | peak RSS < 100 MB | {:.1} MB | {} |",
+                    rss / 1024.0,
+                    yes(rss < 100.0 * 1024.0)
+                );
+            }
+        }
+        // Scale: each scenario at size vs empty.
+        let big: Vec<&String> = phases.iter().filter(|p| p.as_str() != "empty").collect();
+        for ph in big {
+            println!("\nScale ({b}): rate at `{ph}` / rate on the empty database\n");
+            println!("| scenario | empty | {ph} | ratio |");
+            println!("|---|---:|---:|---:|");
+            for sc in ["ingest-single", "ingest-batch", "send", "quota"] {
+                let metric = |r: &Value| match sc {
+                    "ingest-batch" => "items_per_s",
+                    "send" => send_metric(r),
+                    _ => "rps",
+                };
+                let e = find(b, "empty", sc).and_then(|r| r[metric(r)].as_f64());
+                let s = find(b, ph, sc).and_then(|r| r[metric(r)].as_f64());
+                let metric = find(b, ph, sc).map_or("rps", metric);
+                if let (Some(e), Some(s)) = (e, s) {
+                    let ratio = s / e.max(0.001);
+                    let met = if ratio >= 0.8 {
+                        ""
+                    } else {
+                        " **(> 20 % slower)**"
+                    };
+                    println!("| {sc} ({metric}) | {e:.1} | {s:.1} | {ratio:.2}{met} |");
+                }
+            }
+        }
+    }
+}
