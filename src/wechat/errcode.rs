@@ -25,7 +25,9 @@ pub enum ErrorClass {
     Ambiguous,
 }
 
-/// `(errcode, class, meaning)`: every code WECHAT.md lists, plus a few neighbours.
+/// `(errcode, class, meaning)`: every code WeChat documents for the calls this
+/// project makes (token, jscode2session, template and subscribe sends), plus a few
+/// neighbours.
 pub const ERRCODES: &[(i64, ErrorClass, &str)] = &[
     (-1, ErrorClass::Transient, "system busy"),
     (

@@ -1,4 +1,5 @@
-//! The subscribe-message value rules of WECHAT.md §4, by key prefix
+//! The value rules WeChat documents for `subscribeMessage.send` data (`thing` at most
+//! 20 characters, `number` a number of at most 32 characters, `date` a date, …), by key prefix
 //! (`thing1` → `thing`). Keys of unknown types are accepted: a template's keywords
 //! are not known here, and the template-message API has none.
 

@@ -1,6 +1,9 @@
-//! JSON shapes of the WeChat endpoints this project uses (WECHAT.md §1–4).
+//! JSON shapes of the WeChat endpoints this project uses: `token` and
+//! `stable_token`, `jscode2session`, the template-message send and
+//! `subscribeMessage.send` (see docs/API.md for how the service uses each).
 //!
-//! Shared by the client and the simulator, and nothing else. Request fields the
+//! The client and the simulator speak them; the outbox builds the two message
+//! bodies and keeps their `data` values ([`DataValue`]). Request fields the
 //! simulator must be able to find missing are `#[serde(default)]` strings (empty
 //! = missing), as WeChat answers a missing field with an errcode, not a parse error.
 //! Types that carry a secret, a token or a session key have no `Debug`.
