@@ -200,6 +200,23 @@ pub fn round2(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
 }
 
+/// POSTs `body` as JSON with `Authorization: <auth>` and [`check`]s the answer.
+pub async fn post_json(
+    http: &reqwest::Client,
+    url: &str,
+    auth: &str,
+    body: &Value,
+) -> Result<Value, String> {
+    check(
+        http.post(url)
+            .header("Authorization", auth)
+            .json(body)
+            .send()
+            .await,
+    )
+    .await
+}
+
 pub async fn check(resp: Result<reqwest::Response, reqwest::Error>) -> Result<Value, String> {
     let resp = resp.map_err(|e| e.to_string())?;
     let status = resp.status();

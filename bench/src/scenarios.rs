@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use serde_json::{json, Value};
 
-use crate::load::{check, client, closed_loop, nonce, result_json, round1, round2, Common};
+use crate::load::{
+    check, client, closed_loop, nonce, post_json, result_json, round1, round2, Common,
+};
 use crate::procstat::vm_hwm_kb;
 
 #[derive(Args)]
@@ -81,14 +83,7 @@ pub async fn ingest(a: IngestArgs) -> Result<Value, String> {
                     .collect();
                 json!({ "credentials": items })
             };
-            let v = check(
-                http.post(&*url)
-                    .header("Authorization", &*auth)
-                    .json(&body)
-                    .send()
-                    .await,
-            )
-            .await?;
+            let v = post_json(&http, &url, &auth, &body).await?;
             let accepted = v["accepted"].as_u64().unwrap_or(0);
             if accepted != batch as u64 {
                 return Err(format!("accepted {accepted} of {batch}: {v}"));
@@ -197,14 +192,7 @@ pub async fn send(a: SendArgs) -> Result<Value, String> {
         async move {
             let body = json!({"openid": format!("{prefix}{}", n % users), "template_id": "TPL_BENCH",
                               "data": {"keyword1": {"value": format!("order {n}")}}});
-            let v = check(
-                http.post(&*url)
-                    .header("Authorization", &*auth)
-                    .json(&body)
-                    .send()
-                    .await,
-            )
-            .await?;
+            let v = post_json(&http, &url, &auth, &body).await?;
             if v["id"].is_null() {
                 return Err(format!("no id: {v}"));
             }

@@ -8,7 +8,7 @@ use std::time::Instant;
 use clap::Args;
 use serde_json::{json, Value};
 
-use crate::load::{check, client, round2};
+use crate::load::{check, client, post_json, round2};
 
 #[derive(Args)]
 pub struct SendSetupArgs {
@@ -76,12 +76,11 @@ pub async fn send_setup(a: SendSetupArgs) -> Result<Value, String> {
                             .iter()
                             .map(|v| json!({"openid": openid, "kind": "form_id", "value": v}))
                             .collect();
-                        let v = check(
-                            http.post(format!("{url}/v1/credentials"))
-                                .header("Authorization", format!("Bearer {key}"))
-                                .json(&json!({ "credentials": items }))
-                                .send()
-                                .await,
+                        let v = post_json(
+                            &http,
+                            &format!("{url}/v1/credentials"),
+                            &format!("Bearer {key}"),
+                            &json!({ "credentials": items }),
                         )
                         .await?;
                         n += v["accepted"].as_u64().unwrap_or(0);
