@@ -1,9 +1,7 @@
 //! Mini-program login and reporting, against the simulator.
 
-mod common;
-
+use crate::helpers::{backend_app_tests, TestApp, APP, KEY_ADMIN, KEY_ALL, KEY_SEND};
 use chrono::{TimeDelta, Utc};
-use common::{TestApp, APP, KEY_ADMIN, KEY_ALL, KEY_SEND};
 use formid_ledger::secret::Secret;
 use formid_ledger::session::SessionKey;
 use formid_ledger::sim::{FaultSet, Faults};

@@ -1,7 +1,6 @@
 //! Purging what is past its retention, and nothing else.
 
-mod common;
-
+use crate::helpers::backend_tests;
 use chrono::{TimeDelta, Utc};
 use diesel::prelude::*;
 use formid_ledger::db::schema::messages::dsl as m;

@@ -1,13 +1,11 @@
 //! access_token central control against the simulator: one fetch per cycle across
 //! instances, compare-and-refresh bursts, WeChat down during a refresh.
 
-mod common;
-
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{TestApp, TestSim, APP, KEY_TOKEN};
+use crate::helpers::{self, backend_app_tests, TestApp, TestSim, APP, KEY_TOKEN};
 use formid_ledger::settings::TokenApi;
 use formid_ledger::sim::{FaultSet, Faults, TokenApi as SimTokenApi};
 use serde_json::{json, Value};
@@ -187,7 +185,7 @@ backend_app_tests! {
         assert!(expired, "the expired token was never reported unavailable");
         assert!(served_old > 3, "the old token was served {served_old} times");
         sim.sim.set_faults(Faults::default()).unwrap();
-        let recovered = common::eventually(Duration::from_secs(5), || async {
+        let recovered = helpers::eventually(Duration::from_secs(5), || async {
             get_token(&app).await.0 == 200
         })
         .await;

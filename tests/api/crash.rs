@@ -2,14 +2,12 @@
 //! an instance killed while its calls are in flight and a new one started on the
 //! same database. The simulator's record is the oracle.
 
-mod common;
-
 use std::collections::HashMap;
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{TestDb, APP, APP_SECRET, KEY_ADMIN, KEY_SEND};
+use crate::helpers::{TestDb, APP, APP_SECRET, KEY_ADMIN, KEY_SEND};
 use formid_ledger::settings::DatabaseUrl;
 use serde_json::{json, Value};
 

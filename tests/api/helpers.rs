@@ -1,6 +1,5 @@
 //! Test support: a fresh database per test (a temp SQLite file, or a new PostgreSQL
 //! database dropped afterwards) and the real application on port 0.
-#![allow(dead_code)]
 
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -21,36 +20,35 @@ pub fn postgres_admin_url() -> String {
 
 /// Runs each test body once per backend: `mod name { fn sqlite(); fn postgres(); }`,
 /// so `cargo test postgres` selects one backend and CI can count them.
-#[macro_export]
 macro_rules! backend_tests {
     ($( $(#[$meta:meta])* fn $name:ident($db:ident) $body:block )*) => {$(
         mod $name {
             #[allow(unused_imports)]
             use super::*;
-            fn run($db: $crate::common::TestDb) $body
+            fn run($db: $crate::helpers::TestDb) $body
             $(#[$meta])* #[test]
-            fn sqlite() { run($crate::common::TestDb::sqlite()) }
+            fn sqlite() { run($crate::helpers::TestDb::sqlite()) }
             $(#[$meta])* #[test]
-            fn postgres() { run($crate::common::TestDb::postgres()) }
+            fn postgres() { run($crate::helpers::TestDb::postgres()) }
         }
     )*};
 }
 
 /// The same for async tests against the running app.
-#[macro_export]
 macro_rules! backend_app_tests {
     ($( $(#[$meta:meta])* async fn $name:ident($db:ident) $body:block )*) => {$(
         mod $name {
             #[allow(unused_imports)]
             use super::*;
-            async fn run($db: $crate::common::TestDb) $body
+            async fn run($db: $crate::helpers::TestDb) $body
             $(#[$meta])* #[actix_web::test]
-            async fn sqlite() { run($crate::common::TestDb::sqlite()).await }
+            async fn sqlite() { run($crate::helpers::TestDb::sqlite()).await }
             $(#[$meta])* #[actix_web::test]
-            async fn postgres() { run($crate::common::TestDb::postgres()).await }
+            async fn postgres() { run($crate::helpers::TestDb::postgres()).await }
         }
     )*};
 }
+pub(crate) use {backend_app_tests, backend_tests};
 
 /// A database of its own for one test.
 pub enum TestDb {
@@ -97,10 +95,6 @@ impl TestDb {
         match self {
             TestDb::Sqlite { url, .. } | TestDb::Postgres { url, .. } => url.clone(),
         }
-    }
-
-    pub fn is_postgres(&self) -> bool {
-        matches!(self, TestDb::Postgres { .. })
     }
 
     /// A migrated pool on this database (call again for another "instance").
