@@ -1,9 +1,10 @@
 //! Abuse: rate limits, hostile values, and the role × endpoint matrix of SECURITY.md.
 
+use serde_json::{json, Value};
+
 use crate::helpers::{
     self, backend_app_tests, TestApp, APP, KEY_ADMIN, KEY_ALL, KEY_SEND, KEY_TOKEN,
 };
-use serde_json::{json, Value};
 
 fn code(body: &Value) -> Option<&str> {
     body["error"]["code"].as_str()

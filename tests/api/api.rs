@@ -1,9 +1,10 @@
 //! The HTTP contract of the ledger core, against the real app on both backends.
 
+use serde_json::{json, Value};
+
 use crate::helpers::{
     self, backend_app_tests, TestApp, APP, KEY_ADMIN, KEY_ALL, KEY_SEND, KEY_TOKEN,
 };
-use serde_json::{json, Value};
 
 fn code(body: &Value) -> &str {
     body["error"]["code"].as_str().unwrap_or("<no error code>")

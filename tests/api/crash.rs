@@ -7,9 +7,9 @@ use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::helpers::{TestDb, APP, APP_SECRET, KEY_ADMIN, KEY_SEND};
-use formid_ledger::settings::DatabaseUrl;
 use serde_json::{json, Value};
+
+use crate::helpers::{DatabaseUrl, TestDb, APP, APP_SECRET, KEY_ADMIN, KEY_SEND};
 
 const BIN: &str = env!("CARGO_BIN_EXE_formid-ledger");
 

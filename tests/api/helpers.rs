@@ -6,11 +6,25 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use diesel::prelude::*;
-use formid_ledger::db::Db;
-use formid_ledger::secret::Secret;
-use formid_ledger::settings::{ApiKey, App, DatabaseUrl, Role, Settings};
-use formid_ledger::sim::{SimConfig, Simulator};
-use formid_ledger::startup::Application;
+
+// Every path into the crate that the tests use is written here, once; the test
+// modules import these from `crate::helpers`. When an item moves in src/, only
+// this block follows it.
+pub use formid_ledger::db::{schema, Db, DbConn};
+pub use formid_ledger::dispatch;
+pub use formid_ledger::housekeeping::{purge, Purged, Retention};
+pub use formid_ledger::ledger;
+pub use formid_ledger::outbox;
+pub use formid_ledger::secret::Secret;
+pub use formid_ledger::session::SessionKey;
+pub use formid_ledger::settings::{ApiKey, App, DatabaseUrl, Role, Settings, TokenApi};
+pub use formid_ledger::sim::{
+    self, FaultSet, Faults, Latency, MessageKind, SimConfig, Simulator, TokenApi as SimTokenApi,
+};
+pub use formid_ledger::startup::Application;
+pub use formid_ledger::wechat::{
+    DataValue, ErrorClass, SubscribeMessage, TemplateMessage, WechatClient, WechatError,
+};
 
 /// The PostgreSQL server tests create their databases on.
 pub fn postgres_admin_url() -> String {
@@ -171,7 +185,7 @@ impl TestSim {
         let sim = Simulator::new(cfg);
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let base = format!("http://127.0.0.1:{}", listener.local_addr().unwrap().port());
-        actix_web::rt::spawn(formid_ledger::sim::serve(listener, sim.clone()));
+        actix_web::rt::spawn(sim::serve(listener, sim.clone()));
         TestSim { sim, base }
     }
 }
@@ -247,9 +261,9 @@ impl TestApp {
 
     /// Rows in the credentials table: "nothing stored" checks.
     pub fn credential_count(&self) -> i64 {
-        use formid_ledger::db::schema::credentials::dsl::credentials;
+        use schema::credentials::dsl::credentials;
         let mut conn = self.db.get().expect("connection");
-        formid_ledger::dispatch!(&mut *conn, |c| credentials.count().get_result(c)).expect("count")
+        dispatch!(&mut *conn, |c| credentials.count().get_result(c)).expect("count")
     }
 
     /// Logs `openid` in through the simulator's code; returns the session.

@@ -3,10 +3,10 @@
 use std::collections::HashSet;
 use std::sync::{Arc, Barrier};
 
-use crate::helpers::{self, backend_tests};
 use chrono::{DateTime, TimeDelta, TimeZone, Utc};
-use formid_ledger::db::Db;
-use formid_ledger::ledger::{self, Item, Kind, RejectReason, Report, Rules};
+
+use crate::helpers::ledger::{self, Item, Kind, RejectReason, Report, Rules};
+use crate::helpers::{self, backend_tests, Db};
 
 const APP: &str = "wxapp";
 

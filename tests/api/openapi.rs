@@ -3,8 +3,9 @@
 
 use std::collections::BTreeSet;
 
-use crate::helpers::{self, TestApp, TestDb, KEY_ALL};
 use serde_json::Value;
+
+use crate::helpers::{self, TestApp, TestDb, KEY_ALL};
 
 /// (path, method) of every route registered in src/http, read from the source: a
 /// route added without documentation fails this test.

@@ -5,10 +5,12 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::helpers::{self, backend_app_tests, TestApp, TestSim, APP, KEY_ADMIN, KEY_SEND};
-use formid_ledger::settings::Settings;
-use formid_ledger::sim::{FaultSet, Faults, SimConfig};
 use serde_json::{json, Value};
+
+use crate::helpers::{
+    self, backend_app_tests, FaultSet, Faults, Settings, SimConfig, TestApp, TestSim, APP,
+    KEY_ADMIN, KEY_SEND,
+};
 
 /// Fast retries for tests.
 fn quick(s: &mut Settings) {

@@ -4,12 +4,12 @@ use std::collections::BTreeMap;
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
-use formid_ledger::secret::Secret;
-use formid_ledger::sim::{self, FaultSet, Faults, Latency, MessageKind, SimConfig, Simulator};
-use formid_ledger::wechat::{
-    DataValue, ErrorClass, SubscribeMessage, TemplateMessage, WechatClient, WechatError,
-};
 use serde_json::{json, Value};
+
+use crate::helpers::{
+    sim, DataValue, ErrorClass, FaultSet, Faults, Latency, MessageKind, Secret, SimConfig,
+    Simulator, SubscribeMessage, TemplateMessage, WechatClient, WechatError,
+};
 
 const APP: &str = "wxapp0000000000001";
 const OTHER_APP: &str = "wxapp0000000000002";

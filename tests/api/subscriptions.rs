@@ -4,9 +4,9 @@
 
 use std::time::Duration;
 
-use crate::helpers::{self, backend_app_tests, TestApp, APP, KEY_ADMIN, KEY_SEND};
-use formid_ledger::sim::MessageKind;
 use serde_json::{json, Value};
+
+use crate::helpers::{self, backend_app_tests, MessageKind, TestApp, APP, KEY_ADMIN, KEY_SEND};
 
 const SUB: &str = "TPL_SHIPPED";
 

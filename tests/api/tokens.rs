@@ -5,10 +5,12 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::helpers::{self, backend_app_tests, TestApp, TestSim, APP, KEY_TOKEN};
-use formid_ledger::settings::TokenApi;
-use formid_ledger::sim::{FaultSet, Faults, TokenApi as SimTokenApi};
 use serde_json::{json, Value};
+
+use crate::helpers::{
+    self, backend_app_tests, FaultSet, Faults, SimTokenApi, TestApp, TestSim, TokenApi, APP,
+    KEY_TOKEN,
+};
 
 /// Does WeChat (the simulator) take this token right now? A template send to a
 /// user it never saw answers 40003 after the token check, or a token error.
