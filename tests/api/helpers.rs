@@ -1,9 +1,11 @@
 //! Test support: a fresh database per test (a temp SQLite file, or a new PostgreSQL
 //! database dropped afterwards) and the real application on port 0.
 
+use std::future::Future;
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use diesel::prelude::*;
 
@@ -281,6 +283,7 @@ impl TestApp {
     }
 }
 
+/// Status and body of a response; the body as JSON, or Null if it is not JSON.
 pub async fn read(res: reqwest::Response) -> (u16, serde_json::Value) {
     let status = res.status().as_u16();
     let text = res.text().await.expect("body");
@@ -288,18 +291,77 @@ pub async fn read(res: reqwest::Response) -> (u16, serde_json::Value) {
     (status, json)
 }
 
-/// Polls `check` every 20 ms until it holds or `timeout` passes.
-pub async fn eventually<F, Fut>(timeout: std::time::Duration, mut check: F) -> bool
+/// GET `url` (with an API key if given); the body as JSON.
+pub async fn get_json(http: &reqwest::Client, url: &str, key: Option<&str>) -> serde_json::Value {
+    let mut req = http.get(url);
+    if let Some(key) = key {
+        req = req.bearer_auth(key);
+    }
+    let res = req.send().await.expect("request");
+    res.json().await.expect("JSON body")
+}
+
+/// POST JSON to `url` (with an API key if given); asserts a 2xx answer and
+/// returns its body as JSON.
+pub async fn post_json(
+    http: &reqwest::Client,
+    url: &str,
+    key: Option<&str>,
+    body: &serde_json::Value,
+) -> serde_json::Value {
+    let mut req = http.post(url).json(body);
+    if let Some(key) = key {
+        req = req.bearer_auth(key);
+    }
+    let res = req.send().await.expect("request");
+    assert!(res.status().is_success(), "POST {url}: {}", res.status());
+    res.json().await.expect("JSON body")
+}
+
+/// How often the waiting helpers look again.
+const POLL: Duration = Duration::from_millis(20);
+
+/// Polls `f` until it gives `Some` (its value) or `timeout` has passed (`None`).
+/// The one poll loop of the suite: tests wait on a condition, never a fixed time.
+pub async fn eventually_some<T, F, Fut>(timeout: Duration, mut f: F) -> Option<T>
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
+    Fut: Future<Output = Option<T>>,
 {
-    let deadline = std::time::Instant::now() + timeout;
-    while std::time::Instant::now() < deadline {
-        if check().await {
-            return true;
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = f().await {
+            return Some(value);
         }
-        actix_web::rt::time::sleep(std::time::Duration::from_millis(20)).await;
+        if Instant::now() >= deadline {
+            return None;
+        }
+        actix_web::rt::time::sleep(POLL).await;
     }
-    check().await
+}
+
+/// Polls `check` until it holds; whether it did before `timeout` passed.
+pub async fn eventually<F, Fut>(timeout: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    eventually_some(timeout, || {
+        let holds = check();
+        async move { holds.await.then_some(()) }
+    })
+    .await
+    .is_some()
+}
+
+/// Waits until GET `url` answers 2xx: a process (the service, the simulator) is up.
+pub async fn wait_up(http: &reqwest::Client, url: &str) {
+    let up = eventually(Duration::from_secs(20), || async {
+        http.get(url)
+            .send()
+            .await
+            .is_ok_and(|res| res.status().is_success())
+    })
+    .await;
+    assert!(up, "{url} did not come up");
 }

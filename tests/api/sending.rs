@@ -67,17 +67,16 @@ async fn message(app: &TestApp, id: &str) -> Value {
 }
 
 async fn final_state(app: &TestApp, id: &str) -> Value {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
+    let finished = helpers::eventually_some(Duration::from_secs(30), || async {
         let m = message(app, id).await;
-        if ["sent", "no_quota", "failed"].contains(&m["status"].as_str().unwrap()) {
-            return m;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "message never finished: {m}"
-        );
-        actix_web::rt::time::sleep(Duration::from_millis(30)).await;
+        ["sent", "no_quota", "failed"]
+            .contains(&m["status"].as_str().unwrap())
+            .then_some(m)
+    })
+    .await;
+    match finished {
+        Some(m) => m,
+        None => panic!("message never finished: {}", message(app, id).await),
     }
 }
 
