@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::helpers::{
-    eventually_some, get_json, post_json, wait_up, DatabaseUrl, TestDb, APP, APP_SECRET, KEY_ADMIN,
-    KEY_SEND,
+    eventually, eventually_some, get_json, post_json, wait_up, DatabaseUrl, TestDb, APP,
+    APP_SECRET, KEY_ADMIN, KEY_SEND,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_formid-ledger");
@@ -99,6 +99,16 @@ async fn deliveries(http: &reqwest::Client, sim_base: &str) -> Vec<Value> {
     }
 }
 
+/// Waits until the simulator has received a send. The slow simulator holds each
+/// send 300..600 ms before answering, so the service has a call in flight now.
+async fn wait_for_a_call_in_flight(http: &reqwest::Client, sim_base: &str) {
+    let sending = eventually(Duration::from_secs(20), || async {
+        !deliveries(http, sim_base).await.is_empty()
+    })
+    .await;
+    assert!(sending, "no send reached the simulator");
+}
+
 /// Polls the message until it is final (or the deadline passes) and returns it.
 async fn final_message(http: &reqwest::Client, base: &str, id: &str, deadline: Instant) -> Value {
     let url = format!("{base}/v1/messages/{id}");
@@ -167,7 +177,7 @@ async fn kill_in_flight(tdb: TestDb) {
         .await;
         ids.push(m["id"].as_str().unwrap().to_string());
     }
-    actix_web::rt::time::sleep(Duration::from_millis(700)).await;
+    wait_for_a_call_in_flight(&http, &sim_base).await;
     drop(a); // SIGKILL, mid-flight
     let delivered_at_kill = deliveries(&http, &sim_base).await.len();
     assert!(
@@ -291,7 +301,7 @@ async fn sigterm_in_flight(tdb: TestDb) {
         .await;
         ids.push(m["id"].as_str().unwrap().to_string());
     }
-    actix_web::rt::time::sleep(Duration::from_millis(700)).await;
+    wait_for_a_call_in_flight(&http, &sim_base).await;
     let pid = a.0.id().to_string();
     assert!(Command::new("kill")
         .args(["-TERM", &pid])
