@@ -92,6 +92,16 @@ async fn quota(app: &TestApp, openid: &str) -> Value {
         .1
 }
 
+/// A counter's value on /metrics, `series` being its name and labels; 0 while it
+/// has not been counted.
+async fn counter(app: &TestApp, series: &str) -> u64 {
+    let res = app.http.get(app.url("/metrics")).send().await.unwrap();
+    let text = res.text().await.unwrap();
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0)
+}
+
 /// (credential value → deliveries) at the simulator.
 fn delivered(app: &TestApp) -> HashMap<String, usize> {
     let mut by_credential = HashMap::new();
@@ -290,6 +300,9 @@ backend_app_tests! {
         let id = m["id"].as_str().unwrap().to_string();
         let paused = helpers::eventually(Duration::from_secs(10), || async { outcomes(&message(&app, &id).await) == vec!["app_paused"] }).await;
         assert!(paused, "{}", message(&app, &id).await);
+        // A fixed interval on purpose: what is tested is that nothing happens in it.
+        // 500 ms is ten send backoffs and five idle polls of the sender; an app that
+        // was not really paused would have been called again within it.
         actix_web::rt::time::sleep(Duration::from_millis(500)).await;
         let m = message(&app, &id).await;
         assert_eq!(m["status"], "queued", "{m}");
@@ -302,7 +315,10 @@ backend_app_tests! {
         let app = spawn(tdb, |_| {}, |_| {}).await;
         let m = post_message(&app, json!({"openid": "u1", "template_id": "TPL", "await_credential_s": 60})).await;
         let id = m["id"].as_str().unwrap().to_string();
-        actix_web::rt::time::sleep(Duration::from_millis(300)).await;
+        // The sender has looked for a credential for it and found none…
+        let looked = helpers::eventually(Duration::from_secs(10), || async { counter(&app, r#"ledger_claims_total{result="miss"}"#).await >= 1 }).await;
+        assert!(looked, "the sender never looked for a credential");
+        // …and the message waits instead of failing with no_quota.
         assert_eq!(message(&app, &id).await["status"], "queued");
         let prepay = app.sim.sim.mint_prepay_ids(APP, "u1", 1, None, None).unwrap().remove(0);
         register(&app, "u1", "prepay_id", &prepay).await;

@@ -84,6 +84,8 @@ backend_app_tests! {
                 seen.insert(token);
                 checks += 1;
             }
+            // Paces the checks; the 8 s of watching are the point: several refresh
+            // cycles must pass.
             actix_web::rt::time::sleep(Duration::from_millis(100)).await;
         }
         let elapsed = started.elapsed().as_secs_f64();
@@ -178,6 +180,7 @@ backend_app_tests! {
             if status == 200 {
                 assert_eq!(res["access_token"], old.as_str());
                 served_old += 1;
+                // A poll until the token expires, checking each answer on the way.
                 actix_web::rt::time::sleep(Duration::from_millis(50)).await;
             } else {
                 assert_eq!((status, res["error"]["code"].as_str()), (503, Some("wechat_unavailable")), "{res}");
