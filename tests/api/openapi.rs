@@ -1,12 +1,11 @@
 //! /openapi.json is generated from the code: every route the app serves is in it,
 //! and everything in it is served.
 
-mod common;
-
 use std::collections::BTreeSet;
 
-use common::{TestApp, TestDb, KEY_ALL};
 use serde_json::Value;
+
+use crate::helpers::{self, TestApp, TestDb, KEY_ALL};
 
 /// (path, method) of every route registered in src/http, read from the source: a
 /// route added without documentation fails this test.
@@ -60,7 +59,7 @@ async fn every_route_is_documented_and_served() {
     // Every documented route answers something other than "no such route".
     for (path, method) in &docs {
         let concrete = path
-            .replace("{app_id}", common::APP)
+            .replace("{app_id}", helpers::APP)
             .replace("{openid}", "o1")
             .replace("{id}", "1")
             .replace("{file}", "admin.js")

@@ -1,16 +1,16 @@
 //! access_token central control against the simulator: one fetch per cycle across
 //! instances, compare-and-refresh bursts, WeChat down during a refresh.
 
-mod common;
-
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{TestApp, TestSim, APP, KEY_TOKEN};
-use formid_ledger::settings::TokenApi;
-use formid_ledger::sim::{FaultSet, Faults, TokenApi as SimTokenApi};
 use serde_json::{json, Value};
+
+use crate::helpers::{
+    self, backend_app_tests, FaultSet, Faults, SimTokenApi, TestApp, TestSim, TokenApi, APP,
+    KEY_TOKEN,
+};
 
 /// Does WeChat (the simulator) take this token right now? A template send to a
 /// user it never saw answers 40003 after the token check, or a token error.
@@ -84,6 +84,8 @@ backend_app_tests! {
                 seen.insert(token);
                 checks += 1;
             }
+            // Paces the checks; the 8 s of watching are the point: several refresh
+            // cycles must pass.
             actix_web::rt::time::sleep(Duration::from_millis(100)).await;
         }
         let elapsed = started.elapsed().as_secs_f64();
@@ -178,6 +180,7 @@ backend_app_tests! {
             if status == 200 {
                 assert_eq!(res["access_token"], old.as_str());
                 served_old += 1;
+                // A poll until the token expires, checking each answer on the way.
                 actix_web::rt::time::sleep(Duration::from_millis(50)).await;
             } else {
                 assert_eq!((status, res["error"]["code"].as_str()), (503, Some("wechat_unavailable")), "{res}");
@@ -187,7 +190,7 @@ backend_app_tests! {
         assert!(expired, "the expired token was never reported unavailable");
         assert!(served_old > 3, "the old token was served {served_old} times");
         sim.sim.set_faults(Faults::default()).unwrap();
-        let recovered = common::eventually(Duration::from_secs(5), || async {
+        let recovered = helpers::eventually(Duration::from_secs(5), || async {
             get_token(&app).await.0 == 200
         })
         .await;

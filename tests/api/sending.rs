@@ -1,16 +1,16 @@
 //! Sending against the simulator, whose own record of what WeChat received is the
 //! oracle: each row of the policy table, concurrency, faults, idempotency.
 
-mod common;
-
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{TestApp, TestSim, APP, KEY_ADMIN, KEY_SEND};
-use formid_ledger::settings::Settings;
-use formid_ledger::sim::{FaultSet, Faults, SimConfig};
 use serde_json::{json, Value};
+
+use crate::helpers::{
+    self, backend_app_tests, FaultSet, Faults, Settings, SimConfig, TestApp, TestSim, APP,
+    KEY_ADMIN, KEY_SEND,
+};
 
 /// Fast retries for tests.
 fn quick(s: &mut Settings) {
@@ -22,7 +22,7 @@ fn quick(s: &mut Settings) {
 }
 
 async fn spawn(
-    tdb: common::TestDb,
+    tdb: helpers::TestDb,
     sim: impl FnOnce(&mut SimConfig),
     tweak: impl FnOnce(&mut Settings),
 ) -> TestApp {
@@ -67,17 +67,16 @@ async fn message(app: &TestApp, id: &str) -> Value {
 }
 
 async fn final_state(app: &TestApp, id: &str) -> Value {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
+    let finished = helpers::eventually_some(Duration::from_secs(30), || async {
         let m = message(app, id).await;
-        if ["sent", "no_quota", "failed"].contains(&m["status"].as_str().unwrap()) {
-            return m;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "message never finished: {m}"
-        );
-        actix_web::rt::time::sleep(Duration::from_millis(30)).await;
+        ["sent", "no_quota", "failed"]
+            .contains(&m["status"].as_str().unwrap())
+            .then_some(m)
+    })
+    .await;
+    match finished {
+        Some(m) => m,
+        None => panic!("message never finished: {}", message(app, id).await),
     }
 }
 
@@ -91,6 +90,16 @@ async fn quota(app: &TestApp, openid: &str) -> Value {
     app.get(&format!("/v1/admin/users/{openid}/quota"), Some(KEY_ADMIN))
         .await
         .1
+}
+
+/// A counter's value on /metrics, `series` being its name and labels; 0 while it
+/// has not been counted.
+async fn counter(app: &TestApp, series: &str) -> u64 {
+    let res = app.http.get(app.url("/metrics")).send().await.unwrap();
+    let text = res.text().await.unwrap();
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0)
 }
 
 /// (credential value → deliveries) at the simulator.
@@ -165,7 +174,7 @@ backend_app_tests! {
         // WeChat does not know (43101) — then a good one.
         register(&app, "u1", "form_id", "never-minted-form-id").await;
         let used = app.sim.sim.mint_form_ids(APP, "u1", 1).unwrap().remove(0);
-        let token = app.get(&format!("/v1/apps/{APP}/access-token"), Some(common::KEY_TOKEN)).await.1["access_token"].as_str().unwrap().to_string();
+        let token = app.get(&format!("/v1/apps/{APP}/access-token"), Some(helpers::KEY_TOKEN)).await.1["access_token"].as_str().unwrap().to_string();
         let res: Value = app.http.post(format!("{}/cgi-bin/message/wxopen/template/send?access_token={token}", app.sim.base))
             .json(&json!({"touser": "u1", "template_id": "OTHER", "form_id": used, "data": {}}))
             .send().await.unwrap().json().await.unwrap();
@@ -261,7 +270,7 @@ backend_app_tests! {
         app.sim.sim.set_faults(Faults { send: FaultSet { drop_after_read: 1.0, ..FaultSet::default() }, ..Faults::default() }).unwrap();
         let m = post_message(&app, json!({"openid": "u1", "template_id": "TPL"})).await;
         let id = m["id"].as_str().unwrap().to_string();
-        let dropped = common::eventually(Duration::from_secs(10), || async { outcomes(&message(&app, &id).await).contains(&"ambiguous".to_string()) }).await;
+        let dropped = helpers::eventually(Duration::from_secs(10), || async { outcomes(&message(&app, &id).await).contains(&"ambiguous".to_string()) }).await;
         assert!(dropped);
         app.sim.sim.set_faults(Faults::default()).unwrap();
         let m = final_state(&app, &id).await;
@@ -289,8 +298,11 @@ backend_app_tests! {
         forms(&app, "u1", 1).await;
         let m = post_message(&app, json!({"openid": "u1", "template_id": "TPL"})).await;
         let id = m["id"].as_str().unwrap().to_string();
-        let paused = common::eventually(Duration::from_secs(10), || async { outcomes(&message(&app, &id).await) == vec!["app_paused"] }).await;
+        let paused = helpers::eventually(Duration::from_secs(10), || async { outcomes(&message(&app, &id).await) == vec!["app_paused"] }).await;
         assert!(paused, "{}", message(&app, &id).await);
+        // A fixed interval on purpose: what is tested is that nothing happens in it.
+        // 500 ms is ten send backoffs and five idle polls of the sender; an app that
+        // was not really paused would have been called again within it.
         actix_web::rt::time::sleep(Duration::from_millis(500)).await;
         let m = message(&app, &id).await;
         assert_eq!(m["status"], "queued", "{m}");
@@ -303,12 +315,15 @@ backend_app_tests! {
         let app = spawn(tdb, |_| {}, |_| {}).await;
         let m = post_message(&app, json!({"openid": "u1", "template_id": "TPL", "await_credential_s": 60})).await;
         let id = m["id"].as_str().unwrap().to_string();
-        actix_web::rt::time::sleep(Duration::from_millis(300)).await;
+        // The sender has looked for a credential for it and found none…
+        let looked = helpers::eventually(Duration::from_secs(10), || async { counter(&app, r#"ledger_claims_total{result="miss"}"#).await >= 1 }).await;
+        assert!(looked, "the sender never looked for a credential");
+        // …and the message waits instead of failing with no_quota.
         assert_eq!(message(&app, &id).await["status"], "queued");
         let prepay = app.sim.sim.mint_prepay_ids(APP, "u1", 1, None, None).unwrap().remove(0);
         register(&app, "u1", "prepay_id", &prepay).await;
         // Long before the 60 s wait runs out.
-        let sent = common::eventually(Duration::from_secs(10), || async { message(&app, &id).await["status"] == "sent" }).await;
+        let sent = helpers::eventually(Duration::from_secs(10), || async { message(&app, &id).await["status"] == "sent" }).await;
         assert!(sent, "{}", message(&app, &id).await);
         assert_eq!(delivered(&app), HashMap::from([(prepay, 1)]));
     }
@@ -322,7 +337,7 @@ backend_app_tests! {
             let (app, body) = (app.clone(), body.clone());
             actix_web::rt::spawn(async move {
                 let res = app.http.post(app.url("/v1/messages")).bearer_auth(KEY_SEND).header("Idempotency-Key", "order-42").json(&body).send().await.unwrap();
-                common::read(res).await
+                helpers::read(res).await
             })
         }).collect();
         let mut ids = HashSet::new();
@@ -336,7 +351,7 @@ backend_app_tests! {
         assert_eq!(app.sim.sim.deliveries().len(), 1);
         let (status, res) = app.http.post(app.url("/v1/messages")).bearer_auth(KEY_SEND).header("Idempotency-Key", "order-42")
             .json(&json!({"openid": "u1", "template_id": "OTHER"})).send().await.map(|r| (r.status().as_u16(), r)).unwrap();
-        assert_eq!(status, 422, "{:?}", common::read(res).await);
+        assert_eq!(status, 422, "{:?}", helpers::read(res).await);
         assert_eq!(quota(&app, "u1").await["sendable"], 4);
     }
 
@@ -422,7 +437,7 @@ backend_app_tests! {
 /// sharing one PostgreSQL: exactly 50 sent, each credential once at WeChat.
 #[actix_web::test]
 async fn three_instances_postgres_send_each_use_once() {
-    let tdb = Arc::new(common::TestDb::postgres());
+    let tdb = Arc::new(helpers::TestDb::postgres());
     let sim = TestSim::spawn();
     let mut apps = Vec::new();
     for _ in 0..3 {

@@ -1,9 +1,10 @@
 //! The HTTP contract of the ledger core, against the real app on both backends.
 
-mod common;
-
-use common::{TestApp, APP, KEY_ADMIN, KEY_ALL, KEY_SEND, KEY_TOKEN};
 use serde_json::{json, Value};
+
+use crate::helpers::{
+    self, backend_app_tests, TestApp, APP, KEY_ADMIN, KEY_ALL, KEY_SEND, KEY_TOKEN,
+};
 
 fn code(body: &Value) -> &str {
     body["error"]["code"].as_str().unwrap_or("<no error code>")
@@ -55,7 +56,7 @@ async fn call(
     if let Some(auth) = auth {
         req = req.header("Authorization", auth);
     }
-    common::read(req.send().await.unwrap()).await
+    helpers::read(req.send().await.unwrap()).await
 }
 
 backend_app_tests! {
@@ -190,17 +191,17 @@ backend_app_tests! {
 
         // Not JSON, not UTF-8, too large.
         let raw = |body: Vec<u8>| app.http.post(app.url("/v1/credentials")).bearer_auth(KEY_SEND).header("content-type", "application/json").body(body);
-        let (status, res) = common::read(raw(b"{\"openid\": ".to_vec()).send().await.unwrap()).await;
+        let (status, res) = helpers::read(raw(b"{\"openid\": ".to_vec()).send().await.unwrap()).await;
         assert_eq!((status, code(&res)), (400, "invalid_request"));
-        let (status, res) = common::read(raw(b"{\"openid\": \"\xff\xfe\", \"kind\": \"form_id\", \"value\": \"f\"}".to_vec()).send().await.unwrap()).await;
+        let (status, res) = helpers::read(raw(b"{\"openid\": \"\xff\xfe\", \"kind\": \"form_id\", \"value\": \"f\"}".to_vec()).send().await.unwrap()).await;
         assert_eq!((status, code(&res)), (400, "invalid_request"));
         let mut big = br#"{"openid": "o", "kind": "form_id", "value": ""#.to_vec();
         big.extend(std::iter::repeat_n(b'a', 70 * 1024));
         big.extend(br#""}"#);
-        let (status, res) = common::read(raw(big).send().await.unwrap()).await;
+        let (status, res) = helpers::read(raw(big).send().await.unwrap()).await;
         assert_eq!((status, code(&res)), (413, "payload_too_large"));
         let deep = "[".repeat(10_000) + &"]".repeat(10_000);
-        let (status, res) = common::read(raw(deep.into_bytes()).send().await.unwrap()).await;
+        let (status, res) = helpers::read(raw(deep.into_bytes()).send().await.unwrap()).await;
         assert_eq!((status, code(&res)), (400, "invalid_request"));
 
         assert_eq!(app.credential_count(), 0, "a refused request stored something");
@@ -223,7 +224,7 @@ backend_app_tests! {
             assert_eq!((got, code(&res)), (status, expected), "{path}: {res}");
         }
         let res = app.http.delete(app.url("/v1/admin/stats")).bearer_auth(KEY_ADMIN).send().await.unwrap();
-        let (status, res) = common::read(res).await;
+        let (status, res) = helpers::read(res).await;
         assert_eq!((status, code(&res)), (405, "method_not_allowed"));
     }
 
@@ -317,14 +318,14 @@ backend_app_tests! {
 /// The database goes away: readiness says so, liveness does not care.
 #[actix_web::test]
 async fn readiness_fails_when_postgres_is_gone() {
-    let tdb = common::TestDb::postgres();
+    let tdb = helpers::TestDb::postgres();
     let app = TestApp::spawn(tdb).await;
     assert_eq!(app.get("/readyz", None).await.0, 200);
-    let common::TestDb::Postgres { name, .. } = &*app.test_db else {
+    let helpers::TestDb::Postgres { name, .. } = &*app.test_db else {
         unreachable!()
     };
     use diesel::prelude::*;
-    let mut admin = PgConnection::establish(&common::postgres_admin_url()).unwrap();
+    let mut admin = PgConnection::establish(&helpers::postgres_admin_url()).unwrap();
     diesel::sql_query(format!("DROP DATABASE {name} WITH (FORCE)"))
         .execute(&mut admin)
         .unwrap();

@@ -1,13 +1,11 @@
 //! Purging what is past its retention, and nothing else.
 
-mod common;
-
 use chrono::{TimeDelta, Utc};
 use diesel::prelude::*;
-use formid_ledger::db::schema::messages::dsl as m;
-use formid_ledger::housekeeping::{purge, Purged};
-use formid_ledger::outbox::{self, Content, IdempotencyKey, NewMessage, Submitted};
-use formid_ledger::settings::Retention;
+
+use crate::helpers::outbox::{self, Content, IdempotencyKey, NewMessage, Submitted};
+use crate::helpers::schema::messages::dsl as m;
+use crate::helpers::{backend_tests, dispatch, purge, DbConn, Purged, Retention};
 
 fn message(openid: &str) -> NewMessage {
     NewMessage {
@@ -33,7 +31,7 @@ backend_tests! {
         let now = Utc::now();
         let key = |k: &str| IdempotencyKey { scope: "shop".into(), key: k.into() };
         // 40 days old and finished; 40 days old but unfinished; 1 day old finished.
-        let submit = |conn: &mut formid_ledger::db::DbConn, openid: &str, k: &str, age: TimeDelta| {
+        let submit = |conn: &mut DbConn, openid: &str, k: &str, age: TimeDelta| {
             match outbox::submit(conn, &message(openid), Some(&key(k)), now - age).unwrap() {
                 Submitted::Message(id) => id,
                 Submitted::Mismatch => unreachable!(),
@@ -42,7 +40,7 @@ backend_tests! {
         let old_done = submit(&mut conn, "a", "k1", TimeDelta::days(40));
         let _old_queued = submit(&mut conn, "b", "k2", TimeDelta::days(40));
         let recent_done = submit(&mut conn, "c", "k3", TimeDelta::days(1));
-        formid_ledger::dispatch!(&mut *conn, |c| diesel::update(m::messages.filter(m::id.eq_any([old_done, recent_done])))
+        dispatch!(&mut *conn, |c| diesel::update(m::messages.filter(m::id.eq_any([old_done, recent_done])))
             .set(m::status.eq("sent"))
             .execute(c))
             .unwrap();

@@ -1,13 +1,12 @@
 //! The ledger's rules, on both backends, through the domain functions.
 
-mod common;
-
 use std::collections::HashSet;
 use std::sync::{Arc, Barrier};
 
 use chrono::{DateTime, TimeDelta, TimeZone, Utc};
-use formid_ledger::db::Db;
-use formid_ledger::ledger::{self, Item, Kind, RejectReason, Report, Rules};
+
+use crate::helpers::ledger::{self, Item, Kind, RejectReason, Report, Rules};
+use crate::helpers::{self, backend_tests, Db};
 
 const APP: &str = "wxapp";
 
@@ -314,7 +313,7 @@ backend_tests! {
 
 /// `threads` claimers on `pools` separate pools (as separate instances would be) all
 /// start at once on a user holding `credentials` single-use form_ids.
-fn race_claims(tdb: &common::TestDb, pools: usize, threads: usize, credentials: usize) {
+fn race_claims(tdb: &helpers::TestDb, pools: usize, threads: usize, credentials: usize) {
     // Pools as small as an instance's: the claims queue for connections as requests
     // do, and 64 threads never need 64 server connections at once.
     let dbs: Vec<Db> = (0..pools).map(|_| tdb.connect(8)).collect();
@@ -384,5 +383,5 @@ backend_tests! {
 
 #[test]
 fn postgres_three_instances_claim_each_use_once() {
-    race_claims(&common::TestDb::postgres(), 3, 64, 20);
+    race_claims(&helpers::TestDb::postgres(), 3, 64, 20);
 }

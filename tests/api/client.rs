@@ -1,13 +1,12 @@
 //! Mini-program login and reporting, against the simulator.
 
-mod common;
-
 use chrono::{TimeDelta, Utc};
-use common::{TestApp, APP, KEY_ADMIN, KEY_ALL, KEY_SEND};
-use formid_ledger::auth::SessionKey;
-use formid_ledger::secret::Secret;
-use formid_ledger::sim::{FaultSet, Faults};
 use serde_json::{json, Value};
+
+use crate::helpers::{
+    backend_app_tests, FaultSet, Faults, Secret, SessionKey, TestApp, APP, KEY_ADMIN, KEY_ALL,
+    KEY_SEND,
+};
 
 fn code(body: &Value) -> Option<&str> {
     body["error"]["code"].as_str()

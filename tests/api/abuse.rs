@@ -1,9 +1,10 @@
 //! Abuse: rate limits, hostile values, and the role × endpoint matrix of SECURITY.md.
 
-mod common;
-
-use common::{TestApp, APP, KEY_ADMIN, KEY_ALL, KEY_SEND, KEY_TOKEN};
 use serde_json::{json, Value};
+
+use crate::helpers::{
+    self, backend_app_tests, TestApp, APP, KEY_ADMIN, KEY_ALL, KEY_SEND, KEY_TOKEN,
+};
 
 fn code(body: &Value) -> Option<&str> {
     body["error"]["code"].as_str()
@@ -24,7 +25,7 @@ backend_app_tests! {
         }
         let res = app.http.post(app.url("/v1/client/credentials")).bearer_auth(&alice).json(&json!({"form_ids": ["a9"]})).send().await.unwrap();
         assert!(res.headers().get("retry-after").is_some());
-        let (status, body) = common::read(res).await;
+        let (status, body) = helpers::read(res).await;
         assert_eq!((status, code(&body)), (429, Some("rate_limited")), "{body}");
         // Another user's session has its own bucket (the IP allows 7 a minute:
         // alice's login and 4 reports, bob's login and one report).
@@ -83,7 +84,7 @@ backend_app_tests! {
 /// everywhere a key is required.
 #[actix_web::test]
 async fn roles_by_endpoint_matrix() {
-    let app = TestApp::spawn(common::TestDb::sqlite()).await;
+    let app = TestApp::spawn(helpers::TestDb::sqlite()).await;
     let session = app.login("o1").await;
     // (method, path, body, which role passes)
     let rows: Vec<(&str, String, Value, &str)> = vec![

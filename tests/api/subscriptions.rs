@@ -2,17 +2,15 @@
 //! subscribe-send with the user's subscriptions only; data is checked before a
 //! subscription is spent; results are counted per template.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{TestApp, APP, KEY_ADMIN, KEY_SEND};
-use formid_ledger::sim::MessageKind;
 use serde_json::{json, Value};
+
+use crate::helpers::{self, backend_app_tests, MessageKind, TestApp, APP, KEY_ADMIN, KEY_SEND};
 
 const SUB: &str = "TPL_SHIPPED";
 
-async fn setup(tdb: common::TestDb) -> (TestApp, String) {
+async fn setup(tdb: helpers::TestDb) -> (TestApp, String) {
     let app = TestApp::spawn_with(tdb, |s| {
         s.send_backoff_base = Duration::from_millis(50);
         s.young_window = Duration::ZERO;
@@ -26,7 +24,7 @@ async fn setup(tdb: common::TestDb) -> (TestApp, String) {
         .await
         .map(|r| (r.status().as_u16(), r))
         .unwrap();
-    assert_eq!(status, 200, "{:?}", common::read(res).await);
+    assert_eq!(status, 200, "{:?}", helpers::read(res).await);
     let session = app.login("u1").await;
     (app, session)
 }
@@ -149,7 +147,7 @@ backend_app_tests! {
         assert_eq!(res["registered"], json!([SUB]));
         let del = |key: &'static str, t: &'static str| {
             let req = app.http.delete(app.url(&format!("/v1/admin/subscription-templates/{t}"))).bearer_auth(key);
-            async move { common::read(req.send().await.unwrap()).await }
+            async move { helpers::read(req.send().await.unwrap()).await }
         };
         assert_eq!(del(KEY_SEND, SUB).await.0, 403);
         assert_eq!(del(KEY_ADMIN, SUB).await.0, 200);

@@ -1,18 +1,32 @@
 //! Test support: a fresh database per test (a temp SQLite file, or a new PostgreSQL
 //! database dropped afterwards) and the real application on port 0.
-#![allow(dead_code)]
 
+use std::future::Future;
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use diesel::prelude::*;
-use formid_ledger::auth::{ApiKey, Role};
-use formid_ledger::db::Db;
-use formid_ledger::secret::Secret;
-use formid_ledger::settings::{App, DatabaseUrl, Settings};
-use formid_ledger::sim::{SimConfig, Simulator};
-use formid_ledger::startup::Application;
+
+// Every path into the crate that the tests use is written here, once; the test
+// modules import these from `crate::helpers`. When an item moves in src/, only
+// this block follows it.
+pub use formid_ledger::auth::{ApiKey, Role, SessionKey};
+pub use formid_ledger::db::{schema, Db, DbConn};
+pub use formid_ledger::dispatch;
+pub use formid_ledger::housekeeping::{purge, Purged};
+pub use formid_ledger::ledger;
+pub use formid_ledger::outbox;
+pub use formid_ledger::secret::Secret;
+pub use formid_ledger::settings::{App, DatabaseUrl, Retention, Settings, TokenApi};
+pub use formid_ledger::sim::{
+    self, FaultSet, Faults, Latency, MessageKind, SimConfig, Simulator, TokenApi as SimTokenApi,
+};
+pub use formid_ledger::startup::Application;
+pub use formid_ledger::wechat::{
+    DataValue, ErrorClass, SubscribeMessage, TemplateMessage, WechatClient, WechatError,
+};
 
 /// The PostgreSQL server tests create their databases on.
 pub fn postgres_admin_url() -> String {
@@ -22,36 +36,35 @@ pub fn postgres_admin_url() -> String {
 
 /// Runs each test body once per backend: `mod name { fn sqlite(); fn postgres(); }`,
 /// so `cargo test postgres` selects one backend and CI can count them.
-#[macro_export]
 macro_rules! backend_tests {
     ($( $(#[$meta:meta])* fn $name:ident($db:ident) $body:block )*) => {$(
         mod $name {
             #[allow(unused_imports)]
             use super::*;
-            fn run($db: $crate::common::TestDb) $body
+            fn run($db: $crate::helpers::TestDb) $body
             $(#[$meta])* #[test]
-            fn sqlite() { run($crate::common::TestDb::sqlite()) }
+            fn sqlite() { run($crate::helpers::TestDb::sqlite()) }
             $(#[$meta])* #[test]
-            fn postgres() { run($crate::common::TestDb::postgres()) }
+            fn postgres() { run($crate::helpers::TestDb::postgres()) }
         }
     )*};
 }
 
 /// The same for async tests against the running app.
-#[macro_export]
 macro_rules! backend_app_tests {
     ($( $(#[$meta:meta])* async fn $name:ident($db:ident) $body:block )*) => {$(
         mod $name {
             #[allow(unused_imports)]
             use super::*;
-            async fn run($db: $crate::common::TestDb) $body
+            async fn run($db: $crate::helpers::TestDb) $body
             $(#[$meta])* #[actix_web::test]
-            async fn sqlite() { run($crate::common::TestDb::sqlite()).await }
+            async fn sqlite() { run($crate::helpers::TestDb::sqlite()).await }
             $(#[$meta])* #[actix_web::test]
-            async fn postgres() { run($crate::common::TestDb::postgres()).await }
+            async fn postgres() { run($crate::helpers::TestDb::postgres()).await }
         }
     )*};
 }
+pub(crate) use {backend_app_tests, backend_tests};
 
 /// A database of its own for one test.
 pub enum TestDb {
@@ -98,10 +111,6 @@ impl TestDb {
         match self {
             TestDb::Sqlite { url, .. } | TestDb::Postgres { url, .. } => url.clone(),
         }
-    }
-
-    pub fn is_postgres(&self) -> bool {
-        matches!(self, TestDb::Postgres { .. })
     }
 
     /// A migrated pool on this database (call again for another "instance").
@@ -178,7 +187,7 @@ impl TestSim {
         let sim = Simulator::new(cfg);
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let base = format!("http://127.0.0.1:{}", listener.local_addr().unwrap().port());
-        actix_web::rt::spawn(formid_ledger::sim::serve(listener, sim.clone()));
+        actix_web::rt::spawn(sim::serve(listener, sim.clone()));
         TestSim { sim, base }
     }
 }
@@ -254,9 +263,9 @@ impl TestApp {
 
     /// Rows in the credentials table: "nothing stored" checks.
     pub fn credential_count(&self) -> i64 {
-        use formid_ledger::db::schema::credentials::dsl::credentials;
+        use schema::credentials::dsl::credentials;
         let mut conn = self.db.get().expect("connection");
-        formid_ledger::dispatch!(&mut *conn, |c| credentials.count().get_result(c)).expect("count")
+        dispatch!(&mut *conn, |c| credentials.count().get_result(c)).expect("count")
     }
 
     /// Logs `openid` in through the simulator's code; returns the session.
@@ -274,6 +283,7 @@ impl TestApp {
     }
 }
 
+/// Status and body of a response; the body as JSON, or Null if it is not JSON.
 pub async fn read(res: reqwest::Response) -> (u16, serde_json::Value) {
     let status = res.status().as_u16();
     let text = res.text().await.expect("body");
@@ -281,18 +291,77 @@ pub async fn read(res: reqwest::Response) -> (u16, serde_json::Value) {
     (status, json)
 }
 
-/// Polls `check` every 20 ms until it holds or `timeout` passes.
-pub async fn eventually<F, Fut>(timeout: std::time::Duration, mut check: F) -> bool
+/// GET `url` (with an API key if given); the body as JSON.
+pub async fn get_json(http: &reqwest::Client, url: &str, key: Option<&str>) -> serde_json::Value {
+    let mut req = http.get(url);
+    if let Some(key) = key {
+        req = req.bearer_auth(key);
+    }
+    let res = req.send().await.expect("request");
+    res.json().await.expect("JSON body")
+}
+
+/// POST JSON to `url` (with an API key if given); asserts a 2xx answer and
+/// returns its body as JSON.
+pub async fn post_json(
+    http: &reqwest::Client,
+    url: &str,
+    key: Option<&str>,
+    body: &serde_json::Value,
+) -> serde_json::Value {
+    let mut req = http.post(url).json(body);
+    if let Some(key) = key {
+        req = req.bearer_auth(key);
+    }
+    let res = req.send().await.expect("request");
+    assert!(res.status().is_success(), "POST {url}: {}", res.status());
+    res.json().await.expect("JSON body")
+}
+
+/// How often the waiting helpers look again.
+const POLL: Duration = Duration::from_millis(20);
+
+/// Polls `f` until it gives `Some` (its value) or `timeout` has passed (`None`).
+/// The one poll loop of the suite: tests wait on a condition, never a fixed time.
+pub async fn eventually_some<T, F, Fut>(timeout: Duration, mut f: F) -> Option<T>
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
+    Fut: Future<Output = Option<T>>,
 {
-    let deadline = std::time::Instant::now() + timeout;
-    while std::time::Instant::now() < deadline {
-        if check().await {
-            return true;
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = f().await {
+            return Some(value);
         }
-        actix_web::rt::time::sleep(std::time::Duration::from_millis(20)).await;
+        if Instant::now() >= deadline {
+            return None;
+        }
+        actix_web::rt::time::sleep(POLL).await;
     }
-    check().await
+}
+
+/// Polls `check` until it holds; whether it did before `timeout` passed.
+pub async fn eventually<F, Fut>(timeout: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    eventually_some(timeout, || {
+        let holds = check();
+        async move { holds.await.then_some(()) }
+    })
+    .await
+    .is_some()
+}
+
+/// Waits until GET `url` answers 2xx: a process (the service, the simulator) is up.
+pub async fn wait_up(http: &reqwest::Client, url: &str) {
+    let up = eventually(Duration::from_secs(20), || async {
+        http.get(url)
+            .send()
+            .await
+            .is_ok_and(|res| res.status().is_success())
+    })
+    .await;
+    assert!(up, "{url} did not come up");
 }

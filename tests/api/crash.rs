@@ -2,16 +2,17 @@
 //! an instance killed while its calls are in flight and a new one started on the
 //! same database. The simulator's record is the oracle.
 
-mod common;
-
 use std::collections::HashMap;
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{TestDb, APP, APP_SECRET, KEY_ADMIN, KEY_SEND};
-use formid_ledger::settings::DatabaseUrl;
 use serde_json::{json, Value};
+
+use crate::helpers::{
+    eventually, eventually_some, get_json, post_json, wait_up, DatabaseUrl, TestDb, APP,
+    APP_SECRET, KEY_ADMIN, KEY_SEND,
+};
 
 const BIN: &str = env!("CARGO_BIN_EXE_formid-ledger");
 
@@ -31,19 +32,6 @@ impl Drop for Proc {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-async fn wait_up(http: &reqwest::Client, url: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        if let Ok(res) = http.get(url).send().await {
-            if res.status().is_success() {
-                return;
-            }
-        }
-        actix_web::rt::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("{url} did not come up");
 }
 
 fn service(db: &DatabaseUrl, sim: &str, port: u16) -> Proc {
@@ -73,16 +61,6 @@ fn service(db: &DatabaseUrl, sim: &str, port: u16) -> Proc {
     Proc(child)
 }
 
-async fn json_post(http: &reqwest::Client, url: String, key: Option<&str>, body: Value) -> Value {
-    let mut req = http.post(url).json(&body);
-    if let Some(key) = key {
-        req = req.bearer_auth(key);
-    }
-    let res = req.send().await.unwrap();
-    assert!(res.status().is_success(), "{}", res.status());
-    res.json().await.unwrap()
-}
-
 /// The simulator as a process, each send taking 300..600 ms so that plenty of calls
 /// are in flight when an instance is stopped.
 async fn slow_simulator(http: &reqwest::Client) -> (Proc, String) {
@@ -103,40 +81,52 @@ async fn slow_simulator(http: &reqwest::Client) -> (Proc, String) {
             .unwrap(),
     );
     wait_up(http, &format!("{base}/sim/stats")).await;
-    json_post(
+    post_json(
         http,
-        format!("{base}/sim/faults"),
+        &format!("{base}/sim/faults"),
         None,
-        json!({"send": {"latency_ms": [300, 600]}}),
+        &json!({"send": {"latency_ms": [300, 600]}}),
     )
     .await;
     (sim, base)
 }
 
-/// GET with an API key, as JSON.
-async fn get_json(http: &reqwest::Client, url: String, key: &str) -> Value {
-    http.get(url)
-        .bearer_auth(key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+/// The simulator's record of every send it received.
+async fn deliveries(http: &reqwest::Client, sim_base: &str) -> Vec<Value> {
+    match get_json(http, &format!("{sim_base}/sim/deliveries"), None).await {
+        Value::Array(deliveries) => deliveries,
+        other => panic!("/sim/deliveries: {other}"),
+    }
+}
+
+/// Waits until the simulator has received a send. The slow simulator holds each
+/// send 300..600 ms before answering, so the service has a call in flight now.
+async fn wait_for_a_call_in_flight(http: &reqwest::Client, sim_base: &str) {
+    let sending = eventually(Duration::from_secs(20), || async {
+        !deliveries(http, sim_base).await.is_empty()
+    })
+    .await;
+    assert!(sending, "no send reached the simulator");
 }
 
 /// Polls the message until it is final (or the deadline passes) and returns it.
 async fn final_message(http: &reqwest::Client, base: &str, id: &str, deadline: Instant) -> Value {
-    loop {
-        let m = get_json(http, format!("{base}/v1/messages/{id}"), KEY_SEND).await;
-        if ["sent", "no_quota", "failed"].contains(&m["status"].as_str().unwrap_or("")) {
-            return m;
+    let url = format!("{base}/v1/messages/{id}");
+    let left = deadline.saturating_duration_since(Instant::now());
+    let finished = eventually_some(left, || async {
+        let m = get_json(http, &url, Some(KEY_SEND)).await;
+        let status = m["status"].as_str().unwrap_or("");
+        ["sent", "no_quota", "failed"]
+            .contains(&status)
+            .then_some(m)
+    })
+    .await;
+    match finished {
+        Some(m) => m,
+        None => {
+            let m = get_json(http, &url, Some(KEY_SEND)).await;
+            panic!("message {id} never finished: {m}")
         }
-        assert!(
-            Instant::now() < deadline,
-            "message {id} never finished: {m}"
-        );
-        actix_web::rt::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -153,11 +143,11 @@ async fn kill_in_flight(tdb: TestDb) {
     let mut recorded = 0;
     for u in 0..20 {
         let openid = format!("user{u}");
-        let minted = json_post(
+        let minted = post_json(
             &http,
-            format!("{sim_base}/sim/form-ids"),
+            &format!("{sim_base}/sim/form-ids"),
             None,
-            json!({"appid": APP, "openid": openid, "count": 5}),
+            &json!({"appid": APP, "openid": openid, "count": 5}),
         )
         .await;
         let items: Vec<Value> = minted["form_ids"]
@@ -167,37 +157,29 @@ async fn kill_in_flight(tdb: TestDb) {
             .map(|f| json!({"openid": openid, "kind": "form_id", "value": f}))
             .collect();
         recorded += items.len();
-        let res = json_post(
+        let res = post_json(
             &http,
-            format!("{base_a}/v1/credentials"),
+            &format!("{base_a}/v1/credentials"),
             Some(KEY_SEND),
-            json!({"credentials": items}),
+            &json!({"credentials": items}),
         )
         .await;
         assert_eq!(res["accepted"], 5);
     }
     let mut ids = Vec::new();
     for i in 0..120 {
-        let m = json_post(
+        let m = post_json(
             &http,
-            format!("{base_a}/v1/messages"),
+            &format!("{base_a}/v1/messages"),
             Some(KEY_SEND),
-            json!({"openid": format!("user{}", i % 20), "template_id": "TPL"}),
+            &json!({"openid": format!("user{}", i % 20), "template_id": "TPL"}),
         )
         .await;
         ids.push(m["id"].as_str().unwrap().to_string());
     }
-    actix_web::rt::time::sleep(Duration::from_millis(700)).await;
+    wait_for_a_call_in_flight(&http, &sim_base).await;
     drop(a); // SIGKILL, mid-flight
-    let delivered_at_kill = http
-        .get(format!("{sim_base}/sim/deliveries"))
-        .send()
-        .await
-        .unwrap()
-        .json::<Vec<Value>>()
-        .await
-        .unwrap()
-        .len();
+    let delivered_at_kill = deliveries(&http, &sim_base).await.len();
     assert!(
         delivered_at_kill < 100,
         "everything was sent before the kill ({delivered_at_kill})"
@@ -219,14 +201,7 @@ async fn kill_in_flight(tdb: TestDb) {
         interrupted += usize::from(attempts.iter().any(|a| a["outcome"] == "interrupted"));
         *by_status.entry(format!("{status}/{code}")).or_default() += 1;
     }
-    let deliveries: Vec<Value> = http
-        .get(format!("{sim_base}/sim/deliveries"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let deliveries = deliveries(&http, &sim_base).await;
     let mut per_credential: HashMap<String, usize> = HashMap::new();
     for d in &deliveries {
         *per_credential
@@ -261,8 +236,8 @@ async fn kill_in_flight(tdb: TestDb) {
     for u in 0..20 {
         let q = get_json(
             &http,
-            format!("{base_b}/v1/admin/users/user{u}/quota"),
-            KEY_ADMIN,
+            &format!("{base_b}/v1/admin/users/user{u}/quota"),
+            Some(KEY_ADMIN),
         )
         .await;
         left += q["sendable"].as_u64().unwrap() as usize;
@@ -295,11 +270,11 @@ async fn sigterm_in_flight(tdb: TestDb) {
     let base_a = format!("http://127.0.0.1:{port_a}");
     let mut a = service(&url, &sim_base, port_a);
     wait_up(&http, &format!("{base_a}/readyz")).await;
-    let minted = json_post(
+    let minted = post_json(
         &http,
-        format!("{sim_base}/sim/form-ids"),
+        &format!("{sim_base}/sim/form-ids"),
         None,
-        json!({"appid": APP, "openid": "u", "count": 60}),
+        &json!({"appid": APP, "openid": "u", "count": 60}),
     )
     .await;
     let items: Vec<Value> = minted["form_ids"]
@@ -308,42 +283,36 @@ async fn sigterm_in_flight(tdb: TestDb) {
         .iter()
         .map(|f| json!({"openid": "u", "kind": "form_id", "value": f}))
         .collect();
-    json_post(
+    post_json(
         &http,
-        format!("{base_a}/v1/credentials"),
+        &format!("{base_a}/v1/credentials"),
         Some(KEY_SEND),
-        json!({"credentials": items}),
+        &json!({"credentials": items}),
     )
     .await;
     let mut ids = Vec::new();
     for _ in 0..60 {
-        let m = json_post(
+        let m = post_json(
             &http,
-            format!("{base_a}/v1/messages"),
+            &format!("{base_a}/v1/messages"),
             Some(KEY_SEND),
-            json!({"openid": "u", "template_id": "TPL"}),
+            &json!({"openid": "u", "template_id": "TPL"}),
         )
         .await;
         ids.push(m["id"].as_str().unwrap().to_string());
     }
-    actix_web::rt::time::sleep(Duration::from_millis(700)).await;
+    wait_for_a_call_in_flight(&http, &sim_base).await;
     let pid = a.0.id().to_string();
     assert!(Command::new("kill")
         .args(["-TERM", &pid])
         .status()
         .unwrap()
         .success());
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = a.0.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "no exit after SIGTERM"
-        );
-        actix_web::rt::time::sleep(Duration::from_millis(50)).await;
-    };
+    let exited = eventually_some(Duration::from_secs(30), || {
+        std::future::ready(a.0.try_wait().expect("the process's status"))
+    })
+    .await;
+    let status = exited.expect("no exit after SIGTERM");
     assert!(status.success(), "exit after SIGTERM: {status}");
 
     let port_b = free_port();
@@ -362,14 +331,7 @@ async fn sigterm_in_flight(tdb: TestDb) {
         sent += usize::from(m["status"] == "sent");
     }
     assert_eq!(sent, 60);
-    let deliveries: Vec<Value> = http
-        .get(format!("{sim_base}/sim/deliveries"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let deliveries = deliveries(&http, &sim_base).await;
     assert_eq!(deliveries.len(), 60, "each message delivered once");
 }
 

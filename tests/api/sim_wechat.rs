@@ -2,14 +2,15 @@
 
 use std::collections::BTreeMap;
 use std::net::TcpListener;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use formid_ledger::secret::Secret;
-use formid_ledger::sim::{self, FaultSet, Faults, Latency, MessageKind, SimConfig, Simulator};
-use formid_ledger::wechat::{
-    DataValue, ErrorClass, SubscribeMessage, TemplateMessage, WechatClient, WechatError,
-};
 use serde_json::{json, Value};
+
+use crate::helpers::{
+    eventually_some, get_json, post_json, sim, DataValue, ErrorClass, FaultSet, Faults, Latency,
+    MessageKind, Secret, SimConfig, Simulator, SubscribeMessage, TemplateMessage, WechatClient,
+    WechatError,
+};
 
 const APP: &str = "wxapp0000000000001";
 const OTHER_APP: &str = "wxapp0000000000002";
@@ -59,23 +60,13 @@ impl Harness {
 
     /// A control call over HTTP.
     async fn control(&self, path: &str, body: Value) -> Value {
-        let resp = reqwest::Client::new()
-            .post(format!("{}{path}", self.base))
-            .json(&body)
-            .send()
-            .await
-            .expect("control call");
-        assert!(resp.status().is_success(), "{path}: {}", resp.status());
-        resp.json().await.expect("control JSON")
+        let url = format!("{}{path}", self.base);
+        post_json(&reqwest::Client::new(), &url, None, &body).await
     }
 
     async fn get(&self, path: &str) -> Value {
-        reqwest::get(format!("{}{path}", self.base))
-            .await
-            .expect("get")
-            .json()
-            .await
-            .expect("JSON")
+        let url = format!("{}{path}", self.base);
+        get_json(&reqwest::Client::new(), &url, None).await
     }
 
     /// The errcode of a send that passes the token check only if the token is good:
@@ -127,25 +118,6 @@ fn subscribe(touser: &str, thing: &str) -> SubscribeMessage {
     }
 }
 
-/// Waits until `f` gives `Some`, polling every 50 ms, failing after `limit`.
-async fn eventually<T, F, Fut>(limit: Duration, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(
-            start.elapsed() < limit,
-            "condition not met within {limit:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 fn assert_wx(err: &WechatError, class: ErrorClass, errcode: Option<i64>) {
     assert_eq!(
         (err.class, err.errcode),
@@ -173,22 +145,24 @@ async fn classic_tokens_rotate_with_overlap_then_expire() {
     assert_eq!(h.probe(&second).await, Some(40003));
 
     // After the overlap the old one is "not latest" (40001), the new one still works.
-    let code = eventually(Duration::from_secs(3), || async {
+    let code = eventually_some(Duration::from_secs(3), || async {
         h.probe(&first.token).await.filter(|c| *c != 40003)
     })
-    .await;
+    .await
+    .expect("the superseded token kept working past the overlap");
     assert_eq!(code, 40001);
     assert_eq!(h.probe(&second).await, Some(40003));
 
     // The current token expires: 42001, a Token error.
-    let err = eventually(Duration::from_secs(4), || async {
+    let err = eventually_some(Duration::from_secs(4), || async {
         let err =
             h.wx.send_template(&second, &template("nobody", "x"))
                 .await
                 .expect_err("cannot succeed");
         (err.errcode != Some(40003)).then_some(err)
     })
-    .await;
+    .await
+    .expect("the token never expired");
     assert_wx(&err, ErrorClass::Token, Some(42001));
 
     // Not token-shaped at all: 40014.
@@ -252,11 +226,12 @@ async fn stable_token_is_reused_renewed_near_expiry_and_force_refreshed() {
     assert_eq!(h.probe(&a.token).await, Some(40003));
 
     // In its last second a new one is issued; the old one still works.
-    let renewed = eventually(Duration::from_secs(5), || async {
+    let renewed = eventually_some(Duration::from_secs(5), || async {
         let t = h.wx.stable_token(APP, &secret(), false).await.expect("t");
         (t.token != a.token).then_some(t)
     })
-    .await;
+    .await
+    .expect("the stable token was never renewed");
     assert_eq!(renewed.expires_in, 4);
     assert_eq!(h.probe(&renewed.token).await, Some(40003));
 
@@ -380,12 +355,13 @@ async fn template_send_spends_form_ids_and_prepay_ids() {
             .await
             .expect_err("not active yet");
     assert_wx(&err, ErrorClass::Credential, Some(41028));
-    eventually(Duration::from_secs(3), || async {
+    eventually_some(Duration::from_secs(3), || async {
         h.wx.send_template(&token, &template("o-alice", &prepay))
             .await
             .ok()
     })
-    .await;
+    .await
+    .expect("the prepay_id never became usable");
     h.wx.send_template(&token, &template("o-alice", &prepay))
         .await
         .expect("second use");
