@@ -2,7 +2,7 @@
 //
 // Starts the service binary in sandbox mode (no LEDGER_APPS: built-in simulator, app
 // `wxsandbox`) on a free port with a fresh SQLite file, seeds users through the API,
-// and drives Debian's chromium through playwright-core.
+// and drives Debian's chromium through playwright-core (see harness.mjs).
 //
 //   LEDGER_BIN     service binary (default: <repo>/target/debug/formid-ledger)
 //   CHROMIUM_BIN   browser (default: /usr/bin/chromium)
@@ -11,20 +11,8 @@
 
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
-import { mkdtemp, mkdir, rm } from 'node:fs/promises';
-import { existsSync } from 'node:fs';
-import net from 'node:net';
-import os from 'node:os';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
-import { chromium } from 'playwright-core';
-
-const HERE = path.dirname(fileURLToPath(import.meta.url));
-const REPO = path.resolve(HERE, '..', '..');
-const LEDGER_BIN = process.env.LEDGER_BIN || path.join(REPO, 'target', 'debug', 'formid-ledger');
-const CHROMIUM_BIN = process.env.CHROMIUM_BIN || '/usr/bin/chromium';
-const SCREENSHOTS = path.join(HERE, 'screenshots');
+import { SCREENSHOTS, startService, launchBrowser, stopAll } from './harness.mjs';
 
 const ADMIN_KEY = 'admin-key-0123456789';
 const SEND_KEY = 'send-key-0123456789';
@@ -34,40 +22,9 @@ const USER = 'o-browser-test';
 const HTMLISH = 'o<i>x</i>&amp;';
 const IMGISH = '"><img/src/onerror=window.__xss=1>';
 
-let tmp;
-let service;
-let serviceLog = '';
 let base;
-let browser;
 let page;
 const pageProblems = [];
-
-function freePort() {
-  return new Promise((resolve, reject) => {
-    const srv = net.createServer();
-    srv.unref();
-    srv.on('error', reject);
-    srv.listen(0, '127.0.0.1', () => {
-      const { port } = srv.address();
-      srv.close(() => resolve(port));
-    });
-  });
-}
-
-async function waitForHealth(deadlineMs) {
-  const until = Date.now() + deadlineMs;
-  for (;;) {
-    if (service.exitCode !== null) {
-      throw new Error(`the service exited with ${service.exitCode}:\n${serviceLog}`);
-    }
-    try {
-      const res = await fetch(base + '/healthz');
-      if (res.ok) return;
-    } catch (_) { /* not listening yet */ }
-    if (Date.now() > until) throw new Error(`no /healthz within ${deadlineMs} ms:\n${serviceLog}`);
-    await new Promise((r) => setTimeout(r, 100));
-  }
-}
 
 async function apiPost(pathname, body, key) {
   const res = await fetch(base + pathname, {
@@ -115,24 +72,10 @@ async function lookUp(openid) {
 }
 
 before(async () => {
-  assert.ok(existsSync(LEDGER_BIN), `no service binary at ${LEDGER_BIN}: run cargo build or set LEDGER_BIN`);
-  assert.ok(existsSync(CHROMIUM_BIN), `no browser at ${CHROMIUM_BIN}: apt-get install -y chromium`);
-  tmp = await mkdtemp(path.join(os.tmpdir(), 'ledger-browser-'));
-  const port = await freePort();
-  base = `http://127.0.0.1:${port}`;
-  const env = { ...process.env };
-  delete env.LEDGER_APPS; // sandbox mode
-  delete env.LEDGER_CONFIG;
-  Object.assign(env, {
-    LEDGER_BIND: `127.0.0.1:${port}`,
-    LEDGER_DATABASE_URL: `sqlite://${path.join(tmp, 'ledger.db')}`,
-    LEDGER_API_KEYS: `ops:admin:${ADMIN_KEY},backend:send:${SEND_KEY}`,
-    RUST_LOG: process.env.RUST_LOG || 'info',
+  base = await startService({
+    tmpPrefix: 'ledger-browser-',
+    env: { LEDGER_API_KEYS: `ops:admin:${ADMIN_KEY},backend:send:${SEND_KEY}` },
   });
-  service = spawn(LEDGER_BIN, [], { env, cwd: tmp, stdio: ['ignore', 'pipe', 'pipe'] });
-  service.stdout.on('data', (d) => { serviceLog += d; });
-  service.stderr.on('data', (d) => { serviceLog += d; });
-  await waitForHealth(30000);
 
   const credentials = [
     ...[1, 2, 3].map((i) => ({ openid: USER, kind: 'form_id', value: `browser-form-${i}` })),
@@ -143,14 +86,7 @@ before(async () => {
   const seeded = await apiPost('/v1/credentials', { credentials }, SEND_KEY);
   assert.equal(seeded.accepted, credentials.length, JSON.stringify(seeded));
 
-  browser = await chromium.launch({
-    executablePath: CHROMIUM_BIN,
-    headless: true,
-    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-      '--disable-background-networking', '--disable-component-update', '--disable-sync'],
-  });
-  const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
-  page = await context.newPage();
+  page = await launchBrowser();
   page.on('pageerror', (err) => pageProblems.push('uncaught: ' + err.message));
   page.on('console', (msg) => {
     // 401/403/404 answers are expected and logged by the browser as failed loads.
@@ -158,20 +94,9 @@ before(async () => {
       pageProblems.push('console: ' + msg.text());
     }
   });
-  await mkdir(SCREENSHOTS, { recursive: true });
 });
 
-after(async () => {
-  if (browser) await browser.close();
-  if (service && service.exitCode === null) {
-    const exited = new Promise((r) => service.once('exit', r));
-    service.kill('SIGTERM');
-    const timer = setTimeout(() => service.kill('SIGKILL'), 5000);
-    await exited;
-    clearTimeout(timer);
-  }
-  if (tmp) await rm(tmp, { recursive: true, force: true });
-});
+after(stopAll);
 
 test('the page and its assets are served with strict headers', async () => {
   const res = await fetch(base + '/admin');

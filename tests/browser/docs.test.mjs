@@ -1,9 +1,9 @@
 // Headless-browser test of the API reference (GET /docs) against the real service.
 //
 // Starts the service binary in sandbox mode on a free port with a fresh SQLite file,
-// opens /docs in Debian's chromium through playwright-core, and checks that the
-// embedded viewer renders every operation of /openapi.json under the page's CSP, with
-// no console error and no request leaving the service's origin.
+// opens /docs in Debian's chromium through playwright-core (see harness.mjs), and checks
+// that the embedded viewer renders every operation of /openapi.json under the page's
+// CSP, with no console error and no request leaving the service's origin.
 //
 //   LEDGER_BIN     service binary (default: <repo>/target/debug/formid-ledger)
 //   CHROMIUM_BIN   browser (default: /usr/bin/chromium)
@@ -12,56 +12,15 @@
 
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
-import { mkdtemp, mkdir, rm } from 'node:fs/promises';
-import { existsSync } from 'node:fs';
-import net from 'node:net';
-import os from 'node:os';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
-import { chromium } from 'playwright-core';
+import { SCREENSHOTS, startService, launchBrowser, stopAll } from './harness.mjs';
 
-const HERE = path.dirname(fileURLToPath(import.meta.url));
-const REPO = path.resolve(HERE, '..', '..');
-const LEDGER_BIN = process.env.LEDGER_BIN || path.join(REPO, 'target', 'debug', 'formid-ledger');
-const CHROMIUM_BIN = process.env.CHROMIUM_BIN || '/usr/bin/chromium';
-const SCREENSHOTS = path.join(HERE, 'screenshots');
 const ASSETS = ['docs.js', 'swagger-ui-bundle.js', 'swagger-ui.css'];
 
-let tmp;
-let service;
-let serviceLog = '';
 let base;
-let browser;
 let page;
 const problems = []; // console errors and warnings, uncaught exceptions, failed loads
 const requested = []; // every URL the page asked for
-
-async function startService() {
-  const port = await new Promise((resolve, reject) => {
-    const srv = net.createServer().unref().on('error', reject);
-    srv.listen(0, '127.0.0.1', () => {
-      const { port: p } = srv.address();
-      srv.close(() => resolve(p));
-    });
-  });
-  base = `http://127.0.0.1:${port}`;
-  const env = { ...process.env, RUST_LOG: process.env.RUST_LOG || 'info' };
-  delete env.LEDGER_APPS; // sandbox mode
-  delete env.LEDGER_CONFIG;
-  env.LEDGER_BIND = `127.0.0.1:${port}`;
-  env.LEDGER_DATABASE_URL = `sqlite://${path.join(tmp, 'ledger.db')}`;
-  service = spawn(LEDGER_BIN, [], { env, cwd: tmp, stdio: ['ignore', 'pipe', 'pipe'] });
-  service.stdout.on('data', (d) => { serviceLog += d; });
-  service.stderr.on('data', (d) => { serviceLog += d; });
-  for (const until = Date.now() + 30000; ;) {
-    if (service.exitCode !== null) throw new Error(`the service exited with ${service.exitCode}:\n${serviceLog}`);
-    const up = await fetch(base + '/healthz').then((r) => r.ok, () => false);
-    if (up) return;
-    if (Date.now() > until) throw new Error(`no /healthz within 30 s:\n${serviceLog}`);
-    await new Promise((r) => setTimeout(r, 100));
-  }
-}
 
 /** `METHOD /path` of every operation of the service's /openapi.json. */
 async function documentedOperations() {
@@ -73,18 +32,8 @@ async function documentedOperations() {
 }
 
 before(async () => {
-  assert.ok(existsSync(LEDGER_BIN), `no service binary at ${LEDGER_BIN}: run cargo build or set LEDGER_BIN`);
-  assert.ok(existsSync(CHROMIUM_BIN), `no browser at ${CHROMIUM_BIN}: apt-get install -y chromium`);
-  tmp = await mkdtemp(path.join(os.tmpdir(), 'ledger-docs-'));
-  await startService();
-  browser = await chromium.launch({
-    executablePath: CHROMIUM_BIN,
-    headless: true,
-    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-      '--disable-background-networking', '--disable-component-update', '--disable-sync'],
-  });
-  const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
-  page = await context.newPage();
+  base = await startService({ tmpPrefix: 'ledger-docs-' });
+  page = await launchBrowser();
   page.on('pageerror', (err) => problems.push('uncaught: ' + err.message));
   // A CSP violation is reported here too ("Refused to …").
   page.on('console', (msg) => {
@@ -92,20 +41,9 @@ before(async () => {
   });
   page.on('request', (req) => requested.push(req.url()));
   page.on('requestfailed', (req) => problems.push(`failed: ${req.url()} ${req.failure()?.errorText}`));
-  await mkdir(SCREENSHOTS, { recursive: true });
 });
 
-after(async () => {
-  if (browser) await browser.close();
-  if (service && service.exitCode === null) {
-    const exited = new Promise((r) => service.once('exit', r));
-    service.kill('SIGTERM');
-    const timer = setTimeout(() => service.kill('SIGKILL'), 5000);
-    await exited;
-    clearTimeout(timer);
-  }
-  if (tmp) await rm(tmp, { recursive: true, force: true });
-});
+after(stopAll);
 
 test('the page and its assets are served with strict headers', async () => {
   const res = await fetch(base + '/docs');
