@@ -18,3 +18,6 @@ pub mod stats;
 pub mod time;
 pub mod tokens;
 pub mod wechat;
+
+#[cfg(test)]
+mod architecture_tests;
