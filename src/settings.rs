@@ -96,6 +96,8 @@ impl Default for Limits {
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub bind: String,
+    /// Serve `/metrics` on this address only (and not on `bind`); `None`: on `bind`.
+    pub metrics_bind: Option<String>,
     pub database_url: DatabaseUrl,
     pub db_pool_size: u32,
     pub wechat_api_base: String,
@@ -145,6 +147,7 @@ impl Default for Settings {
     fn default() -> Self {
         Settings {
             bind: "127.0.0.1:8080".into(),
+            metrics_bind: None,
             database_url: DatabaseUrl::Sqlite(PathBuf::from("data/ledger.db")),
             db_pool_size: 10,
             wechat_api_base: "https://api.weixin.qq.com".into(),
@@ -265,6 +268,7 @@ macro_rules! settings {
 
 settings! {
     bind => |s, v| s.bind = socket_address(v)?;
+    metrics_bind => |s, v| s.metrics_bind = Some(socket_address(v)?);
     database_url => |s, v| s.database_url = DatabaseUrl::parse(v)?;
     db_pool_size => |s, v| s.db_pool_size = int(v, 1, 1000)?;
     wechat_api_base => |s, v| s.wechat_api_base = http_url(v)?;
@@ -461,6 +465,7 @@ mod tests {
     fn defaults_match_the_contract() {
         let s = Settings::from_sources(None, &env(&[])).unwrap();
         assert_eq!(s.bind, "127.0.0.1:8080");
+        assert_eq!(s.metrics_bind, None);
         assert_eq!(
             s.database_url,
             DatabaseUrl::Sqlite(PathBuf::from("data/ledger.db"))

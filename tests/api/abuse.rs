@@ -1,4 +1,5 @@
-//! Abuse: rate limits, hostile values, and the role × endpoint matrix of SECURITY.md.
+//! Abuse: rate limits, hostile values, the role × endpoint matrix of SECURITY.md,
+//! and what a client can make the service keep (metric series).
 
 use serde_json::{json, Value};
 
@@ -189,4 +190,82 @@ async fn roles_by_endpoint_matrix() {
         .post("/v1/client/credentials", Some(&session), &json!({}))
         .await;
     assert_eq!(status, 200);
+}
+
+/// The text of `/metrics` at `base`.
+async fn metrics_text(app: &TestApp, base: &str) -> (u16, String) {
+    let res = app
+        .http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap();
+    (res.status().as_u16(), res.text().await.unwrap())
+}
+
+/// Invented methods and paths cannot create metric series: the method label is
+/// `other`, the route label a pattern or `unmatched`, never what the client sent.
+#[actix_web::test]
+async fn invented_methods_and_paths_do_not_become_metric_labels() {
+    let app = TestApp::spawn(helpers::TestDb::sqlite()).await;
+    for (method, path) in [
+        ("FOO", "/healthz"),
+        ("FOO", "/v1/invented-path-4711"),
+        ("BAR", "/v1/admin/users/o-4711/quota"),
+        ("GET", "/v1/invented-path-4712?x=4713"),
+    ] {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let res = app
+            .http
+            .request(method, app.url(path))
+            .send()
+            .await
+            .unwrap();
+        assert!(res.status().is_client_error(), "{path}: {}", res.status());
+    }
+    let (status, text) = metrics_text(&app, &app.base).await;
+    assert_eq!(status, 200);
+    for line in [
+        r#"ledger_http_requests_total{method="other",route="/healthz",status="405"} 1"#,
+        r#"ledger_http_requests_total{method="other",route="unmatched",status="404"} 1"#,
+        r#"ledger_http_requests_total{method="GET",route="unmatched",status="404"} 1"#,
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing {line:?} in\n{text}"
+        );
+    }
+    for raw in ["FOO", "BAR", "4711", "4712", "4713", "invented"] {
+        assert!(!text.contains(raw), "{raw:?} became a label:\n{text}");
+    }
+}
+
+/// With `LEDGER_METRICS_BIND`, `/metrics` answers on that address (and nothing
+/// else does), and no longer on the public one.
+#[actix_web::test]
+async fn metrics_bind_moves_metrics_off_the_public_address() {
+    let app = TestApp::spawn_with(helpers::TestDb::sqlite(), |s| {
+        s.metrics_bind = Some("127.0.0.1:0".into());
+    })
+    .await;
+    let metrics = app.metrics_base.clone().expect("a metrics address");
+    assert_eq!(app.get("/healthz", None).await.0, 200);
+    let (status, text) = metrics_text(&app, &metrics).await;
+    assert_eq!(status, 200, "{text}");
+    assert!(
+        text.contains(r#"route="/healthz""#),
+        "the public server's requests are counted:\n{text}"
+    );
+    let (status, body) = app.get("/metrics", None).await;
+    assert_eq!((status, code(&body)), (404, Some("not_found")), "{body}");
+    let (status, body) = helpers::read(
+        app.http
+            .get(format!("{metrics}/v1/admin/stats"))
+            .bearer_auth(KEY_ADMIN)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((status, code(&body)), (404, Some("not_found")), "{body}");
 }
