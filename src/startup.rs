@@ -154,7 +154,7 @@ impl Application {
                 .wrap(middleware::from_fn(move |req, next| {
                     http::observe(metrics.clone(), req, next)
                 }))
-                .wrap(middleware::Logger::new("%s %r %Dms").exclude("/healthz"))
+                .wrap(http::access_log())
                 .app_data(state.clone())
                 .configure(move |cfg| {
                     if let Some(sim) = &simulator {

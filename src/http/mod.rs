@@ -178,6 +178,17 @@ async fn not_found(req: HttpRequest) -> Result<HttpResponse, ApiError> {
     Err(ApiError::not_found(format!("no route {}", req.path())))
 }
 
+/// The access log: one line per request (status, method, path, latency), `/healthz`
+/// excluded. The path is logged without its query string: the sandbox calls its own
+/// simulator with `js_code`, `secret` and `access_token` there.
+pub fn access_log() -> actix_web::middleware::Logger {
+    actix_web::middleware::Logger::new("%s %{request}xi %Dms")
+        .custom_request_replace("request", |req| {
+            format!("{} {} {:?}", req.method(), req.path(), req.version())
+        })
+        .exclude("/healthz")
+}
+
 /// Middleware: counts every request by route pattern (not path: openids stay out of
 /// label values; no route at all is `unmatched`), method (invented ones are `other`)
 /// and status, with its latency. Every label value has a bounded set.

@@ -1,5 +1,8 @@
 //! Abuse: rate limits, hostile values, the role × endpoint matrix of SECURITY.md,
-//! and what a client can make the service keep (metric series).
+//! and what a client can make the service keep (metric series, log lines).
+
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
 
 use serde_json::{json, Value};
 
@@ -268,4 +271,54 @@ async fn metrics_bind_moves_metrics_off_the_public_address() {
     )
     .await;
     assert_eq!((status, code(&body)), (404, Some("not_found")), "{body}");
+}
+
+/// The access log's lines, captured from here on: the test binary's logger, which
+/// keeps only what actix's `Logger` middleware writes.
+fn access_log_lines() -> &'static Mutex<Vec<String>> {
+    struct Capture(Mutex<Vec<String>>);
+    impl log::Log for Capture {
+        fn enabled(&self, meta: &log::Metadata) -> bool {
+            meta.target().starts_with("actix_web::middleware::logger")
+        }
+        fn log(&self, record: &log::Record) {
+            if self.enabled(record.metadata()) {
+                if let Ok(mut lines) = self.0.lock() {
+                    lines.push(record.args().to_string());
+                }
+            }
+        }
+        fn flush(&self) {}
+    }
+    static CAPTURE: OnceLock<&'static Capture> = OnceLock::new();
+    let capture = CAPTURE.get_or_init(|| {
+        let capture: &'static Capture = Box::leak(Box::new(Capture(Mutex::new(Vec::new()))));
+        log::set_logger(capture).expect("no other logger in the test binary");
+        log::set_max_level(log::LevelFilter::Info);
+        capture
+    });
+    &capture.0
+}
+
+/// The access log writes the path without its query string: `js_code`, `secret`
+/// and `access_token` travel there (the sandbox calls its own simulator so).
+#[actix_web::test]
+async fn the_access_log_leaves_query_strings_out() {
+    let lines = access_log_lines();
+    let app = TestApp::spawn(helpers::TestDb::sqlite()).await;
+    let path = "/readyz?js_code=CODE-4715&secret=SECRET-4715&access_token=TOKEN-4715";
+    assert_eq!(app.get(path, None).await.0, 200);
+    let logged = |l: &String| l.contains("GET /readyz ");
+    let seen = helpers::eventually(Duration::from_secs(5), || async {
+        lines.lock().unwrap().iter().any(logged)
+    })
+    .await;
+    assert!(seen, "no access log line for /readyz");
+    let lines = lines.lock().unwrap();
+    for line in lines.iter().filter(|l| logged(l)) {
+        assert!(line.starts_with("200 GET /readyz HTTP/1.1 "), "{line}");
+        for secret in ["?", "CODE-4715", "SECRET-4715", "TOKEN-4715"] {
+            assert!(!line.contains(secret), "{secret:?} logged: {line}");
+        }
+    }
 }
