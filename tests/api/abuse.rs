@@ -1,5 +1,6 @@
 //! Abuse: rate limits, hostile values, the role × endpoint matrix of SECURITY.md,
-//! and what a client can make the service keep (metric series, log lines).
+//! what a client can make the service keep (metric series, log lines), and who
+//! else on the machine can read the SQLite file.
 
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
@@ -321,4 +322,46 @@ async fn the_access_log_leaves_query_strings_out() {
             assert!(!line.contains(secret), "{secret:?} logged: {line}");
         }
     }
+}
+
+/// The mode bits of a file or folder.
+#[cfg(unix)]
+fn mode(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    meta.permissions().mode() & 0o777
+}
+
+/// The SQLite file holds the session secret and access_tokens: a folder the service
+/// creates is 0700, the file and its -wal and -shm are 0600; a folder the operator
+/// made keeps its mode, but a database file found there is made owner-only.
+#[cfg(unix)]
+#[test]
+fn the_sqlite_file_is_readable_by_its_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data").join("ledger");
+    let file = dir.join("ledger.db");
+    let db = helpers::Db::connect(&helpers::DatabaseUrl::Sqlite(file.clone()), 2).unwrap();
+    db.migrate().unwrap();
+    let with = |suffix: &str| dir.join(format!("ledger.db{suffix}"));
+    assert!(with("-wal").exists() && with("-shm").exists(), "WAL mode");
+    assert_eq!(mode(&tmp.path().join("data")), 0o700);
+    assert_eq!(mode(&dir), 0o700);
+    for suffix in ["", "-wal", "-shm"] {
+        assert_eq!(mode(&with(suffix)), 0o600, "ledger.db{suffix}");
+    }
+    drop(db);
+
+    // The operator's folder, with a database file others could read.
+    let theirs = tmp.path().join("theirs");
+    std::fs::create_dir(&theirs).unwrap();
+    std::fs::set_permissions(&theirs, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let file = theirs.join("ledger.db");
+    std::fs::copy(with(""), &file).unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let db = helpers::Db::connect(&helpers::DatabaseUrl::Sqlite(file.clone()), 2).unwrap();
+    db.migrate().unwrap();
+    assert_eq!(mode(&theirs), 0o755, "the operator's folder is left alone");
+    assert_eq!(mode(&file), 0o600);
 }
