@@ -130,6 +130,9 @@ fn serve(settings: Settings) -> ExitCode {
             print_sandbox_banner(app.port(), sandbox);
         }
         log::info!("formid-ledger listening on port {}", app.port());
+        if let Some(port) = app.metrics_port() {
+            log::info!("/metrics served on port {port} only");
+        }
         app.run_until_stopped().await?;
         Ok::<_, crate::startup::StartupError>(())
     });

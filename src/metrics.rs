@@ -157,11 +157,51 @@ impl Metrics {
             .observe(took.as_secs_f64());
     }
 
+    /// One HTTP request: its route pattern, method, status and latency. The caller
+    /// passes a route *pattern* (never a path); the method goes through
+    /// [`method_label`], so no label value comes from the client unchecked.
+    pub fn http_request(&self, route: &str, method: &str, status: u16, took: Duration) {
+        let method = method_label(method);
+        self.http_requests
+            .with_label_values(&[route, method, status.to_string().as_str()])
+            .inc();
+        self.http_seconds
+            .with_label_values(&[route, method])
+            .observe(took.as_secs_f64());
+    }
+
     /// The text exposition format.
     pub fn render(&self) -> String {
         let mut out = Vec::new();
         // Encoding gathered families into a Vec cannot fail.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+/// The `method` label: a standard method by name, anything else `other`. A client
+/// inventing methods (`FOO`, `BAR1`, …) would otherwise create series forever.
+pub fn method_label(method: &str) -> &'static str {
+    const KNOWN: &[&str] = &[
+        "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE",
+    ];
+    KNOWN
+        .iter()
+        .find(|known| **known == method)
+        .copied()
+        .unwrap_or("other")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invented_methods_share_one_label() {
+        assert_eq!(method_label("GET"), "GET");
+        assert_eq!(method_label("DELETE"), "DELETE");
+        for invented in ["FOO", "get", "PROPFIND", ""] {
+            assert_eq!(method_label(invented), "other", "{invented}");
+        }
     }
 }

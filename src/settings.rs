@@ -96,6 +96,8 @@ impl Default for Limits {
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub bind: String,
+    /// Serve `/metrics` on this address only (and not on `bind`); `None`: on `bind`.
+    pub metrics_bind: Option<String>,
     pub database_url: DatabaseUrl,
     pub db_pool_size: u32,
     pub wechat_api_base: String,
@@ -145,6 +147,7 @@ impl Default for Settings {
     fn default() -> Self {
         Settings {
             bind: "127.0.0.1:8080".into(),
+            metrics_bind: None,
             database_url: DatabaseUrl::Sqlite(PathBuf::from("data/ledger.db")),
             db_pool_size: 10,
             wechat_api_base: "https://api.weixin.qq.com".into(),
@@ -265,6 +268,7 @@ macro_rules! settings {
 
 settings! {
     bind => |s, v| s.bind = socket_address(v)?;
+    metrics_bind => |s, v| s.metrics_bind = Some(socket_address(v)?);
     database_url => |s, v| s.database_url = DatabaseUrl::parse(v)?;
     db_pool_size => |s, v| s.db_pool_size = int(v, 1, 1000)?;
     wechat_api_base => |s, v| s.wechat_api_base = http_url(v)?;
@@ -385,15 +389,18 @@ fn is_plain_token(s: &str) -> bool {
             .all(|b| b.is_ascii_graphic() && b != b',' && b != b':')
 }
 
-/// `appid:secret[,appid:secret…]`.
+/// `appid:secret[,appid:secret…]`. Errors name an entry by its position: with
+/// swapped fields, the appid would be the secret.
 pub fn parse_apps(raw: &str) -> Result<Vec<App>, String> {
     let mut apps: Vec<App> = Vec::new();
-    for entry in raw.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+    for (n, entry) in entries(raw) {
         let (app_id, secret) = entry
             .split_once(':')
             .ok_or("expected appid:secret[,appid:secret…]")?;
         if !is_plain_token(app_id) || app_id.len() > 64 {
-            return Err(format!("{app_id:?} is not an appid"));
+            return Err(format!(
+                "entry {n}: the appid must be 1..64 printable characters without ',' or ':'"
+            ));
         }
         if !is_plain_token(secret) {
             return Err(format!("the secret of {app_id} is empty or malformed"));
@@ -409,33 +416,46 @@ pub fn parse_apps(raw: &str) -> Result<Vec<App>, String> {
     Ok(apps)
 }
 
-/// `name:role+role:key[,…]`.
+/// The non-empty entries of a comma-separated list, numbered from 1.
+fn entries(raw: &str) -> impl Iterator<Item = (usize, &str)> {
+    raw.split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .enumerate()
+        .map(|(i, e)| (i + 1, e))
+}
+
+/// `name:role+role:key[,…]`. Errors quote nothing of an entry, only its position:
+/// with swapped fields (`shop:KEY:send`) the key sits where a name or role belongs.
 fn parse_api_keys(raw: &str) -> Result<Vec<ApiKey>, String> {
     let mut keys: Vec<ApiKey> = Vec::new();
-    for entry in raw.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+    for (n, entry) in entries(raw) {
         let mut parts = entry.splitn(3, ':');
         let (Some(name), Some(roles), Some(key)) = (parts.next(), parts.next(), parts.next())
         else {
-            return Err("expected name:role+role:key[,…]".into());
+            return Err(format!("entry {n}: expected name:role+role:key[,…]"));
         };
         if !is_plain_token(name) {
-            return Err(format!("{name:?} is not a key name"));
+            return Err(format!(
+                "entry {n}: the name must be printable characters without ',' or ':'"
+            ));
         }
         let mut parsed = Vec::new();
         for r in roles.split('+') {
-            let role = Role::parse(r)
-                .ok_or_else(|| format!("key {name}: unknown role {r:?} (send, admin, token)"))?;
+            let role = Role::parse(r).ok_or_else(|| {
+                format!("entry {n}: unknown role (roles are send, admin, token, joined by +)")
+            })?;
             if !parsed.contains(&role) {
                 parsed.push(role);
             }
         }
         if key.len() < 16 || !key.bytes().all(|b| b.is_ascii_graphic() && b != b',') {
             return Err(format!(
-                "key {name}: the key must be at least 16 printable characters"
+                "entry {n}: the key must be at least 16 printable characters"
             ));
         }
-        if keys.iter().any(|k| k.name == name) {
-            return Err(format!("key {name} is listed twice"));
+        if let Some(first) = keys.iter().position(|k| k.name == name) {
+            return Err(format!("entry {n}: the same name as entry {}", first + 1));
         }
         keys.push(ApiKey {
             name: name.into(),
@@ -461,6 +481,7 @@ mod tests {
     fn defaults_match_the_contract() {
         let s = Settings::from_sources(None, &env(&[])).unwrap();
         assert_eq!(s.bind, "127.0.0.1:8080");
+        assert_eq!(s.metrics_bind, None);
         assert_eq!(
             s.database_url,
             DatabaseUrl::Sqlite(PathBuf::from("data/ledger.db"))
@@ -529,6 +550,36 @@ mod tests {
         )
         .unwrap_err();
         assert!(!err.to_string().contains("topsecretvalue123"), "{err}");
+    }
+
+    /// Swapped or misplaced fields put a key (or an app secret) where a name, a role
+    /// or an appid belongs; the error must not quote it, not even in part.
+    #[test]
+    fn a_misplaced_key_is_never_echoed() {
+        const KEY: &str = "0123456789abcdef";
+        let cases = [
+            ("LEDGER_API_KEYS", format!("shop:{KEY}:send")),
+            (
+                "LEDGER_API_KEYS",
+                format!("shop:send+{KEY}:longenoughkey-0001"),
+            ),
+            ("LEDGER_API_KEYS", format!("{KEY}:send:shop")),
+            (
+                "LEDGER_API_KEYS",
+                format!("{KEY}:send:longenoughkey-0001,{KEY}:admin:longenoughkey-0002"),
+            ),
+            ("LEDGER_API_KEYS", KEY.to_string()),
+            ("LEDGER_APPS", format!("{}:wx1", KEY.repeat(5))),
+        ];
+        for (name, value) in &cases {
+            let err = Settings::from_sources(None, &env(&[(name, value)])).unwrap_err();
+            assert_eq!(&err.name, name, "{value}");
+            let text = err.to_string();
+            for part in KEY.as_bytes().windows(4) {
+                let part = std::str::from_utf8(part).unwrap();
+                assert!(!text.contains(part), "{value:?} gave {text:?}");
+            }
+        }
     }
 
     #[test]

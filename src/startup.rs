@@ -30,6 +30,11 @@ pub enum StartupError {
     Db(#[from] DbError),
     #[error("cannot serve: {0}")]
     Io(#[from] std::io::Error),
+    #[error("cannot listen on {addr} (LEDGER_METRICS_BIND): {source}")]
+    MetricsBind {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("invalid setting LEDGER_WECHAT_API_BASE: {0}")]
     Wechat(String),
     #[error(transparent)]
@@ -46,6 +51,8 @@ pub struct Sandbox {
 pub struct Application {
     port: u16,
     server: Server,
+    /// `/metrics` on its own address (`LEDGER_METRICS_BIND`): its port and server.
+    metrics_server: Option<(u16, Server)>,
     db: Db,
     sandbox: Option<Sandbox>,
     tokens: Arc<TokenManager>,
@@ -135,6 +142,11 @@ impl Application {
         ));
         let simulator = sandbox.as_ref().map(|s| s.simulator.clone());
         let shared = state.clone();
+        let metrics_server = match &settings.metrics_bind {
+            Some(addr) => Some(metrics_server(addr, state.clone())?),
+            None => None,
+        };
+        let metrics_public = metrics_server.is_none();
         let mut server = HttpServer::new(move || {
             let simulator = simulator.clone();
             let metrics = metrics.clone();
@@ -142,7 +154,7 @@ impl Application {
                 .wrap(middleware::from_fn(move |req, next| {
                     http::observe(metrics.clone(), req, next)
                 }))
-                .wrap(middleware::Logger::new("%s %r %Dms").exclude("/healthz"))
+                .wrap(http::access_log())
                 .app_data(state.clone())
                 .configure(move |cfg| {
                     if let Some(sim) = &simulator {
@@ -150,6 +162,11 @@ impl Application {
                     }
                 })
                 .configure(http::config)
+                .configure(|cfg| {
+                    if metrics_public {
+                        http::health::metrics_config(cfg);
+                    }
+                })
         })
         .listen(listener)?;
         if settings.http_workers > 0 {
@@ -159,6 +176,7 @@ impl Application {
         Ok(Application {
             port: addr.port(),
             server: server.run(),
+            metrics_server,
             db,
             sandbox,
             tokens,
@@ -173,6 +191,11 @@ impl Application {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The port `/metrics` is served on when `LEDGER_METRICS_BIND` is set.
+    pub fn metrics_port(&self) -> Option<u16> {
+        self.metrics_server.as_ref().map(|(port, _)| *port)
     }
 
     pub fn db(&self) -> &Db {
@@ -215,7 +238,15 @@ impl Application {
             self.purge_interval,
             self.stop.subscribe(),
         );
+        let metrics_server = self.metrics_server.map(|(_, server)| {
+            let handle = server.handle();
+            actix_web::rt::spawn(server);
+            handle
+        });
         let result = self.server.await;
+        if let Some(handle) = metrics_server {
+            handle.stop(true).await;
+        }
         log::info!("shutting down: letting in-flight sends finish");
         let _ = self.stop.send(true);
         let all = futures_util::future::join_all(workers);
@@ -235,6 +266,28 @@ impl Application {
         }
         result
     }
+}
+
+/// The server of `/metrics` alone, on its own address: one worker, and no signal
+/// handling of its own (the main server's shutdown stops it).
+fn metrics_server(addr: &str, state: web::Data<AppState>) -> Result<(u16, Server), StartupError> {
+    let bind_error = |source| StartupError::MetricsBind {
+        addr: addr.to_string(),
+        source,
+    };
+    let listener = TcpListener::bind(addr).map_err(bind_error)?;
+    let port = listener.local_addr().map_err(bind_error)?.port();
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(state.clone())
+            .configure(http::metrics_only)
+    })
+    .workers(1)
+    .disable_signals()
+    .listen(listener)
+    .map_err(bind_error)?
+    .run();
+    Ok((port, server))
 }
 
 /// Sandbox mode: with no app configured, one app `wxsandbox` served by the built-in

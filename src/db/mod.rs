@@ -5,7 +5,7 @@
 
 pub mod schema;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use diesel::connection::{AnsiTransactionManager, SimpleConnection, TransactionManager};
@@ -122,16 +122,13 @@ pub struct Db {
 }
 
 impl Db {
-    /// Builds the pool (and for SQLite creates the file's folder). Does not connect
+    /// Builds the pool (and for SQLite creates the file and its folder, owner-only).
+    /// Does not connect
     /// eagerly beyond one connection, so a down database is reported at once.
     pub fn connect(url: &DatabaseUrl, max_size: u32) -> DbResult<Db> {
         let (conn_url, backend) = match url {
             DatabaseUrl::Sqlite(path) => {
-                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                    std::fs::create_dir_all(dir).map_err(|e| {
-                        DbError::Unavailable(format!("cannot create {}: {e}", dir.display()))
-                    })?;
-                }
+                owner_only_sqlite_file(path)?;
                 (format!("sqlite://{}", path.display()), Backend::Sqlite)
             }
             DatabaseUrl::Postgres(url) => (url.expose().to_string(), Backend::Postgres),
@@ -196,6 +193,59 @@ impl Db {
         };
         applied.map_err(|e| DbError::Unavailable(format!("migration failed: {e}")))
     }
+}
+
+/// The SQLite file holds the session secret and access_tokens, so only its owner may
+/// read it. A folder the service creates is 0700 (a folder that already exists is the
+/// operator's choice and stays as it is); the file is created 0600, and made 0600 if
+/// it exists, as are its `-wal` and `-shm` (SQLite gives those the file's mode when it
+/// creates them). The path is the part of the URL before any `?` (SQLite's URI
+/// parameters); an in-memory database has no file.
+fn owner_only_sqlite_file(path: &Path) -> DbResult<()> {
+    let text = path.to_string_lossy();
+    let (file, params) = text.split_once('?').unwrap_or((&text, ""));
+    if file.is_empty() || file == ":memory:" || params.contains("mode=memory") {
+        return Ok(());
+    }
+    let file = Path::new(file);
+    let failed = |what: &Path, e: std::io::Error| {
+        DbError::Unavailable(format!("cannot create {}: {e}", what.display()))
+    };
+    if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty()) {
+        let mut folder = std::fs::DirBuilder::new();
+        folder.recursive(true);
+        #[cfg(unix)]
+        std::os::unix::fs::DirBuilderExt::mode(&mut folder, 0o700);
+        folder.create(dir).map_err(|e| failed(dir, e))?;
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        // An empty file is a database SQLite fills on first use; another instance
+        // creating it at the same moment is as good.
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(file)
+        {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(failed(file, e)),
+        }
+        for suffix in ["", "-wal", "-shm"] {
+            let mut name = file.as_os_str().to_owned();
+            name.push(suffix);
+            let path = Path::new(&name);
+            let owner_only = std::fs::Permissions::from_mode(0o600);
+            match std::fs::set_permissions(path, owner_only) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => log::warn!("cannot make {} owner-only: {e}", path.display()),
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `SELECT 1`: does the database answer?

@@ -1,5 +1,6 @@
-//! `/healthz` (the process serves; touches no database) and `/readyz` (the database
-//! answers).
+//! `/healthz` (the process serves; touches no database), `/readyz` (the database
+//! answers) and `/metrics` (mounted apart: on its own address when
+//! `LEDGER_METRICS_BIND` is set).
 
 use actix_web::{web, HttpResponse};
 use serde::Serialize;
@@ -11,8 +12,12 @@ use super::{resource, AppState};
 
 pub fn config(cfg: &mut web::ServiceConfig) {
     cfg.service(resource("/healthz").route(web::get().to(healthz)))
-        .service(resource("/readyz").route(web::get().to(readyz)))
-        .service(resource("/metrics").route(web::get().to(metrics)));
+        .service(resource("/readyz").route(web::get().to(readyz)));
+}
+
+/// `/metrics` alone, for whichever server exposes it.
+pub fn metrics_config(cfg: &mut web::ServiceConfig) {
+    cfg.service(resource("/metrics").route(web::get().to(metrics)));
 }
 
 #[utoipa::path(get, path = "/healthz", tag = "operations",

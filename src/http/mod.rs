@@ -115,7 +115,8 @@ pub fn check_openid(openid: &str) -> Result<(), ApiError> {
     }
 }
 
-/// Mounts every route and the extractor settings that give contract-shaped errors.
+/// Mounts every route but `/metrics` (see [`health::metrics_config`]) and the
+/// extractor settings that give contract-shaped errors.
 pub fn config(cfg: &mut web::ServiceConfig) {
     cfg.app_data(
         web::JsonConfig::default()
@@ -167,12 +168,30 @@ pub fn resource(path: &str) -> actix_web::Resource {
     }))
 }
 
+/// The metrics address (`LEDGER_METRICS_BIND`): `/metrics` and nothing else.
+pub fn metrics_only(cfg: &mut web::ServiceConfig) {
+    cfg.configure(health::metrics_config)
+        .default_service(web::to(not_found));
+}
+
 async fn not_found(req: HttpRequest) -> Result<HttpResponse, ApiError> {
     Err(ApiError::not_found(format!("no route {}", req.path())))
 }
 
+/// The access log: one line per request (status, method, path, latency), `/healthz`
+/// excluded. The path is logged without its query string: the sandbox calls its own
+/// simulator with `js_code`, `secret` and `access_token` there.
+pub fn access_log() -> actix_web::middleware::Logger {
+    actix_web::middleware::Logger::new("%s %{request}xi %Dms")
+        .custom_request_replace("request", |req| {
+            format!("{} {} {:?}", req.method(), req.path(), req.version())
+        })
+        .exclude("/healthz")
+}
+
 /// Middleware: counts every request by route pattern (not path: openids stay out of
-/// label values) and status, with its latency.
+/// label values; no route at all is `unmatched`), method (invented ones are `other`)
+/// and status, with its latency. Every label value has a bounded set.
 pub async fn observe(
     metrics: Arc<crate::metrics::Metrics>,
     req: actix_web::dev::ServiceRequest,
@@ -180,16 +199,13 @@ pub async fn observe(
 ) -> Result<actix_web::dev::ServiceResponse<impl actix_web::body::MessageBody>, actix_web::Error> {
     let started = std::time::Instant::now();
     let route = req.match_pattern().unwrap_or_else(|| "unmatched".into());
-    let method = req.method().to_string();
+    let method = req.method().clone();
     let res = next.call(req).await?;
-    let status = res.status().as_u16().to_string();
-    metrics
-        .http_requests
-        .with_label_values(&[route.as_str(), method.as_str(), status.as_str()])
-        .inc();
-    metrics
-        .http_seconds
-        .with_label_values(&[route.as_str(), method.as_str()])
-        .observe(started.elapsed().as_secs_f64());
+    metrics.http_request(
+        &route,
+        method.as_str(),
+        res.status().as_u16(),
+        started.elapsed(),
+    );
     Ok(res)
 }

@@ -1,4 +1,9 @@
-//! Abuse: rate limits, hostile values, and the role × endpoint matrix of SECURITY.md.
+//! Abuse: rate limits, hostile values, the role × endpoint matrix of SECURITY.md,
+//! what a client can make the service keep (metric series, log lines), and who
+//! else on the machine can read the SQLite file.
+
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
 
 use serde_json::{json, Value};
 
@@ -189,4 +194,174 @@ async fn roles_by_endpoint_matrix() {
         .post("/v1/client/credentials", Some(&session), &json!({}))
         .await;
     assert_eq!(status, 200);
+}
+
+/// The text of `/metrics` at `base`.
+async fn metrics_text(app: &TestApp, base: &str) -> (u16, String) {
+    let res = app
+        .http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap();
+    (res.status().as_u16(), res.text().await.unwrap())
+}
+
+/// Invented methods and paths cannot create metric series: the method label is
+/// `other`, the route label a pattern or `unmatched`, never what the client sent.
+#[actix_web::test]
+async fn invented_methods_and_paths_do_not_become_metric_labels() {
+    let app = TestApp::spawn(helpers::TestDb::sqlite()).await;
+    for (method, path) in [
+        ("FOO", "/healthz"),
+        ("FOO", "/v1/invented-path-4711"),
+        ("BAR", "/v1/admin/users/o-4711/quota"),
+        ("GET", "/v1/invented-path-4712?x=4713"),
+    ] {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let res = app
+            .http
+            .request(method, app.url(path))
+            .send()
+            .await
+            .unwrap();
+        assert!(res.status().is_client_error(), "{path}: {}", res.status());
+    }
+    let (status, text) = metrics_text(&app, &app.base).await;
+    assert_eq!(status, 200);
+    for line in [
+        r#"ledger_http_requests_total{method="other",route="/healthz",status="405"} 1"#,
+        r#"ledger_http_requests_total{method="other",route="unmatched",status="404"} 1"#,
+        r#"ledger_http_requests_total{method="GET",route="unmatched",status="404"} 1"#,
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing {line:?} in\n{text}"
+        );
+    }
+    for raw in ["FOO", "BAR", "4711", "4712", "4713", "invented"] {
+        assert!(!text.contains(raw), "{raw:?} became a label:\n{text}");
+    }
+}
+
+/// With `LEDGER_METRICS_BIND`, `/metrics` answers on that address (and nothing
+/// else does), and no longer on the public one.
+#[actix_web::test]
+async fn metrics_bind_moves_metrics_off_the_public_address() {
+    let app = TestApp::spawn_with(helpers::TestDb::sqlite(), |s| {
+        s.metrics_bind = Some("127.0.0.1:0".into());
+    })
+    .await;
+    let metrics = app.metrics_base.clone().expect("a metrics address");
+    assert_eq!(app.get("/healthz", None).await.0, 200);
+    let (status, text) = metrics_text(&app, &metrics).await;
+    assert_eq!(status, 200, "{text}");
+    assert!(
+        text.contains(r#"route="/healthz""#),
+        "the public server's requests are counted:\n{text}"
+    );
+    let (status, body) = app.get("/metrics", None).await;
+    assert_eq!((status, code(&body)), (404, Some("not_found")), "{body}");
+    let (status, body) = helpers::read(
+        app.http
+            .get(format!("{metrics}/v1/admin/stats"))
+            .bearer_auth(KEY_ADMIN)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((status, code(&body)), (404, Some("not_found")), "{body}");
+}
+
+/// The access log's lines, captured from here on: the test binary's logger, which
+/// keeps only what actix's `Logger` middleware writes.
+fn access_log_lines() -> &'static Mutex<Vec<String>> {
+    struct Capture(Mutex<Vec<String>>);
+    impl log::Log for Capture {
+        fn enabled(&self, meta: &log::Metadata) -> bool {
+            meta.target().starts_with("actix_web::middleware::logger")
+        }
+        fn log(&self, record: &log::Record) {
+            if self.enabled(record.metadata()) {
+                if let Ok(mut lines) = self.0.lock() {
+                    lines.push(record.args().to_string());
+                }
+            }
+        }
+        fn flush(&self) {}
+    }
+    static CAPTURE: OnceLock<&'static Capture> = OnceLock::new();
+    let capture = CAPTURE.get_or_init(|| {
+        let capture: &'static Capture = Box::leak(Box::new(Capture(Mutex::new(Vec::new()))));
+        log::set_logger(capture).expect("no other logger in the test binary");
+        log::set_max_level(log::LevelFilter::Info);
+        capture
+    });
+    &capture.0
+}
+
+/// The access log writes the path without its query string: `js_code`, `secret`
+/// and `access_token` travel there (the sandbox calls its own simulator so).
+#[actix_web::test]
+async fn the_access_log_leaves_query_strings_out() {
+    let lines = access_log_lines();
+    let app = TestApp::spawn(helpers::TestDb::sqlite()).await;
+    let path = "/readyz?js_code=CODE-4715&secret=SECRET-4715&access_token=TOKEN-4715";
+    assert_eq!(app.get(path, None).await.0, 200);
+    let logged = |l: &String| l.contains("GET /readyz ");
+    let seen = helpers::eventually(Duration::from_secs(5), || async {
+        lines.lock().unwrap().iter().any(logged)
+    })
+    .await;
+    assert!(seen, "no access log line for /readyz");
+    let lines = lines.lock().unwrap();
+    for line in lines.iter().filter(|l| logged(l)) {
+        assert!(line.starts_with("200 GET /readyz HTTP/1.1 "), "{line}");
+        for secret in ["?", "CODE-4715", "SECRET-4715", "TOKEN-4715"] {
+            assert!(!line.contains(secret), "{secret:?} logged: {line}");
+        }
+    }
+}
+
+/// The mode bits of a file or folder.
+#[cfg(unix)]
+fn mode(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    meta.permissions().mode() & 0o777
+}
+
+/// The SQLite file holds the session secret and access_tokens: a folder the service
+/// creates is 0700, the file and its -wal and -shm are 0600; a folder the operator
+/// made keeps its mode, but a database file found there is made owner-only.
+#[cfg(unix)]
+#[test]
+fn the_sqlite_file_is_readable_by_its_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data").join("ledger");
+    let file = dir.join("ledger.db");
+    let db = helpers::Db::connect(&helpers::DatabaseUrl::Sqlite(file.clone()), 2).unwrap();
+    db.migrate().unwrap();
+    let with = |suffix: &str| dir.join(format!("ledger.db{suffix}"));
+    assert!(with("-wal").exists() && with("-shm").exists(), "WAL mode");
+    assert_eq!(mode(&tmp.path().join("data")), 0o700);
+    assert_eq!(mode(&dir), 0o700);
+    for suffix in ["", "-wal", "-shm"] {
+        assert_eq!(mode(&with(suffix)), 0o600, "ledger.db{suffix}");
+    }
+    drop(db);
+
+    // The operator's folder, with a database file others could read.
+    let theirs = tmp.path().join("theirs");
+    std::fs::create_dir(&theirs).unwrap();
+    std::fs::set_permissions(&theirs, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let file = theirs.join("ledger.db");
+    std::fs::copy(with(""), &file).unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let db = helpers::Db::connect(&helpers::DatabaseUrl::Sqlite(file.clone()), 2).unwrap();
+    db.migrate().unwrap();
+    assert_eq!(mode(&theirs), 0o755, "the operator's folder is left alone");
+    assert_eq!(mode(&file), 0o600);
 }

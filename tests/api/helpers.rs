@@ -195,6 +195,8 @@ impl TestSim {
 /// The real application, serving on a free port, talking to a simulator.
 pub struct TestApp {
     pub base: String,
+    /// Where `/metrics` answers when `metrics_bind` is set.
+    pub metrics_base: Option<String>,
     pub http: reqwest::Client,
     pub db: Db,
     pub sim: TestSim,
@@ -224,10 +226,14 @@ impl TestApp {
             .await
             .expect("build app");
         let base = format!("http://127.0.0.1:{}", app.port());
+        let metrics_base = app
+            .metrics_port()
+            .map(|port| format!("http://127.0.0.1:{port}"));
         let db = app.db().clone();
         actix_web::rt::spawn(app.run_until_stopped());
         TestApp {
             base,
+            metrics_base,
             http: reqwest::Client::new(),
             db,
             sim,
