@@ -403,10 +403,10 @@ pub fn parse_apps(raw: &str) -> Result<Vec<App>, String> {
             ));
         }
         if !is_plain_token(secret) {
-            return Err(format!("the secret of {app_id} is empty or malformed"));
+            return Err(format!("entry {n}: the secret is empty or malformed"));
         }
         if apps.iter().any(|a| a.app_id == app_id) {
-            return Err(format!("{app_id} is listed twice"));
+            return Err(format!("entry {n}: the appid is listed twice"));
         }
         apps.push(App {
             app_id: app_id.into(),
@@ -570,6 +570,8 @@ mod tests {
             ),
             ("LEDGER_API_KEYS", KEY.to_string()),
             ("LEDGER_APPS", format!("{}:wx1", KEY.repeat(5))),
+            ("LEDGER_APPS", format!("{KEY}:")),
+            ("LEDGER_APPS", format!("{KEY}:wx1,{KEY}:wx2")),
         ];
         for (name, value) in &cases {
             let err = Settings::from_sources(None, &env(&[(name, value)])).unwrap_err();
