@@ -57,7 +57,8 @@ impl TokenApi {
 /// How long housekeeping keeps things.
 #[derive(Debug, Clone)]
 pub struct Retention {
-    /// Used-up, invalid or expired credentials, after they died.
+    /// Used-up, invalid or expired credentials, after they died; subscription
+    /// results, after they were last reported.
     pub credentials: Duration,
     /// Finished messages (with their attempts), after they were created.
     pub messages: Duration,
@@ -107,6 +108,8 @@ pub struct Settings {
     pub token_api: TokenApi,
     /// Live credentials one user may hold.
     pub user_cap: u32,
+    /// Distinct templates one user may have subscription results for.
+    pub subscription_templates_per_user: u32,
     /// The ledger stops using a credential this long before WeChat's 7 days end.
     pub expiry_margin: Duration,
     /// HTTP worker threads; 0 means one per core.
@@ -154,6 +157,7 @@ impl Default for Settings {
             prepay_id_uses: 1,
             token_api: TokenApi::Stable,
             user_cap: 200,
+            subscription_templates_per_user: 100,
             expiry_margin: Duration::from_secs(600),
             http_workers: 0,
             token_refresh_margin: Duration::from_secs(300),
@@ -274,6 +278,7 @@ settings! {
     prepay_id_uses => |s, v| s.prepay_id_uses = int(v, 1, 100)?;
     token_api => |s, v| s.token_api = TokenApi::parse(v)?;
     user_cap => |s, v| s.user_cap = int(v, 1, 100_000)?;
+    subscription_templates_per_user => |s, v| s.subscription_templates_per_user = int(v, 1, crate::ledger::MAX_TEMPLATES_PER_USER)?;
     expiry_margin_s => |s, v| s.expiry_margin = secs(v, 0, 86_400)?;
     http_workers => |s, v| s.http_workers = int(v, 0, 256)? as usize;
     token_refresh_margin_s => |s, v| s.token_refresh_margin = secs(v, 0, 3600)?;
@@ -470,6 +475,7 @@ mod tests {
         assert_eq!(s.prepay_id_uses, 1);
         assert_eq!(s.token_api, TokenApi::Stable);
         assert_eq!(s.user_cap, 200);
+        assert_eq!(s.subscription_templates_per_user, 100);
         assert_eq!(s.expiry_margin, Duration::from_secs(600));
     }
 
