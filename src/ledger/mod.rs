@@ -9,7 +9,9 @@ mod query;
 mod record;
 
 pub use claim::{claim, invalidate, release, release_id, Pick, Use};
-pub use query::{purge, purge_results, quota, stats, users, KindQuota, Quota, Stats, UserPage, UserSummary};
+pub use query::{
+    purge, purge_results, quota, stats, users, KindQuota, Quota, Stats, UserPage, UserSummary,
+};
 pub use record::{record, record_group, Item, RecordOutcome, RejectReason, Rejection, Report};
 
 use chrono::{DateTime, NaiveDateTime, Utc};

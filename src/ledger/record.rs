@@ -112,7 +112,10 @@ struct Candidate<'a> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Valid<'a> {
     Token(Candidate<'a>),
-    Result { template_id: &'a str, result: &'a str },
+    Result {
+        template_id: &'a str,
+        result: &'a str,
+    },
 }
 
 /// Validates and stores what users reported, all in one transaction. Items are

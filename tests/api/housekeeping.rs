@@ -3,9 +3,9 @@
 use chrono::{TimeDelta, Utc};
 use diesel::prelude::*;
 
+use crate::helpers::ledger::{self, Item, Report, Rules};
 use crate::helpers::outbox::{self, Content, IdempotencyKey, NewMessage, Submitted};
 use crate::helpers::schema::messages::dsl as m;
-use crate::helpers::ledger::{self, Item, Report, Rules};
 use crate::helpers::{backend_tests, dispatch, purge, DbConn, Purged, Retention};
 
 fn message(openid: &str) -> NewMessage {
