@@ -124,10 +124,12 @@ pub struct Settings {
     pub sender_workers: usize,
     /// A worker's hold on a message; a dead worker's messages are taken over after it.
     pub sender_lease: Duration,
-    /// 41028 from a credential reported less than this ago: retry it (fresh prepay_id).
+    /// 41028 from a credential issued less than this ago: retry it (fresh prepay_id).
     pub young_window: Duration,
     /// Delay before that retry.
     pub young_retry: Duration,
+    /// Young-credential (41028) retries of one message.
+    pub young_max_retries: u32,
     /// Transient failures retried with one credential before a message fails.
     pub send_max_retries: u32,
     /// First backoff after a transient failure (doubles, with jitter, up to 60 s).
@@ -167,6 +169,7 @@ impl Default for Settings {
             sender_lease: Duration::from_secs(30),
             young_window: Duration::from_secs(60),
             young_retry: Duration::from_secs(5),
+            young_max_retries: 6,
             send_max_retries: 5,
             send_backoff_base: Duration::from_millis(500),
             shutdown_timeout: Duration::from_secs(20),
@@ -279,6 +282,7 @@ settings! {
     token_api => |s, v| s.token_api = TokenApi::parse(v)?;
     user_cap => |s, v| s.user_cap = int(v, 1, 100_000)?;
     subscription_templates_per_user => |s, v| s.subscription_templates_per_user = int(v, 1, crate::ledger::MAX_TEMPLATES_PER_USER)?;
+    young_max_retries => |s, v| s.young_max_retries = int(v, 0, 1000)?;
     expiry_margin_s => |s, v| s.expiry_margin = secs(v, 0, 86_400)?;
     http_workers => |s, v| s.http_workers = int(v, 0, 256)? as usize;
     token_refresh_margin_s => |s, v| s.token_refresh_margin = secs(v, 0, 3600)?;
@@ -476,6 +480,7 @@ mod tests {
         assert_eq!(s.token_api, TokenApi::Stable);
         assert_eq!(s.user_cap, 200);
         assert_eq!(s.subscription_templates_per_user, 100);
+        assert_eq!(s.young_max_retries, 6);
         assert_eq!(s.expiry_margin, Duration::from_secs(600));
     }
 
