@@ -21,6 +21,7 @@ const JOB: &str = "purge";
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Purged {
     pub credentials: u64,
+    pub subscription_results: u64,
     pub messages: u64,
     pub idempotency_keys: u64,
     pub app_pauses: u64,
@@ -39,6 +40,14 @@ pub fn purge(
 ) -> DbResult<Purged> {
     Ok(Purged {
         credentials: ledger::purge(conn, before(now, retention.credentials), BATCH, dry_run)?,
+        // Results not reported again within the credential retention: see
+        // `ledger::purge_results`.
+        subscription_results: ledger::purge_results(
+            conn,
+            before(now, retention.credentials),
+            BATCH,
+            dry_run,
+        )?,
         messages: purge_where(
             conn,
             "messages",
@@ -141,8 +150,9 @@ pub fn spawn(
                 .await;
             match run {
                 Ok(Some(p)) => log::info!(
-                    "housekeeping: purged {} credentials, {} messages, {} idempotency keys",
+                    "housekeeping: purged {} credentials, {} subscription results, {} messages, {} idempotency keys",
                     p.credentials,
+                    p.subscription_results,
                     p.messages,
                     p.idempotency_keys
                 ),

@@ -57,7 +57,8 @@ impl TokenApi {
 /// How long housekeeping keeps things.
 #[derive(Debug, Clone)]
 pub struct Retention {
-    /// Used-up, invalid or expired credentials, after they died.
+    /// Used-up, invalid or expired credentials, after they died; subscription
+    /// results, after they were last reported.
     pub credentials: Duration,
     /// Finished messages (with their attempts), after they were created.
     pub messages: Duration,
@@ -109,6 +110,8 @@ pub struct Settings {
     pub token_api: TokenApi,
     /// Live credentials one user may hold.
     pub user_cap: u32,
+    /// Distinct templates one user may have subscription results for.
+    pub subscription_templates_per_user: u32,
     /// The ledger stops using a credential this long before WeChat's 7 days end.
     pub expiry_margin: Duration,
     /// HTTP worker threads; 0 means one per core.
@@ -123,10 +126,12 @@ pub struct Settings {
     pub sender_workers: usize,
     /// A worker's hold on a message; a dead worker's messages are taken over after it.
     pub sender_lease: Duration,
-    /// 41028 from a credential reported less than this ago: retry it (fresh prepay_id).
+    /// 41028 from a credential issued less than this ago: retry it (fresh prepay_id).
     pub young_window: Duration,
     /// Delay before that retry.
     pub young_retry: Duration,
+    /// Young-credential (41028) retries of one message.
+    pub young_max_retries: u32,
     /// Transient failures retried with one credential before a message fails.
     pub send_max_retries: u32,
     /// First backoff after a transient failure (doubles, with jitter, up to 60 s).
@@ -157,6 +162,7 @@ impl Default for Settings {
             prepay_id_uses: 1,
             token_api: TokenApi::Stable,
             user_cap: 200,
+            subscription_templates_per_user: 100,
             expiry_margin: Duration::from_secs(600),
             http_workers: 0,
             token_refresh_margin: Duration::from_secs(300),
@@ -166,6 +172,7 @@ impl Default for Settings {
             sender_lease: Duration::from_secs(30),
             young_window: Duration::from_secs(60),
             young_retry: Duration::from_secs(5),
+            young_max_retries: 6,
             send_max_retries: 5,
             send_backoff_base: Duration::from_millis(500),
             shutdown_timeout: Duration::from_secs(20),
@@ -278,6 +285,8 @@ settings! {
     prepay_id_uses => |s, v| s.prepay_id_uses = int(v, 1, 100)?;
     token_api => |s, v| s.token_api = TokenApi::parse(v)?;
     user_cap => |s, v| s.user_cap = int(v, 1, 100_000)?;
+    subscription_templates_per_user => |s, v| s.subscription_templates_per_user = int(v, 1, crate::ledger::MAX_TEMPLATES_PER_USER)?;
+    young_max_retries => |s, v| s.young_max_retries = int(v, 0, 1000)?;
     expiry_margin_s => |s, v| s.expiry_margin = secs(v, 0, 86_400)?;
     http_workers => |s, v| s.http_workers = int(v, 0, 256)? as usize;
     token_refresh_margin_s => |s, v| s.token_refresh_margin = secs(v, 0, 3600)?;
@@ -491,6 +500,8 @@ mod tests {
         assert_eq!(s.prepay_id_uses, 1);
         assert_eq!(s.token_api, TokenApi::Stable);
         assert_eq!(s.user_cap, 200);
+        assert_eq!(s.subscription_templates_per_user, 100);
+        assert_eq!(s.young_max_retries, 6);
         assert_eq!(s.expiry_margin, Duration::from_secs(600));
     }
 

@@ -123,6 +123,7 @@ impl Application {
                 policy: Policy {
                     young_window: settings.young_window,
                     young_retry_delay: settings.young_retry,
+                    young_max_retries: settings.young_max_retries,
                     max_retries: settings.send_max_retries,
                     backoff_base: settings.send_backoff_base,
                     ..Policy::default()

@@ -356,6 +356,21 @@ pub fn purge_where(
     batch: u32,
     dry_run: bool,
 ) -> DbResult<u64> {
+    purge_keyed(conn, table, "id", predicate, cutoff, batch, dry_run)
+}
+
+/// [`purge_where`] for a table whose rows are named by `key`: a column, or the
+/// primary key's columns separated by commas (a row value, which both backends
+/// compare with `IN`).
+pub fn purge_keyed(
+    conn: &mut DbConn,
+    table: &str,
+    key: &str,
+    predicate: &str,
+    cutoff: chrono::DateTime<chrono::Utc>,
+    batch: u32,
+    dry_run: bool,
+) -> DbResult<u64> {
     use diesel::sql_types::{BigInt, Timestamp};
     #[derive(QueryableByName)]
     struct Count {
@@ -376,7 +391,7 @@ pub fn purge_where(
     let sql = native_sql(
         conn,
         &format!(
-            "DELETE FROM {table} WHERE id IN (SELECT id FROM {table} WHERE {predicate} LIMIT $2)"
+            "DELETE FROM {table} WHERE ({key}) IN (SELECT {key} FROM {table} WHERE {predicate} LIMIT $2)"
         ),
     );
     let mut total = 0u64;

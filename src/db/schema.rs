@@ -100,6 +100,8 @@ diesel::table! {
         created_at -> Timestamp,
         updated_at -> Timestamp,
         finished_at -> Nullable<Timestamp>,
+        credential_issued_at -> Nullable<Timestamp>,
+        young_retries -> Int4,
     }
 }
 

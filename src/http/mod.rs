@@ -62,6 +62,7 @@ impl AppState {
             expiry_margin: chrono::TimeDelta::from_std(settings.expiry_margin)
                 .unwrap_or(chrono::TimeDelta::minutes(10)),
             user_cap: settings.user_cap,
+            subscription_templates_per_user: settings.subscription_templates_per_user,
         };
         AppState {
             reporting: Reporting::start(db.clone(), rules.clone(), sender.clone(), metrics.clone()),

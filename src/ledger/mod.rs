@@ -9,7 +9,9 @@ mod query;
 mod record;
 
 pub use claim::{claim, invalidate, release, release_id, Pick, Use};
-pub use query::{purge, quota, stats, users, KindQuota, Quota, Stats, UserPage, UserSummary};
+pub use query::{
+    purge, purge_results, quota, stats, users, KindQuota, Quota, Stats, UserPage, UserSummary,
+};
 pub use record::{record, record_group, Item, RecordOutcome, RejectReason, Rejection, Report};
 
 use chrono::{DateTime, NaiveDateTime, Utc};
@@ -23,6 +25,14 @@ pub const VALIDITY: chrono::TimeDelta = chrono::TimeDelta::days(7);
 
 /// The value WeChat's devtools hand out instead of a real form_id.
 pub const MOCK_FORM_ID: &str = "the formId is a mock one";
+
+/// The results `wx.requestSubscribeMessage` gives per template; only `accept`
+/// grants a send.
+pub const SUBSCRIPTION_RESULTS: [&str; 4] = ["accept", "reject", "ban", "filter"];
+
+/// Largest `subscription_templates_per_user` the settings admit: with the four
+/// results, it bounds a quota's `subscription_results` whatever the rows hold.
+pub const MAX_TEMPLATES_PER_USER: u32 = 1000;
 
 /// Longest credential value, template id or openid the ledger accepts.
 pub const MAX_VALUE_LEN: usize = 128;
@@ -75,6 +85,8 @@ pub struct Rules {
     pub expiry_margin: chrono::TimeDelta,
     /// Live credentials one user may hold.
     pub user_cap: u32,
+    /// Distinct templates one user may have subscription results for.
+    pub subscription_templates_per_user: u32,
 }
 
 impl Default for Rules {
@@ -83,6 +95,7 @@ impl Default for Rules {
             prepay_id_uses: 1,
             expiry_margin: chrono::TimeDelta::minutes(10),
             user_cap: 200,
+            subscription_templates_per_user: 100,
         }
     }
 }

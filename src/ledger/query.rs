@@ -6,9 +6,9 @@ use chrono::{DateTime, NaiveDateTime, TimeDelta, Utc};
 use diesel::prelude::*;
 use serde::Serialize;
 
-use super::Kind;
+use super::{Kind, MAX_TEMPLATES_PER_USER, SUBSCRIPTION_RESULTS};
 use crate::db::schema::credentials::dsl as c;
-use crate::db::{purge_where, DbConn, DbResult};
+use crate::db::{purge_keyed, purge_where, DbConn, DbResult};
 use crate::dispatch;
 use crate::time::to_db;
 
@@ -83,9 +83,16 @@ pub fn quota(conn: &mut DbConn, app_id: &str, openid: &str, now: DateTime<Utc>) 
     };
     {
         use crate::db::schema::subscription_results::dsl as r;
+        // The template cap bounds what new reports store; the limit also bounds
+        // rows stored before it (the most recent first), and unknown results of
+        // such rows are not shown.
+        let most = i64::from(MAX_TEMPLATES_PER_USER) * SUBSCRIPTION_RESULTS.len() as i64;
         let counts: Vec<(String, String, i64)> = dispatch!(conn, |c| r::subscription_results
             .filter(r::app_id.eq(app_id))
             .filter(r::openid.eq(openid))
+            .filter(r::result.eq_any(SUBSCRIPTION_RESULTS))
+            .order(r::last_at.desc())
+            .limit(most)
             .select((r::template_id, r::result, r::count))
             .load(c))?;
         for (template_id, result, n) in counts {
@@ -259,4 +266,25 @@ pub fn purge(
         total += purge_where(conn, "credentials", predicate, older_than, batch, false)?;
     }
     Ok(total)
+}
+
+/// Deletes subscription results no report touched since `older_than` (see
+/// [`crate::db::purge_keyed`]); `dry_run` only counts. They only inform the quota,
+/// and a user silent that long is as stale as the dead credentials purged with the
+/// same retention; a new report counts afresh.
+pub fn purge_results(
+    conn: &mut DbConn,
+    older_than: DateTime<Utc>,
+    batch: u32,
+    dry_run: bool,
+) -> DbResult<u64> {
+    purge_keyed(
+        conn,
+        "subscription_results",
+        "app_id, openid, template_id, result",
+        "last_at < $1",
+        older_than,
+        batch,
+        dry_run,
+    )
 }

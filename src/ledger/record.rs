@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use serde::Serialize;
 
-use super::{is_valid_value, Kind, Rules, MOCK_FORM_ID, VALIDITY};
+use super::{is_valid_value, Kind, Rules, MOCK_FORM_ID, SUBSCRIPTION_RESULTS, VALIDITY};
 use crate::db::schema::credentials::dsl as c;
 use crate::db::{write_tx, DbConn, DbError, DbResult};
 use crate::dispatch;
@@ -46,6 +46,11 @@ pub enum RejectReason {
     NotAccepted,
     /// `issued_at` is so old that the credential is no longer usable.
     Expired,
+    /// A subscription result other than `accept`, `reject`, `ban` or `filter`.
+    InvalidResult,
+    /// A template new to the user, who already has results for the configured
+    /// number of templates: neither counted nor granted.
+    TemplateCap,
 }
 
 impl RejectReason {
@@ -56,6 +61,8 @@ impl RejectReason {
             RejectReason::UserCap => "user_cap",
             RejectReason::NotAccepted => "not_accepted",
             RejectReason::Expired => "expired",
+            RejectReason::InvalidResult => "invalid_result",
+            RejectReason::TemplateCap => "template_cap",
         }
     }
 }
@@ -90,6 +97,7 @@ struct NewCredential<'a> {
 }
 
 /// A valid item, ready to store unless it is a duplicate or over the cap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Candidate<'a> {
     kind: Kind,
     value: Option<&'a str>,
@@ -97,6 +105,17 @@ struct Candidate<'a> {
     uses: i32,
     issued_at: DateTime<Utc>,
     expires_at: Option<DateTime<Utc>>,
+}
+
+/// A valid item: a form_id or prepay_id to store, or a subscription result to count
+/// (and, if `accept`, a subscription to store) once the user's templates admit it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Valid<'a> {
+    Token(Candidate<'a>),
+    Result {
+        template_id: &'a str,
+        result: &'a str,
+    },
 }
 
 /// Validates and stores what users reported, all in one transaction. Items are
@@ -128,63 +147,163 @@ pub fn record_group(
     }
     let mut locks: Vec<(&str, &str)> = work
         .iter()
-        .flat_map(|(users, _)| users.keys().copied())
+        .flat_map(|users| users.keys().copied())
         .collect();
     locks.sort_unstable();
     locks.dedup();
-    if locks.is_empty() && work.iter().all(|(_, results)| results.is_empty()) {
+    if locks.is_empty() {
         return Ok(outcomes);
     }
     write_tx(conn, |conn| {
         lock_users(conn, &locks)?;
-        for ((users, results), outcome) in work.iter().zip(outcomes.iter_mut()) {
-            for ((app_id, openid), candidates) in users {
-                store_user(conn, rules, now, app_id, openid, candidates, outcome)?;
+        for (users, outcome) in work.iter().zip(outcomes.iter_mut()) {
+            for ((app_id, openid), items) in users {
+                let templates = known_templates(conn, app_id, openid, items)?;
+                let (candidates, results) = admit(items, &templates, rules, now, outcome);
+                store_user(conn, rules, now, app_id, openid, &candidates, outcome)?;
+                count_results(conn, app_id, openid, &results, now)?;
             }
-            count_results(conn, results, now)?;
         }
         Ok::<_, DbError>(())
     })?;
     Ok(outcomes)
 }
 
-type Users<'a> = BTreeMap<(&'a str, &'a str), Vec<Candidate<'a>>>;
-type Results<'a> = BTreeMap<(&'a str, &'a str, &'a str, &'a str), i64>;
+type Users<'a> = BTreeMap<(&'a str, &'a str), Vec<Valid<'a>>>;
+/// (template id, result) → times reported, for one user.
+type Results<'a> = BTreeMap<(&'a str, &'a str), i64>;
 
 /// Validates one request's items: the valid ones grouped by user (in a fixed
-/// order), the rest rejected into `outcome`; subscription results tallied.
+/// order), the rest rejected into `outcome`.
 fn prepare<'a>(
     reports: &'a [Report],
     rules: &Rules,
     now: DateTime<Utc>,
     outcome: &mut RecordOutcome,
-) -> (Users<'a>, Results<'a>) {
+) -> Users<'a> {
     let mut users: Users<'a> = BTreeMap::new();
-    // Every subscription result, accepted or not, counted per template.
-    let mut results: Results<'a> = BTreeMap::new();
     for report in reports {
         let (app_id, openid) = (report.app_id.as_str(), report.openid.as_str());
-        let candidates = users.entry((app_id, openid)).or_default();
+        let items = users.entry((app_id, openid)).or_default();
         for item in &report.items {
-            if let Item::Subscription {
-                template_id,
-                result,
-            } = item
-            {
-                if is_valid_value(template_id) && is_valid_value(result) && result.len() <= 32 {
-                    *results
-                        .entry((app_id, openid, template_id, result))
-                        .or_default() += 1;
-                }
-            }
             match validate(item, rules, now) {
-                Ok(candidate) => candidates.push(candidate),
+                Ok(valid) => items.push(valid),
                 Err(rejection) => outcome.rejected.push(rejection),
             }
         }
     }
-    users.retain(|_, candidates| !candidates.is_empty());
-    (users, results)
+    users.retain(|_, items| !items.is_empty());
+    users
+}
+
+/// What the user's stored results say about the templates of `items`: how many
+/// distinct templates the user has, and which of these are among them. Bounded
+/// by the report, however many templates an old row set holds.
+struct KnownTemplates {
+    count: i64,
+    reported: HashSet<String>,
+}
+
+fn known_templates(
+    conn: &mut DbConn,
+    app_id: &str,
+    openid: &str,
+    items: &[Valid<'_>],
+) -> DbResult<KnownTemplates> {
+    use crate::db::schema::subscription_results::dsl as r;
+    let mut templates: Vec<&str> = items
+        .iter()
+        .filter_map(|item| match item {
+            Valid::Result { template_id, .. } => Some(*template_id),
+            Valid::Token(_) => None,
+        })
+        .collect();
+    if templates.is_empty() {
+        return Ok(KnownTemplates {
+            count: 0,
+            reported: HashSet::new(),
+        });
+    }
+    templates.sort_unstable();
+    templates.dedup();
+    let (count, reported): (i64, Vec<String>) = dispatch!(conn, |c| {
+        let user = r::subscription_results
+            .filter(r::app_id.eq(app_id))
+            .filter(r::openid.eq(openid));
+        let count = user
+            .select(diesel::dsl::count(r::template_id).aggregate_distinct())
+            .get_result(c)?;
+        let reported = user
+            .filter(r::template_id.eq_any(&templates))
+            .select(r::template_id)
+            .distinct()
+            .load(c)?;
+        (count, reported)
+    });
+    Ok(KnownTemplates {
+        count,
+        reported: reported.into_iter().collect(),
+    })
+}
+
+/// One user's valid items, in order, against the cap on distinct templates: a
+/// result for a template the user already has, or for a new one while there is
+/// room, is counted (and an `accept` becomes a subscription to store); a result for
+/// a new template beyond the cap is rejected (`template_cap`) and counted nowhere.
+/// Returns the credentials to store and the results to count.
+fn admit<'a>(
+    items: &[Valid<'a>],
+    known: &KnownTemplates,
+    rules: &Rules,
+    now: DateTime<Utc>,
+    outcome: &mut RecordOutcome,
+) -> (Vec<Candidate<'a>>, Results<'a>) {
+    let mut room = i64::from(rules.subscription_templates_per_user) - known.count;
+    let mut admitted: HashSet<&str> = HashSet::new();
+    let mut candidates = Vec::with_capacity(items.len());
+    let mut results = Results::new();
+    let reject = |template_id: &str, reason| Rejection {
+        value: template_id.to_string(),
+        reason,
+    };
+    for item in items {
+        let (template_id, result) = match *item {
+            Valid::Token(candidate) => {
+                candidates.push(candidate);
+                continue;
+            }
+            Valid::Result {
+                template_id,
+                result,
+            } => (template_id, result),
+        };
+        if !known.reported.contains(template_id) && !admitted.contains(template_id) {
+            if room <= 0 {
+                outcome
+                    .rejected
+                    .push(reject(template_id, RejectReason::TemplateCap));
+                continue;
+            }
+            room -= 1;
+            admitted.insert(template_id);
+        }
+        *results.entry((template_id, result)).or_default() += 1;
+        if result == "accept" {
+            candidates.push(Candidate {
+                kind: Kind::Subscription,
+                value: None,
+                template_id: Some(template_id),
+                uses: 1,
+                issued_at: now,
+                expires_at: None,
+            });
+        } else {
+            outcome
+                .rejected
+                .push(reject(template_id, RejectReason::NotAccepted));
+        }
+    }
+    (candidates, results)
 }
 
 /// PostgreSQL: serialises reports of these users (sorted), so the per-user cap holds
@@ -203,10 +322,16 @@ fn lock_users(conn: &mut DbConn, users: &[(&str, &str)]) -> DbResult<()> {
     Ok(())
 }
 
-fn count_results(conn: &mut DbConn, results: &Results<'_>, now: DateTime<Utc>) -> DbResult<()> {
+fn count_results(
+    conn: &mut DbConn,
+    app_id: &str,
+    openid: &str,
+    results: &Results<'_>,
+    now: DateTime<Utc>,
+) -> DbResult<()> {
     use crate::db::schema::subscription_results::dsl as r;
     use diesel::upsert::excluded;
-    for ((app_id, openid, template_id, result), n) in results {
+    for ((template_id, result), n) in results {
         dispatch!(conn, |c| diesel::insert_into(r::subscription_results)
             .values((
                 r::app_id.eq(app_id),
@@ -227,11 +352,7 @@ fn count_results(conn: &mut DbConn, results: &Results<'_>, now: DateTime<Utc>) -
     Ok(())
 }
 
-fn validate<'a>(
-    item: &'a Item,
-    rules: &Rules,
-    now: DateTime<Utc>,
-) -> Result<Candidate<'a>, Rejection> {
+fn validate<'a>(item: &'a Item, rules: &Rules, now: DateTime<Utc>) -> Result<Valid<'a>, Rejection> {
     let reject = |value: &str, reason| Rejection {
         value: value.to_string(),
         reason,
@@ -257,14 +378,14 @@ fn validate<'a>(
                 Kind::PrepayId => rules.prepay_id_uses,
                 _ => 1,
             };
-            Ok(Candidate {
+            Ok(Valid::Token(Candidate {
                 kind: *kind,
                 value: Some(value),
                 template_id: None,
                 uses: i32::try_from(uses).unwrap_or(i32::MAX),
                 issued_at,
                 expires_at: Some(expires_at),
-            })
+            }))
         }
         Item::Subscription {
             template_id,
@@ -273,16 +394,12 @@ fn validate<'a>(
             if !is_valid_value(template_id) {
                 return Err(reject(template_id, RejectReason::InvalidFormat));
             }
-            if result != "accept" {
-                return Err(reject(template_id, RejectReason::NotAccepted));
+            if !SUBSCRIPTION_RESULTS.contains(&result.as_str()) {
+                return Err(reject(template_id, RejectReason::InvalidResult));
             }
-            Ok(Candidate {
-                kind: Kind::Subscription,
-                value: None,
-                template_id: Some(template_id),
-                uses: 1,
-                issued_at: now,
-                expires_at: None,
+            Ok(Valid::Result {
+                template_id,
+                result,
             })
         }
     }
@@ -382,4 +499,106 @@ fn store_user(
     outcome.accepted += inserted;
     outcome.duplicates += attempted - inserted;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn now() -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 11, 27, 8, 0, 0).unwrap()
+    }
+
+    fn sub(template_id: &str, result: &str) -> Item {
+        Item::Subscription {
+            template_id: template_id.into(),
+            result: result.into(),
+        }
+    }
+
+    #[test]
+    fn only_the_four_subscription_results_are_taken() {
+        let rules = Rules::default();
+        for result in SUBSCRIPTION_RESULTS {
+            let item = sub("TPL", result);
+            assert_eq!(
+                validate(&item, &rules, now()),
+                Ok(Valid::Result {
+                    template_id: "TPL",
+                    result
+                })
+            );
+        }
+        for result in ["Accept", "accepted", "x", "", "rejectban"] {
+            let rejection = validate(&sub("TPL", result), &rules, now()).unwrap_err();
+            assert_eq!(
+                (rejection.value.as_str(), rejection.reason),
+                ("TPL", RejectReason::InvalidResult),
+                "{result:?}"
+            );
+        }
+        let bad_template = validate(&sub("has space", "accept"), &rules, now()).unwrap_err();
+        assert_eq!(bad_template.reason, RejectReason::InvalidFormat);
+    }
+
+    #[test]
+    fn new_templates_beyond_the_cap_are_neither_counted_nor_granted() {
+        let rules = Rules {
+            subscription_templates_per_user: 3,
+            ..Rules::default()
+        };
+        let result = |template_id, result| Valid::Result {
+            template_id,
+            result,
+        };
+        // The user has results for 2 templates, OLD among them: room for one more.
+        let known = KnownTemplates {
+            count: 2,
+            reported: HashSet::from(["OLD".to_string()]),
+        };
+        let items = [
+            result("NEW1", "reject"),
+            result("NEW2", "accept"),
+            result("OLD", "accept"),
+            result("NEW1", "accept"),
+            result("NEW3", "ban"),
+        ];
+        let mut outcome = RecordOutcome::default();
+        let (candidates, results) = admit(&items, &known, &rules, now(), &mut outcome);
+        let granted: Vec<_> = candidates.iter().map(|c| c.template_id).collect();
+        assert_eq!(granted, vec![Some("OLD"), Some("NEW1")]);
+        assert_eq!(
+            results,
+            Results::from([
+                (("NEW1", "accept"), 1),
+                (("NEW1", "reject"), 1),
+                (("OLD", "accept"), 1),
+            ])
+        );
+        let rejected: Vec<_> = outcome
+            .rejected
+            .iter()
+            .map(|r| (r.value.as_str(), r.reason))
+            .collect();
+        assert_eq!(
+            rejected,
+            vec![
+                ("NEW1", RejectReason::NotAccepted),
+                ("NEW2", RejectReason::TemplateCap),
+                ("NEW3", RejectReason::TemplateCap),
+            ]
+        );
+        // A user already at (or, from rows stored before the cap, over) the cap
+        // still reports for the templates they have.
+        let full = KnownTemplates {
+            count: 500,
+            reported: HashSet::from(["OLD".to_string()]),
+        };
+        let mut outcome = RecordOutcome::default();
+        let (candidates, results) = admit(&items, &full, &rules, now(), &mut outcome);
+        assert_eq!(candidates.len(), 1);
+        assert_eq!(results, Results::from([(("OLD", "accept"), 1)]));
+        assert_eq!(outcome.rejected.len(), 4);
+    }
 }

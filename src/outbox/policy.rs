@@ -10,11 +10,13 @@ use crate::wechat::errcode::ErrorClass;
 /// Knobs of the policy (defaults in [`Policy::default`]).
 #[derive(Debug, Clone)]
 pub struct Policy {
-    /// A credential reported less than this long ago that answers 41028 is not yet
+    /// A credential issued less than this long ago that answers 41028 is not yet
     /// active (a fresh prepay_id): retry it rather than give it up.
     pub young_window: Duration,
     /// Delay before retrying a young credential.
     pub young_retry_delay: Duration,
+    /// Young retries of one message; past them a 41028 is the credential's fault.
+    pub young_max_retries: u32,
     /// Transient failures (-1, 5xx, timeouts) retried with the same credential.
     pub max_retries: u32,
     /// First backoff after a transient failure; doubles each time, with jitter.
@@ -31,6 +33,7 @@ impl Default for Policy {
         Policy {
             young_window: Duration::from_secs(60),
             young_retry_delay: Duration::from_secs(5),
+            young_max_retries: 6,
             max_retries: 5,
             backoff_base: Duration::from_millis(500),
             backoff_max: Duration::from_secs(60),
@@ -65,8 +68,11 @@ pub enum Action {
 /// What the decision may depend on besides WeChat's answer.
 #[derive(Debug, Clone, Copy)]
 pub struct Context {
-    /// Since the credential was reported.
+    /// Since the credential was issued: the backend's `issued_at` when it gave one,
+    /// otherwise since it was reported.
     pub credential_age: Duration,
+    /// Young retries this message has had.
+    pub young_retries: u32,
     /// An earlier call of this message with this credential may have delivered.
     pub earlier_ambiguous: bool,
 }
@@ -79,9 +85,14 @@ pub fn decide(result: &Result<(), WechatError>, ctx: Context, policy: &Policy) -
     use Action::*;
     use ErrorClass::*;
     match (e.errcode, e.class) {
-        (Some(41028), _) if ctx.credential_age < policy.young_window => RetrySame {
-            after: policy.young_retry_delay,
-        },
+        (Some(41028), _)
+            if ctx.credential_age < policy.young_window
+                && ctx.young_retries < policy.young_max_retries =>
+        {
+            RetrySame {
+                after: policy.young_retry_delay,
+            }
+        }
         (Some(41028), _) => NextCredential {
             invalidate: "41028",
         },
@@ -148,8 +159,39 @@ mod tests {
     fn ctx(age_s: u64, ambiguous: bool) -> Context {
         Context {
             credential_age: Duration::from_secs(age_s),
+            young_retries: 0,
             earlier_ambiguous: ambiguous,
         }
+    }
+
+    /// Issue 14.10: a young credential's 41028 is retried a bounded number of times
+    /// per message; then it is the credential's fault like an old one's.
+    #[test]
+    fn young_retries_are_bounded() {
+        let p = Policy::default();
+        let young_41028 = |young_retries| {
+            let ctx = Context {
+                young_retries,
+                ..ctx(3, false)
+            };
+            decide(&err(Some(41028), ErrorClass::Credential), ctx, &p)
+        };
+        for n in 0..p.young_max_retries {
+            assert_eq!(
+                young_41028(n),
+                Action::RetrySame {
+                    after: p.young_retry_delay
+                },
+                "{n}"
+            );
+        }
+        assert_eq!(
+            young_41028(p.young_max_retries),
+            Action::NextCredential {
+                invalidate: "41028"
+            }
+        );
+        assert_eq!(p.young_max_retries, 6);
     }
 
     #[test]

@@ -198,6 +198,12 @@ impl Settlement {
         }
     }
 
+    /// A young credential's retry: the message's young retries grow by one.
+    pub fn is_young_retry(&self) -> bool {
+        self.attempt
+            .is_some_and(|a| a.outcome == AttemptOutcome::RetryLater)
+    }
+
     fn recording(self, wechat_errcode: Option<i32>, outcome: AttemptOutcome) -> Self {
         Settlement {
             attempt: Some(Attempt {
@@ -271,10 +277,8 @@ pub fn outcome(
     now: DateTime<Utc>,
 ) -> DbResult<Settlement> {
     let ctx = Context {
-        credential_age: msg
-            .credential_created_at
-            .map(|c| (now - c.and_utc()).to_std().unwrap_or_default())
-            .unwrap_or_default(),
+        credential_age: credential_age(msg, now),
+        young_retries: u32::try_from(msg.young_retries).unwrap_or(0),
         earlier_ambiguous: msg.ambiguous,
     };
     let errcode = result
@@ -324,6 +328,16 @@ pub fn outcome(
             .recording(errcode, AttemptOutcome::AppPaused)
         }
     })
+}
+
+/// Since the held credential was issued: a backend's `issued_at` hours old makes
+/// it old, however recently it was reported. A row claimed before
+/// `credential_issued_at` existed counts from the report.
+fn credential_age(msg: &MessageRow, now: DateTime<Utc>) -> std::time::Duration {
+    msg.credential_issued_at
+        .or(msg.credential_created_at)
+        .map(|t| (now - t.and_utc()).to_std().unwrap_or_default())
+        .unwrap_or_default()
 }
 
 /// A transient (or, if `ambiguous`, possibly delivered) failure: the same
@@ -449,6 +463,8 @@ mod tests {
             created_at: t,
             updated_at: t,
             finished_at: None,
+            credential_issued_at: Some(t),
+            young_retries: 0,
         }
     }
 
@@ -623,6 +639,7 @@ mod tests {
     fn a_young_credential_is_retried_after_the_delay() {
         let msg = MessageRow {
             credential_created_at: Some((now() - TimeDelta::seconds(3)).naive_utc()),
+            credential_issued_at: Some((now() - TimeDelta::seconds(3)).naive_utc()),
             ..holding(Kind::PrepayId, 1)
         };
         let s = settle(&msg, wechat(41028));
@@ -632,6 +649,63 @@ mod tests {
             now() + Policy::default().young_retry_delay
         );
         assert_eq!(attempt(&s), Some((Some(41028), "retry_later")));
+    }
+
+    /// Issue 14.10: the age counts from the credential's `issued_at`, not from its
+    /// report: a prepay_id reported a moment ago but issued 2 h ago is not young.
+    #[test]
+    fn a_credential_issued_long_ago_is_not_young_however_recently_reported() {
+        let just = (now() - TimeDelta::seconds(3)).naive_utc();
+        let msg = MessageRow {
+            credential_created_at: Some(just),
+            credential_issued_at: Some((now() - TimeDelta::hours(2)).naive_utc()),
+            ..holding(Kind::PrepayId, 1)
+        };
+        let s = settle(&msg, wechat(41028));
+        assert_eq!(
+            end(&s),
+            (Status::Queued, CredentialFate::Invalidate("41028"))
+        );
+        assert_eq!(attempt(&s), Some((Some(41028), "credential_invalid")));
+        assert!(!s.is_young_retry());
+        // Issued when reported: young. Claimed before the column existed: the
+        // report's time counts.
+        for issued in [Some(just), None] {
+            let msg = MessageRow {
+                credential_issued_at: issued,
+                ..msg.clone()
+            };
+            let s = settle(&msg, wechat(41028));
+            assert_eq!(
+                attempt(&s),
+                Some((Some(41028), "retry_later")),
+                "{issued:?}"
+            );
+            assert!(s.is_young_retry());
+        }
+    }
+
+    /// Issue 14.10: a young credential that keeps answering 41028 is retried at
+    /// most `young_max_retries` times per message, then given up as invalid.
+    #[test]
+    fn young_retries_of_a_message_are_bounded() {
+        let young = |young_retries| MessageRow {
+            credential_created_at: Some((now() - TimeDelta::seconds(3)).naive_utc()),
+            credential_issued_at: Some((now() - TimeDelta::seconds(3)).naive_utc()),
+            young_retries,
+            ..holding(Kind::PrepayId, 1)
+        };
+        let most = i32::try_from(Policy::default().young_max_retries).unwrap();
+        let s = settle(&young(most - 1), wechat(41028));
+        assert_eq!(attempt(&s), Some((Some(41028), "retry_later")));
+        assert!(s.is_young_retry());
+        let s = settle(&young(most), wechat(41028));
+        assert_eq!(
+            end(&s),
+            (Status::Queued, CredentialFate::Invalidate("41028"))
+        );
+        assert_eq!(attempt(&s), Some((Some(41028), "credential_invalid")));
+        assert!(!s.is_young_retry());
     }
 
     #[test]

@@ -42,6 +42,10 @@ pub struct MessageRow {
     pub created_at: NaiveDateTime,
     pub updated_at: NaiveDateTime,
     pub finished_at: Option<NaiveDateTime>,
+    /// The held credential's `issued_at` (None if claimed before the column existed).
+    pub credential_issued_at: Option<NaiveDateTime>,
+    /// Young-credential (41028) retries of this message, whatever credential.
+    pub young_retries: i32,
 }
 
 impl MessageRow {
@@ -298,6 +302,7 @@ pub fn claim_credential(
             m::credential_value.eq(&cred.value),
             m::credential_uses_total.eq(cred.uses_total),
             m::credential_created_at.eq(to_db(cred.created_at)),
+            m::credential_issued_at.eq(to_db(cred.issued_at)),
             m::credentials_tried.eq(m::credentials_tried + 1),
             m::retries.eq(0),
             m::ambiguous.eq(false),
@@ -364,6 +369,7 @@ pub fn settle(
             m::in_flight.eq(false),
             m::ambiguous.eq(keep && s.ambiguous),
             m::retries.eq(s.retries),
+            m::young_retries.eq(m::young_retries + i32::from(s.is_young_retry())),
             m::error_code.eq(error.map(|e| e.code.as_str())),
             m::wechat_errcode.eq(error.and_then(|e| e.wechat_errcode)),
             m::error_message.eq(error.map(|e| e.message.as_str())),
@@ -387,6 +393,7 @@ pub fn settle(
                 m::credential_value.eq(None::<String>),
                 m::credential_uses_total.eq(None::<i32>),
                 m::credential_created_at.eq(None::<NaiveDateTime>),
+                m::credential_issued_at.eq(None::<NaiveDateTime>),
             ))
             .execute(c))?;
         }

@@ -158,6 +158,37 @@ backend_tests! {
         assert_eq!(record_at(&db, &rules, t0(), "v", vec![form("e")]).accepted, 1);
     }
 
+    /// Issue 14.4: invented templates and results cannot grow a user's rows
+    /// without bound; a result outside the four is refused, and a template new to
+    /// a user who has results for the cap's worth is refused and counted nowhere.
+    fn subscription_results_are_known_results_for_a_bounded_set_of_templates(tdb) {
+        let db = tdb.connect(2);
+        let rules = Rules { subscription_templates_per_user: 2, ..Rules::default() };
+        let out = record_at(&db, &rules, t0(), "u", vec![
+            sub("A", "accept"), sub("B", "reject"), sub("C", "accept"), sub("A", "ban"), sub("A", "bogus"),
+        ]);
+        assert_eq!(out.accepted, 1, "{out:?}");
+        assert_eq!(reasons(&out), vec![
+            ("A".to_string(), RejectReason::InvalidResult),
+            ("B".to_string(), RejectReason::NotAccepted),
+            ("C".to_string(), RejectReason::TemplateCap),
+            ("A".to_string(), RejectReason::NotAccepted),
+        ]);
+        // The cap holds across reports; known templates still count; other users
+        // have their own.
+        let out = record_at(&db, &rules, t0(), "u", vec![sub("C", "accept"), sub("B", "accept")]);
+        assert_eq!(out.accepted, 1);
+        assert_eq!(reasons(&out), vec![("C".to_string(), RejectReason::TemplateCap)]);
+        assert_eq!(record_at(&db, &rules, t0(), "v", vec![sub("C", "accept")]).accepted, 1);
+        let mut conn = db.get().unwrap();
+        let q = ledger::quota(&mut conn, APP, "u", t0()).unwrap();
+        assert_eq!(q.subscriptions, [("A".to_string(), 1), ("B".to_string(), 1)].into());
+        let results: Vec<_> = q.subscription_results.iter()
+            .flat_map(|(t, by)| by.iter().map(move |(r, n)| (t.as_str(), r.as_str(), *n)))
+            .collect();
+        assert_eq!(results, vec![("A", "accept", 1), ("A", "ban", 1), ("B", "accept", 1), ("B", "reject", 1)]);
+    }
+
     fn expiry_is_seven_days_less_the_margin_and_issued_at_only_moves_it_earlier(tdb) {
         let db = tdb.connect(2);
         let margin = Rules::default().expiry_margin;

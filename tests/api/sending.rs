@@ -166,6 +166,40 @@ backend_app_tests! {
         assert_eq!(q["by_kind"]["prepay_id"]["uses_left"], 0);
     }
 
+    /// Issue 14.10: a prepay_id the backend says was issued 2 h ago is not young,
+    /// however recently it was reported: its 41028 costs one call, and the message
+    /// moves on to the next credential.
+    async fn a_prepay_id_issued_long_ago_is_not_retried_as_young(tdb) {
+        let app = spawn(tdb, |_| {}, |_| {}).await;
+        let prepay = app.sim.sim.mint_prepay_ids(APP, "u1", 1, None, Some(Duration::from_secs(3600))).unwrap().remove(0);
+        let issued_at = (chrono::Utc::now() - chrono::TimeDelta::hours(2)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        let (status, res) = app.post("/v1/credentials", Some(KEY_SEND), &json!({"openid": "u1", "kind": "prepay_id", "value": prepay, "issued_at": issued_at})).await;
+        assert_eq!((status, res["accepted"].as_u64()), (200, Some(1)), "{res}");
+        let form = forms(&app, "u1", 1).await.remove(0);
+        let m = notify(&app, "u1", "TPL").await;
+        assert_eq!(m["status"], "sent", "{m}");
+        assert_eq!(outcomes(&m), vec!["credential_invalid", "sent"]);
+        assert_eq!(app.sim.sim.stats().count("template_send", "41028"), 1, "the old prepay_id was called once");
+        assert_eq!(delivered(&app), HashMap::from([(form, 1)]));
+    }
+
+    /// Issue 14.10: a credential that stays "young" (41028) within the window is
+    /// retried at most LEDGER_YOUNG_MAX_RETRIES (6) times for a message, then given
+    /// up as invalid.
+    async fn young_retries_of_a_message_stop_at_the_bound(tdb) {
+        let app = spawn(tdb, |_| {}, |s| s.young_window = Duration::from_secs(3600)).await;
+        let prepay = app.sim.sim.mint_prepay_ids(APP, "u1", 1, None, Some(Duration::from_secs(3600))).unwrap().remove(0);
+        register(&app, "u1", "prepay_id", &prepay).await;
+        let form = forms(&app, "u1", 1).await.remove(0);
+        let m = notify(&app, "u1", "TPL").await;
+        assert_eq!(m["status"], "sent", "{m}");
+        let mut expected = vec!["retry_later"; 6];
+        expected.extend(["credential_invalid", "sent"]);
+        assert_eq!(outcomes(&m), expected);
+        assert_eq!(app.sim.sim.stats().count("template_send", "41028"), 7, "one call and six young retries");
+        assert_eq!(delivered(&app), HashMap::from([(form, 1)]));
+    }
+
     /// 41028 past the young window, 41029 without an ambiguous call of ours, 43101:
     /// the credential is dead, the next one is used.
     async fn bad_credentials_are_invalidated_and_the_next_is_used(tdb) {

@@ -159,4 +159,34 @@ backend_app_tests! {
         let (_, m) = app.post("/v1/messages", Some(KEY_SEND), &json!({"openid": "u1", "template_id": SUB})).await;
         assert_eq!(m["channel"], "template");
     }
+
+    /// Issue 14.4: a session cannot grow its user's subscription results without
+    /// bound: unknown results are refused, new templates past the cap too, and the
+    /// quota shows the capped set.
+    async fn invented_results_and_templates_are_refused_and_the_quota_stays_bounded(tdb) {
+        let app = TestApp::spawn_with(tdb, |s| s.subscription_templates_per_user = 3).await;
+        let session = app.login("u1").await;
+        let res = report(&app, &session, json!({"subscriptions": [
+            {"template_id": "T1", "result": "reject"},
+            {"template_id": "T2", "result": "accept"},
+            {"template_id": "T3", "result": "filter"},
+            {"template_id": "T4", "result": "reject"},
+            {"template_id": "T1", "result": "maybe"}
+        ]})).await;
+        assert_eq!(res["accepted"], 1, "{res}");
+        assert_eq!(res["rejected"], json!([
+            {"value": "T1", "reason": "invalid_result"},
+            {"value": "T1", "reason": "not_accepted"},
+            {"value": "T3", "reason": "not_accepted"},
+            {"value": "T4", "reason": "template_cap"}
+        ]));
+        let invented: Vec<Value> = (0..50).map(|i| json!({"template_id": format!("X{i}"), "result": "ban"})).collect();
+        let res = report(&app, &session, json!({"subscriptions": invented})).await;
+        let reasons: Vec<&str> = res["rejected"].as_array().unwrap().iter().map(|r| r["reason"].as_str().unwrap()).collect();
+        assert_eq!(reasons, vec!["template_cap"; 50], "{res}");
+        let (_, q) = app.get("/v1/admin/users/u1/quota", Some(KEY_ADMIN)).await;
+        assert_eq!(q["subscription_results"], json!({
+            "T1": {"reject": 1}, "T2": {"accept": 1}, "T3": {"filter": 1}
+        }));
+    }
 }

@@ -1,0 +1,2 @@
+ALTER TABLE messages DROP COLUMN young_retries;
+ALTER TABLE messages DROP COLUMN credential_issued_at;

@@ -1,0 +1,1 @@
+DROP INDEX subscription_results_last_at;
