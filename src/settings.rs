@@ -102,8 +102,10 @@ pub struct Settings {
     pub database_url: DatabaseUrl,
     pub db_pool_size: u32,
     pub wechat_api_base: String,
-    /// Empty: sandbox mode.
+    /// Empty: sandbox mode (on a loopback address, or anywhere with `sandbox`).
     pub apps: Vec<App>,
+    /// `LEDGER_SANDBOX=true`: run the sandbox even on a non-loopback address.
+    pub sandbox: bool,
     pub api_keys: Vec<ApiKey>,
     pub session_secret: Option<Secret>,
     pub prepay_id_uses: u32,
@@ -157,6 +159,7 @@ impl Default for Settings {
             db_pool_size: 10,
             wechat_api_base: "https://api.weixin.qq.com".into(),
             apps: Vec::new(),
+            sandbox: false,
             api_keys: Vec::new(),
             session_secret: None,
             prepay_id_uses: 1,
@@ -214,11 +217,11 @@ impl Settings {
                 values.insert(setting.name.to_string(), v.clone());
             }
         }
-        for name in env.keys() {
-            let key = name.trim_start_matches("LEDGER_").to_ascii_lowercase();
-            if name != "LEDGER_CONFIG" && by_name(&key).is_none() {
-                log::warn!("ignoring unknown environment variable {name}");
-            }
+        if let Some(unknown) = env.keys().find(|name| is_unknown_variable(name)) {
+            return Err(SettingsError {
+                name: unknown.clone(),
+                problem: unknown_variable(unknown),
+            });
         }
         let mut s = Settings::default();
         for (key, raw) in &values {
@@ -235,6 +238,12 @@ impl Settings {
             return Err(SettingsError::new(
                 "sender_lease_s",
                 "must be longer than LEDGER_WECHAT_TIMEOUT_S, or a slow call would be taken over mid-flight",
+            ));
+        }
+        if self.sandbox && !self.apps.is_empty() {
+            return Err(SettingsError::new(
+                "sandbox",
+                "LEDGER_SANDBOX=true and LEDGER_APPS are both set: the sandbox serves only its own simulated app",
             ));
         }
         if !self.apps.is_empty() && self.api_keys.is_empty() {
@@ -280,6 +289,7 @@ settings! {
     db_pool_size => |s, v| s.db_pool_size = int(v, 1, 1000)?;
     wechat_api_base => |s, v| s.wechat_api_base = http_url(v)?;
     apps => |s, v| s.apps = parse_apps(v)?;
+    sandbox => |s, v| s.sandbox = boolean(v)?;
     api_keys => |s, v| s.api_keys = parse_api_keys(v)?;
     session_secret => |s, v| s.session_secret = Some(session_secret(v)?);
     prepay_id_uses => |s, v| s.prepay_id_uses = int(v, 1, 100)?;
@@ -308,6 +318,46 @@ settings! {
     rate_session_per_min => |s, v| s.limits.per_session_per_minute = int(v, 0, 1_000_000)?;
     rate_ip_per_min => |s, v| s.limits.per_ip_per_minute = int(v, 0, 10_000_000)?;
     rate_key_per_s => |s, v| s.limits.per_key_per_second = int(v, 0, 10_000_000)?;
+}
+
+/// `LEDGER_*` variables that are not settings of the service: the file of settings,
+/// the `sim` command's own flags, and the project's test and CI scripts' variables
+/// (which the processes they start inherit).
+pub const OTHER_VARIABLES: &[&str] = &[
+    "LEDGER_CONFIG",
+    "LEDGER_SIM_BIND",
+    "LEDGER_SIM_APPS",
+    "LEDGER_BIN",
+    "LEDGER_TEST_POSTGRES_URL",
+];
+
+/// A `LEDGER_*` variable that names no setting: a misspelling is an error, since a
+/// setting silently left at its default (e.g. `LEDGER_APP` for `LEDGER_APPS`, which
+/// starts the sandbox) is worse than a service that does not start.
+fn is_unknown_variable(name: &str) -> bool {
+    name.starts_with("LEDGER_")
+        && !OTHER_VARIABLES.contains(&name)
+        && by_name(&name["LEDGER_".len()..].to_ascii_lowercase()).is_none()
+}
+
+fn unknown_variable(name: &str) -> String {
+    let closest = SETTINGS
+        .iter()
+        .map(|s| env_name(s.name))
+        .min_by_key(|known| strsim::levenshtein(known, name))
+        .filter(|known| strsim::levenshtein(known, name) <= 3);
+    match closest {
+        Some(known) => format!("no such setting; did you mean {known}?"),
+        None => "no such setting (docs/API.md lists them)".into(),
+    }
+}
+
+fn boolean(raw: &str) -> Result<bool, String> {
+    match raw {
+        "true" | "1" => Ok(true),
+        "false" | "0" => Ok(false),
+        _ => Err(format!("{raw:?} is neither true nor false")),
+    }
 }
 
 fn by_name(name: &str) -> Option<&'static Setting> {
@@ -614,6 +664,38 @@ mod tests {
                 Settings::from_sources(None, &env(&[(name.as_str(), "\u{7f}")])).expect_err(&name);
             assert_eq!(err.name, name);
         }
+    }
+
+    #[test]
+    fn a_misspelled_variable_is_an_error_naming_the_setting_meant() {
+        let err = Settings::from_sources(None, &env(&[("LEDGER_APP", "wx1:sec")])).unwrap_err();
+        assert_eq!(err.name, "LEDGER_APP");
+        assert!(err.problem.contains("did you mean LEDGER_APPS?"), "{err}");
+        let err = Settings::from_sources(None, &env(&[("LEDGER_FROBNICATE", "1")])).unwrap_err();
+        assert_eq!(err.name, "LEDGER_FROBNICATE");
+        // The scripts' own variables are not settings, and not errors.
+        let tools: Vec<(&str, &str)> = OTHER_VARIABLES.iter().map(|v| (*v, "x")).collect();
+        let tools: HashMap<String, String> = env(&tools)
+            .into_iter()
+            .filter(|(k, _)| k != "LEDGER_CONFIG")
+            .collect();
+        Settings::from_sources(None, &tools).expect("tool variables are accepted");
+    }
+
+    #[test]
+    fn the_sandbox_is_forced_only_without_apps() {
+        let s = Settings::from_sources(None, &env(&[("LEDGER_SANDBOX", "true")])).unwrap();
+        assert!(s.sandbox);
+        let err = Settings::from_sources(
+            None,
+            &env(&[
+                ("LEDGER_SANDBOX", "true"),
+                ("LEDGER_APPS", "wx1:sec"),
+                ("LEDGER_API_KEYS", "ops:admin:0123456789abcdef"),
+            ]),
+        )
+        .unwrap_err();
+        assert_eq!(err.name, "LEDGER_SANDBOX");
     }
 
     #[test]

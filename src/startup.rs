@@ -35,6 +35,16 @@ pub enum StartupError {
         addr: String,
         source: std::io::Error,
     },
+    #[error(
+        "no LEDGER_APPS, and sandbox mode serves only a loopback address, not {0}: \
+         set LEDGER_APPS=appid:secret, or LEDGER_SANDBOX=true to run the sandbox there"
+    )]
+    SandboxNotLoopback(IpAddr),
+    #[error(
+        "no LEDGER_APPS, and the database holds rows of app {0}: sandbox mode never uses a \
+         real app's database; set LEDGER_APPS, or LEDGER_DATABASE_URL to another database"
+    )]
+    SandboxOnRealData(String),
     #[error("invalid setting LEDGER_WECHAT_API_BASE: {0}")]
     Wechat(String),
     #[error(transparent)]
@@ -72,14 +82,20 @@ impl Application {
         listener: TcpListener,
     ) -> Result<Self, StartupError> {
         let addr = listener.local_addr()?;
-        let sandbox = sandbox(&mut settings, addr.ip(), addr.port());
+        let sandbox = sandbox(&mut settings, addr.ip(), addr.port())?;
         let settings = Arc::new(settings);
         let (db, sender_db, session_secret) = {
             let settings = settings.clone();
-            tokio::task::spawn_blocking(move || -> Result<(Db, Db, Secret), DbError> {
+            let sandboxed = sandbox.is_some();
+            tokio::task::spawn_blocking(move || -> Result<(Db, Db, Secret), StartupError> {
                 let db = Db::connect(&settings.database_url, settings.db_pool_size)?;
                 for version in db.migrate()? {
                     log::info!("applied migration {version}");
+                }
+                if sandboxed {
+                    if let Some(app) = crate::db::other_app(&mut *db.get()?, SANDBOX_APP)? {
+                        return Err(StartupError::SandboxOnRealData(app));
+                    }
                 }
                 let secret = match &settings.session_secret {
                     Some(s) => s.clone(),
@@ -293,10 +309,19 @@ fn metrics_server(addr: &str, state: web::Data<AppState>) -> Result<(u16, Server
 
 /// Sandbox mode: with no app configured, one app `wxsandbox` served by the built-in
 /// simulator on this very port, and (if none is configured) a generated API key with
-/// every role. Never used when apps are configured.
-fn sandbox(settings: &mut Settings, ip: IpAddr, port: u16) -> Option<Sandbox> {
+/// every role. Never used when apps are configured; only on a loopback address
+/// unless `LEDGER_SANDBOX=true` forces it (its `/sim` routes and generated key are
+/// for one machine), and never on a database that holds a real app's rows.
+fn sandbox(
+    settings: &mut Settings,
+    ip: IpAddr,
+    port: u16,
+) -> Result<Option<Sandbox>, StartupError> {
     if !settings.apps.is_empty() {
-        return None;
+        return Ok(None);
+    }
+    if !ip.is_loopback() && !settings.sandbox {
+        return Err(StartupError::SandboxNotLoopback(ip));
     }
     let secret = Secret::new(random_secret(24));
     settings.apps = vec![crate::settings::App {
@@ -325,7 +350,7 @@ fn sandbox(settings: &mut Settings, ip: IpAddr, port: u16) -> Option<Sandbox> {
         apps: vec![(SANDBOX_APP.to_string(), secret)],
         ..SimConfig::default()
     });
-    Some(Sandbox { simulator, api_key })
+    Ok(Some(Sandbox { simulator, api_key }))
 }
 
 /// `bytes` random bytes, base64url.

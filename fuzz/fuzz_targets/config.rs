@@ -181,7 +181,9 @@ fuzz_target!(|input: Input| {
     let message = err.to_string();
     let setting = err.name.strip_prefix("LEDGER_").map(str::to_ascii_lowercase);
     assert!(
-        err.name == "LEDGER_CONFIG" || setting.as_deref().is_some_and(|s| KNOWN.iter().any(|k| k.name == s)),
+        err.name == "LEDGER_CONFIG"
+            || env.contains_key(&err.name)
+            || setting.as_deref().is_some_and(|s| KNOWN.iter().any(|k| k.name == s)),
         "the error names no setting: {err:?}"
     );
     assert!(message.contains(&err.name), "{message:?} does not say {}", err.name);

@@ -8,7 +8,8 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use crate::helpers::{
-    self, backend_app_tests, TestApp, APP, KEY_ADMIN, KEY_ALL, KEY_SEND, KEY_TOKEN,
+    self, backend_app_tests, Application, StartupError, TestApp, APP, KEY_ADMIN, KEY_ALL, KEY_SEND,
+    KEY_TOKEN,
 };
 
 fn code(body: &Value) -> Option<&str> {
@@ -364,4 +365,60 @@ fn the_sqlite_file_is_readable_by_its_owner_only() {
     db.migrate().unwrap();
     assert_eq!(mode(&theirs), 0o755, "the operator's folder is left alone");
     assert_eq!(mode(&file), 0o600);
+}
+
+/// Settings that start the sandbox (no app, no key) on `db`.
+fn sandbox_settings(db: &helpers::TestDb) -> helpers::Settings {
+    helpers::Settings {
+        database_url: db.url(),
+        db_pool_size: 2,
+        ..helpers::Settings::default()
+    }
+}
+
+/// With no app configured the sandbox (unauthenticated `/sim`, a generated key with
+/// every role) starts only on a loopback address, unless LEDGER_SANDBOX=true forces
+/// it. Binding the unspecified address sends no traffic anywhere.
+#[actix_web::test]
+async fn the_sandbox_does_not_start_on_a_public_address_by_accident() {
+    let db = helpers::TestDb::sqlite();
+    let public = std::net::TcpListener::bind("0.0.0.0:0").expect("bind");
+    let refused = Application::build(sandbox_settings(&db), public).await;
+    assert!(
+        matches!(refused, Err(StartupError::SandboxNotLoopback(_))),
+        "{:?}",
+        refused.err()
+    );
+    let message = StartupError::SandboxNotLoopback([0, 0, 0, 0].into()).to_string();
+    assert!(message.contains("LEDGER_APPS") && message.contains("LEDGER_SANDBOX=true"));
+
+    let public = std::net::TcpListener::bind("0.0.0.0:0").expect("bind");
+    let forced = helpers::Settings {
+        sandbox: true,
+        ..sandbox_settings(&db)
+    };
+    let app = Application::build(forced, public)
+        .await
+        .expect("forced sandbox");
+    assert!(app.sandbox().is_some());
+
+    let loopback = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let app = Application::build(sandbox_settings(&db), loopback)
+        .await
+        .expect("sandbox");
+    assert!(app.sandbox().is_some());
+}
+
+backend_app_tests! {
+    /// A database that holds a real app's rows is never opened in sandbox mode (a
+    /// forgotten LEDGER_APPS would otherwise serve it with a printed all-role key).
+    async fn the_sandbox_never_uses_a_real_apps_database(tdb) {
+        let app = TestApp::spawn(tdb).await; // the real app's token row exists now
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let refused = Application::build(sandbox_settings(&app.test_db), listener).await;
+        match refused {
+            Err(StartupError::SandboxOnRealData(found)) => assert_eq!(found, APP),
+            other => panic!("expected a refusal, got {:?}", other.err()),
+        }
+    }
 }

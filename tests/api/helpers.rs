@@ -23,7 +23,7 @@ pub use formid_ledger::settings::{App, DatabaseUrl, Retention, Settings, TokenAp
 pub use formid_ledger::sim::{
     self, FaultSet, Faults, Latency, MessageKind, SimConfig, Simulator, TokenApi as SimTokenApi,
 };
-pub use formid_ledger::startup::Application;
+pub use formid_ledger::startup::{Application, StartupError};
 pub use formid_ledger::wechat::{
     DataValue, ErrorClass, SubscribeMessage, TemplateMessage, WechatClient, WechatError,
 };
