@@ -1,9 +1,11 @@
 //! Abuse: rate limits, hostile values, and the role × endpoint matrix of SECURITY.md.
 
+use std::net::{IpAddr, Ipv4Addr};
+
 use serde_json::{json, Value};
 
 use crate::helpers::{
-    self, backend_app_tests, TestApp, APP, KEY_ADMIN, KEY_ALL, KEY_SEND, KEY_TOKEN,
+    self, backend_app_tests, counter, TestApp, APP, KEY_ADMIN, KEY_ALL, KEY_SEND, KEY_TOKEN,
 };
 
 fn code(body: &Value) -> Option<&str> {
@@ -48,6 +50,48 @@ backend_app_tests! {
         assert_eq!(app.credential_count(), 4, "refused reports stored nothing");
     }
 
+    /// Guessing keys (or sessions) from one address: its failures are limited, and
+    /// once they are spent even a right key is refused there — a 200 among the
+    /// 429s would go on answering the guesses. Other addresses are not affected.
+    async fn failed_authentication_is_limited_per_address(tdb) {
+        let app = TestApp::spawn_with(tdb, |s| s.limits.auth_failures_per_minute = 3).await;
+        let wrong = "not-a-key-0123456789";
+        // A key without the role is not a guess: it spends nothing.
+        for _ in 0..5 {
+            assert_eq!(app.get("/v1/admin/stats", Some(KEY_SEND)).await.0, 403);
+        }
+        for _ in 0..2 {
+            let (status, body) = app.get("/v1/admin/stats", Some(wrong)).await;
+            assert_eq!((status, code(&body)), (401, Some("unauthorized")), "{body}");
+        }
+        // A forged session is a failure of the same address.
+        let (status, _) = app.post("/v1/client/credentials", Some("v1.forged.session"), &json!({})).await;
+        assert_eq!(status, 401);
+        // Three failures spent: the next attempt is not judged, right key or wrong.
+        let res = app.http.get(app.url("/v1/admin/stats")).bearer_auth(wrong).send().await.unwrap();
+        let retry_after: u64 = res.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+        assert!((1..=20).contains(&retry_after), "{retry_after}");
+        let (status, body) = helpers::read(res).await;
+        assert_eq!((status, code(&body)), (429, Some("rate_limited")), "{body}");
+        let (status, body) = app.get("/v1/admin/stats", Some(KEY_ADMIN)).await;
+        assert_eq!((status, code(&body)), (429, Some("rate_limited")), "{body}");
+        let session = app.login("u").await; // logging in presents nothing to guess
+        assert_eq!(app.post("/v1/client/credentials", Some(&session), &json!({})).await.0, 429);
+        // Another address has its own budget.
+        let elsewhere = reqwest::Client::builder()
+            .local_address(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)))
+            .build()
+            .unwrap();
+        let res = elsewhere.get(app.url("/v1/admin/stats")).bearer_auth(KEY_ADMIN).send().await.unwrap();
+        assert_eq!(res.status(), 200);
+        // Counted: what was judged wrong, and what was refused unjudged.
+        let series = |credential: &str, answer: &str| format!(r#"ledger_auth_failures_total{{answer="{answer}",credential="{credential}"}}"#);
+        assert_eq!(counter(&app, &series("api_key", "unauthorized")).await, 2);
+        assert_eq!(counter(&app, &series("session", "unauthorized")).await, 1);
+        assert_eq!(counter(&app, &series("api_key", "rate_limited")).await, 2);
+        assert_eq!(counter(&app, &series("session", "rate_limited")).await, 1);
+    }
+
     async fn hostile_values_are_refused_or_stored_verbatim(tdb) {
         let app = TestApp::spawn(tdb).await;
         // Header injection and control characters in an openid or template id.
@@ -84,7 +128,12 @@ backend_app_tests! {
 /// everywhere a key is required.
 #[actix_web::test]
 async fn roles_by_endpoint_matrix() {
-    let app = TestApp::spawn(helpers::TestDb::sqlite()).await;
+    // Its sessions at key endpoints and keys at the client endpoint are 16 failed
+    // authentications from one address: more than the default allows a minute.
+    let app = TestApp::spawn_with(helpers::TestDb::sqlite(), |s| {
+        s.limits.auth_failures_per_minute = 0;
+    })
+    .await;
     let session = app.login("o1").await;
     // (method, path, body, which role passes)
     let rows: Vec<(&str, String, Value, &str)> = vec![
