@@ -83,6 +83,8 @@ pub struct Limits {
     pub per_key_per_second: u32,
     /// Failed authentications (unknown API key, bad session) per peer address.
     pub auth_failures_per_minute: u32,
+    /// `?wait` requests one API key may have waiting at once.
+    pub max_waiters_per_key: u32,
 }
 
 impl Default for Limits {
@@ -92,6 +94,7 @@ impl Default for Limits {
             per_ip_per_minute: 1200,
             per_key_per_second: 10_000,
             auth_failures_per_minute: 10,
+            max_waiters_per_key: 100,
         }
     }
 }
@@ -299,6 +302,7 @@ settings! {
     rate_ip_per_min => |s, v| s.limits.per_ip_per_minute = int(v, 0, 10_000_000)?;
     rate_key_per_s => |s, v| s.limits.per_key_per_second = int(v, 0, 10_000_000)?;
     rate_auth_fail_per_min => |s, v| s.limits.auth_failures_per_minute = int(v, 0, 1_000_000)?;
+    max_waiters_per_key => |s, v| s.limits.max_waiters_per_key = int(v, 0, 1_000_000)?;
 }
 
 fn by_name(name: &str) -> Option<&'static Setting> {

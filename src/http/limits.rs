@@ -1,12 +1,13 @@
 //! Rate limits (429 `rate_limited`): per client session and per IP on the client
-//! endpoints, per API key on the business and admin endpoints, and failed
-//! authentications per peer address. In-process (governor's GCRA buckets and a
-//! small map): each instance limits on its own, so N instances allow N times the
-//! rate — the limits are there to stop one abuser, not to meter.
+//! endpoints, per API key on the business and admin endpoints, failed
+//! authentications per peer address, and `?wait` requests waiting per API key.
+//! In-process (governor's GCRA buckets and two small maps): each instance limits on
+//! its own, so N instances allow N times the rate — the limits are there to stop one
+//! abuser, not to meter.
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use actix_web::http::StatusCode;
@@ -21,6 +22,7 @@ pub struct RateLimits {
     ip: Option<DefaultKeyedRateLimiter<String>>,
     key: Option<DefaultKeyedRateLimiter<String>>,
     auth_failures: Option<FailureBudget>,
+    waiters: WaiterCap,
 }
 
 fn limiter(quota: Option<Quota>) -> Option<DefaultKeyedRateLimiter<String>> {
@@ -34,6 +36,7 @@ impl RateLimits {
             ip: limiter(NonZeroU32::new(limits.per_ip_per_minute).map(Quota::per_minute)),
             key: limiter(NonZeroU32::new(limits.per_key_per_second).map(Quota::per_second)),
             auth_failures: FailureBudget::per_minute(limits.auth_failures_per_minute),
+            waiters: WaiterCap::new(limits.max_waiters_per_key),
         }
     }
 
@@ -74,6 +77,19 @@ impl RateLimits {
         if let Some(budget) = &self.auth_failures {
             budget.spend(addr, Instant::now());
         }
+    }
+
+    /// A place among the key's `?wait` requests, held until dropped; 429 when the
+    /// key already has its maximum waiting.
+    pub fn waiter(&self, key_name: &str) -> Result<WaiterSlot, ApiError> {
+        self.waiters.enter(key_name).ok_or_else(|| {
+            let mut e = rate_limited(Duration::from_secs(1));
+            e.message = format!(
+                "this key already has {} requests waiting (?wait); retry, or poll GET /v1/messages/{{id}}",
+                self.waiters.max
+            );
+            e
+        })
     }
 
     /// Forgets buckets that are full again, so the maps do not grow without bound.
@@ -138,6 +154,55 @@ impl FailureBudget {
     }
 }
 
+/// `?wait` requests in progress per API key: each holds the database's attention
+/// (a re-check a second) and a connection now and then, so one key cannot hold
+/// thousands.
+struct WaiterCap {
+    /// 0: no cap.
+    max: u32,
+    waiting: Arc<Mutex<HashMap<String, u32>>>,
+}
+
+/// One waiting request's place; leaving (answer, timeout, client gone) drops it.
+pub struct WaiterSlot {
+    key_name: String,
+    waiting: Arc<Mutex<HashMap<String, u32>>>,
+}
+
+impl WaiterCap {
+    fn new(max: u32) -> Self {
+        WaiterCap {
+            max,
+            waiting: Arc::default(),
+        }
+    }
+
+    fn enter(&self, key_name: &str) -> Option<WaiterSlot> {
+        let mut waiting = lock(&self.waiting);
+        let n = waiting.entry(key_name.to_string()).or_insert(0);
+        if self.max != 0 && *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(WaiterSlot {
+            key_name: key_name.to_string(),
+            waiting: self.waiting.clone(),
+        })
+    }
+}
+
+impl Drop for WaiterSlot {
+    fn drop(&mut self) {
+        let mut waiting = lock(&self.waiting);
+        if let Some(n) = waiting.get_mut(&self.key_name) {
+            *n -= 1;
+            if *n == 0 {
+                waiting.remove(&self.key_name);
+            }
+        }
+    }
+}
+
 fn rate_limited(wait: Duration) -> ApiError {
     // Rounded up: retrying after the header's seconds finds the bucket open.
     let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
@@ -175,5 +240,20 @@ mod tests {
         budget.shrink(later + Duration::from_secs(60));
         assert!(lock(&budget.paid_back_at).is_empty());
         assert!(FailureBudget::per_minute(0).is_none(), "0 is unlimited");
+    }
+
+    #[test]
+    fn waiter_slots_are_capped_per_key_and_given_back_on_drop() {
+        let cap = WaiterCap::new(2);
+        let (a1, a2) = (cap.enter("a").unwrap(), cap.enter("a").unwrap());
+        assert!(cap.enter("a").is_none());
+        let b = cap.enter("b").unwrap();
+        drop(a1);
+        let a3 = cap.enter("a").unwrap();
+        drop((a2, a3, b));
+        assert!(lock(&cap.waiting).is_empty(), "no key lingers");
+        let unlimited = WaiterCap::new(0);
+        let many: Vec<_> = (0..1000).filter_map(|_| unlimited.enter("a")).collect();
+        assert_eq!(many.len(), 1000);
     }
 }

@@ -1,6 +1,7 @@
 //! Abuse: rate limits, hostile values, and the role × endpoint matrix of SECURITY.md.
 
 use std::net::{IpAddr, Ipv4Addr};
+use std::time::Duration;
 
 use serde_json::{json, Value};
 
@@ -90,6 +91,60 @@ backend_app_tests! {
         assert_eq!(counter(&app, &series("session", "unauthorized")).await, 1);
         assert_eq!(counter(&app, &series("api_key", "rate_limited")).await, 2);
         assert_eq!(counter(&app, &series("session", "rate_limited")).await, 1);
+    }
+
+    /// `?wait` requests waiting at once are capped per key: past the cap 429 before
+    /// anything is stored; other keys, and requests that do not wait, are not affected;
+    /// the places come back when the waiters are answered.
+    async fn waiting_requests_are_capped_per_key(tdb) {
+        let app = TestApp::spawn_with(tdb, |s| s.limits.max_waiters_per_key = 2).await;
+        // u holds no credential: its messages wait for one (await_credential_s).
+        let waiting = json!({"openid": "u", "template_id": "TPL", "await_credential_s": 600});
+        let held: Vec<_> = (0..2)
+            .map(|_| {
+                let req = app.http.post(app.url("/v1/messages?wait=30")).bearer_auth(KEY_SEND).json(&waiting).send();
+                actix_web::rt::spawn(async move { helpers::read(req.await.unwrap()).await })
+            })
+            .collect();
+        let stored = |n: usize| {
+            let app = &app;
+            async move {
+                let (_, page) = app.get("/v1/admin/users/u/messages", Some(KEY_ADMIN)).await;
+                page["messages"].as_array().map(Vec::len) == Some(n)
+            }
+        };
+        // A place is taken before a message is stored: two stored, two places held.
+        assert!(helpers::eventually(Duration::from_secs(10), || stored(2)).await);
+        let res = app.http.post(app.url("/v1/messages?wait=5")).bearer_auth(KEY_SEND).json(&waiting).send().await.unwrap();
+        assert!(res.headers().get("retry-after").is_some());
+        let (status, body) = helpers::read(res).await;
+        assert_eq!((status, code(&body)), (429, Some("rate_limited")), "{body}");
+        assert!(stored(2).await, "the refused request stored nothing");
+        // Without ?wait nothing waits; another key has places of its own.
+        let quick = json!({"openid": "w", "template_id": "TPL"});
+        assert_eq!(app.post("/v1/messages", Some(KEY_SEND), &quick).await.0, 202);
+        let (status, body) = app.post("/v1/messages?wait=30", Some(KEY_ALL), &quick).await;
+        assert_eq!((status, body["status"].as_str()), (200, Some("no_quota")), "{body}");
+        // Credentials arrive once the sender has looked for credentials for all four
+        // messages (u's two, w's two; a report racing a look can be missed until
+        // await_credential_s runs out: not this test's subject): both waiters are
+        // answered with their final status…
+        let looked = helpers::eventually(Duration::from_secs(10), || async {
+            counter(&app, r#"ledger_claims_total{result="miss"}"#).await >= 4
+        });
+        assert!(looked.await);
+        let forms: Vec<Value> = app.sim.sim.mint_form_ids(APP, "u", 2).unwrap().into_iter()
+            .map(|v| json!({"openid": "u", "kind": "form_id", "value": v}))
+            .collect();
+        let (status, body) = app.post("/v1/credentials", Some(KEY_SEND), &json!({"credentials": forms})).await;
+        assert_eq!((status, body["accepted"].as_u64()), (200, Some(2)), "{body}");
+        for h in held {
+            let (status, body) = h.await.unwrap();
+            assert_eq!((status, body["status"].as_str()), (200, Some("sent")), "{body}");
+        }
+        // …and their places are free again.
+        let (status, body) = app.post("/v1/messages?wait=30", Some(KEY_SEND), &quick).await;
+        assert_eq!((status, body["status"].as_str()), (200, Some("no_quota")), "{body}");
     }
 
     async fn hostile_values_are_refused_or_stored_verbatim(tdb) {
