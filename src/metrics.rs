@@ -19,6 +19,7 @@ pub struct Metrics {
     pub credentials_recorded: IntCounterVec,
     pub credentials_rejected: IntCounterVec,
     pub claims: IntCounterVec,
+    pub auth_failures: IntCounterVec,
     pub messages_finished: IntCounterVec,
     pub wechat_calls: IntCounterVec,
     pub wechat_seconds: HistogramVec,
@@ -103,6 +104,12 @@ impl Metrics {
                 "claims_total",
                 "Credential claims for messages: hit (a use was taken) or miss",
                 &["result"],
+            ),
+            auth_failures: counter(
+                &r,
+                "auth_failures_total",
+                "Requests refused at authentication, by what was presented (api_key, session) and the answer: unauthorized (judged wrong) or rate_limited (the address had spent its failures; not judged)",
+                &["credential", "answer"],
             ),
             messages_finished: counter(
                 &r,

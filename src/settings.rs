@@ -82,6 +82,10 @@ pub struct Limits {
     pub per_session_per_minute: u32,
     pub per_ip_per_minute: u32,
     pub per_key_per_second: u32,
+    /// Failed authentications (unknown API key, bad session) per peer address.
+    pub auth_failures_per_minute: u32,
+    /// `?wait` requests one API key may have waiting at once.
+    pub max_waiters_per_key: u32,
 }
 
 impl Default for Limits {
@@ -90,6 +94,8 @@ impl Default for Limits {
             per_session_per_minute: 120,
             per_ip_per_minute: 1200,
             per_key_per_second: 10_000,
+            auth_failures_per_minute: 10,
+            max_waiters_per_key: 100,
         }
     }
 }
@@ -318,6 +324,8 @@ settings! {
     rate_session_per_min => |s, v| s.limits.per_session_per_minute = int(v, 0, 1_000_000)?;
     rate_ip_per_min => |s, v| s.limits.per_ip_per_minute = int(v, 0, 10_000_000)?;
     rate_key_per_s => |s, v| s.limits.per_key_per_second = int(v, 0, 10_000_000)?;
+    rate_auth_fail_per_min => |s, v| s.limits.auth_failures_per_minute = int(v, 0, 1_000_000)?;
+    max_waiters_per_key => |s, v| s.limits.max_waiters_per_key = int(v, 0, 1_000_000)?;
 }
 
 /// `LEDGER_*` variables that are not settings of the service: the file of settings,

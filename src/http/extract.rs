@@ -48,7 +48,7 @@ impl RequiredRole for TokenRole {
 }
 
 /// The request carries an API key with role `R` (401 / 403 otherwise; 429 past the
-/// key's rate limit).
+/// key's rate limit, or from an address past its failed authentications).
 pub struct Authorized<R> {
     pub key_name: String,
     role: PhantomData<R>,
@@ -68,19 +68,54 @@ impl<R: RequiredRole> FromRequest for Authorized<R> {
 
 fn authorize(req: &HttpRequest, role: Role) -> Result<String, ApiError> {
     let state = state(req)?;
-    let name = state
-        .keys
-        .authorize(bearer(req), role)
-        .map_err(|denied| match denied {
-            Denied::UnknownKey => ApiError::unauthorized(),
-            Denied::MissingRole(role) => ApiError::forbidden(role.name()),
-        })?;
+    let name = at_the_door(state, req, "api_key", || {
+        state
+            .keys
+            .authorize(bearer(req), role)
+            .map_err(|denied| match denied {
+                Denied::UnknownKey => ApiError::unauthorized(),
+                Denied::MissingRole(role) => ApiError::forbidden(role.name()),
+            })
+    })?;
     state.limits.key(name)?;
     Ok(name.to_string())
 }
 
+/// Failed authentication is limited per peer address (`LEDGER_RATE_AUTH_FAIL_PER_MIN`)
+/// and counted (`ledger_auth_failures_total`): an address that has spent its failures
+/// is refused (429) before `judge` runs, so a right key does not pass either —
+/// otherwise its 200 among the 429s would go on answering an attacker's guesses. A
+/// 401 from `judge` spends a failure; a right key neither spends nor refunds (one
+/// known key must not buy guesses at another). A key without the role (403) is not
+/// a failure: nothing was guessed.
+fn at_the_door<T>(
+    state: &AppState,
+    req: &HttpRequest,
+    credential: &str,
+    judge: impl FnOnce() -> Result<T, ApiError>,
+) -> Result<T, ApiError> {
+    let addr = peer_ip(req);
+    let count = |answer: &str| {
+        state
+            .metrics
+            .auth_failures
+            .with_label_values(&[credential, answer])
+            .inc()
+    };
+    if let Err(limited) = state.limits.auth_allowed(&addr) {
+        count("rate_limited");
+        return Err(limited);
+    }
+    let judged = judge();
+    if matches!(&judged, Err(e) if e.status == StatusCode::UNAUTHORIZED) {
+        state.limits.auth_failed(&addr);
+        count("unauthorized");
+    }
+    judged
+}
+
 /// A valid client session (401 otherwise; 429 past the session's or the address's
-/// rate limit). API keys are not sessions.
+/// rate limit, or its failed authentications). API keys are not sessions.
 pub struct ClientSession(pub SessionClaims);
 
 impl FromRequest for ClientSession {
@@ -94,24 +129,27 @@ impl FromRequest for ClientSession {
 
 fn client_session(req: &HttpRequest) -> Result<ClientSession, ApiError> {
     let state = state(req)?;
-    let claims = bearer(req)
-        .and_then(|token| state.sessions.verify(token, crate::time::now()).ok())
-        // A session of an app no longer configured is worthless.
-        .filter(|claims| state.settings.app(&claims.app_id).is_some())
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "missing, forged or expired session: log in again",
-            )
-        })?;
+    let claims = at_the_door(state, req, "session", || {
+        bearer(req)
+            .and_then(|token| state.sessions.verify(token, crate::time::now()).ok())
+            // A session of an app no longer configured is worthless.
+            .filter(|claims| state.settings.app(&claims.app_id).is_some())
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "missing, forged or expired session: log in again",
+                )
+            })
+    })?;
     state.limits.ip(&peer_ip(req))?;
     state.limits.session(&claims.app_id, &claims.openid)?;
     Ok(ClientSession(claims))
 }
 
 /// The client's address as this server sees it (a proxy in front makes every client
-/// one address: raise LEDGER_RATE_IP_PER_MIN or set it to 0 there).
+/// one address: raise LEDGER_RATE_IP_PER_MIN and LEDGER_RATE_AUTH_FAIL_PER_MIN or
+/// set them to 0 there).
 pub fn peer_ip(req: &HttpRequest) -> String {
     req.peer_addr()
         .map(|a| a.ip().to_string())

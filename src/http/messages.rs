@@ -210,6 +210,13 @@ pub(crate) async fn create(
             ));
         }
     }
+    // The key's place among waiters is taken before anything is stored, so a 429
+    // here leaves nothing behind and a retry cannot make a second message.
+    let waiting = if wait.is_zero() {
+        None
+    } else {
+        Some(state.limits.waiter(&auth.key_name)?)
+    };
     let submitted = state
         .db
         .run(move |c| outbox::submit(c, &message, idempotency.as_ref(), crate::time::now()))
@@ -225,7 +232,10 @@ pub(crate) async fn create(
         }
     };
     state.sender.nudge();
-    respond(&state, id, wait).await
+    match waiting {
+        Some(_slot) => respond(&state, id, wait).await,
+        None => Ok(HttpResponse::Accepted().json(load(&state, id).await?)),
+    }
 }
 
 #[utoipa::path(get, path = "/v1/messages/{id}", tag = "business",
@@ -259,23 +269,35 @@ async fn load(state: &AppState, id: i64) -> Result<MessageView, ApiError> {
         .ok_or_else(|| ApiError::not_found("no such message"))
 }
 
+/// How often a waiter reads its message again although nothing woke it.
+const RECHECK: Duration = Duration::from_secs(1);
+
 /// 200 with the final state if it comes within `wait`, else 202 with the current.
+///
+/// A finish in this instance wakes this waiter alone ([`outbox::waiters`]). A message
+/// finished by another instance cannot be signalled in-process, so the waiter also
+/// reads it again every [`RECHECK`]: on a multi-instance deployment `?wait` answers
+/// up to that much later, and each waiter costs at most one read a second (the
+/// per-key cap bounds how many there are). `await_credential_s` keeps no waiter in
+/// process at all: the message waits as a row, and a report makes it due in the
+/// database (`store::wake_waiting_many`) and nudges a sender worker.
 async fn respond(state: &AppState, id: i64, wait: Duration) -> Result<HttpResponse, ApiError> {
     let deadline = tokio::time::Instant::now() + wait;
-    let mut finished = state.sender.finished();
+    // Registered before the first read, so a finish after that read is not missed.
+    // Dropped on every way out — answer, timeout, or the client going away (actix
+    // drops this future) — which takes the registry entry with it.
+    let mut waiter = state.sender.waiter(id);
     loop {
         let view = load(state, id).await?;
-        if view.status.is_final() && !wait.is_zero() {
+        if view.status.is_final() {
             return Ok(HttpResponse::Ok().json(view));
         }
         if tokio::time::Instant::now() >= deadline {
             return Ok(HttpResponse::Accepted().json(view));
         }
-        // Woken by this instance's workers; another instance's are seen by polling.
-        let poll = tokio::time::sleep(Duration::from_millis(200));
         tokio::select! {
-            _ = finished.recv() => {}
-            _ = poll => {}
+            _ = waiter.finished() => {}
+            _ = tokio::time::sleep(RECHECK) => {}
             _ = tokio::time::sleep_until(deadline) => {}
         }
     }

@@ -13,6 +13,7 @@ pub mod sender;
 pub mod settle;
 pub mod store;
 pub mod templates;
+pub mod waiters;
 
 use std::collections::BTreeMap;
 

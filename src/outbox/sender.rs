@@ -4,12 +4,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, Utc};
-use tokio::sync::{broadcast, watch, Notify};
+use tokio::sync::{watch, Notify};
 
 use super::policy::Policy;
 pub use super::settle::next_beijing_midnight;
 use super::settle::{self, Settlement};
 use super::store::{self, MessageRow};
+use super::waiters::{Waiter, Waiters};
 use super::Content;
 use crate::db::{Db, DbResult};
 use crate::ledger::Kind;
@@ -39,7 +40,7 @@ pub struct Sender {
     /// This instance, as lease owner.
     owner: String,
     wake: Notify,
-    finished: broadcast::Sender<i64>,
+    waiters: Waiters,
     metrics: Arc<Metrics>,
 }
 
@@ -59,7 +60,7 @@ impl Sender {
             metrics,
             owner: format!("sender-{:016x}", rand::random::<u64>()),
             wake: Notify::new(),
-            finished: broadcast::channel(1024).0,
+            waiters: Waiters::default(),
         }
     }
 
@@ -82,9 +83,10 @@ impl Sender {
         self.wake.notify_one();
     }
 
-    /// Message ids reaching a final status in this instance.
-    pub fn finished(&self) -> broadcast::Receiver<i64> {
-        self.finished.subscribe()
+    /// Waits for message `id` to reach a final status in this instance; only its own
+    /// finish wakes it (see [`Waiters`]).
+    pub fn waiter(&self, id: i64) -> Waiter {
+        self.waiters.wait_for(id)
     }
 
     /// After the workers stopped: hand back every lease this instance holds.
@@ -292,7 +294,7 @@ impl Sender {
                 .messages_finished
                 .with_label_values(&[settlement.status.as_str(), code])
                 .inc();
-            let _ = self.finished.send(msg.id);
+            self.waiters.finished(msg.id);
         } else if settlement.next_attempt_at <= crate::time::now() {
             self.nudge();
         }

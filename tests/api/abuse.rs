@@ -2,14 +2,15 @@
 //! what a client can make the service keep (metric series, log lines), and who
 //! else on the machine can read the SQLite file.
 
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use serde_json::{json, Value};
 
 use crate::helpers::{
-    self, backend_app_tests, Application, StartupError, TestApp, APP, KEY_ADMIN, KEY_ALL, KEY_SEND,
-    KEY_TOKEN,
+    self, backend_app_tests, counter, Application, StartupError, TestApp, APP, KEY_ADMIN, KEY_ALL,
+    KEY_SEND, KEY_TOKEN,
 };
 
 fn code(body: &Value) -> Option<&str> {
@@ -54,6 +55,102 @@ backend_app_tests! {
         assert_eq!(app.credential_count(), 4, "refused reports stored nothing");
     }
 
+    /// Guessing keys (or sessions) from one address: its failures are limited, and
+    /// once they are spent even a right key is refused there — a 200 among the
+    /// 429s would go on answering the guesses. Other addresses are not affected.
+    async fn failed_authentication_is_limited_per_address(tdb) {
+        let app = TestApp::spawn_with(tdb, |s| s.limits.auth_failures_per_minute = 3).await;
+        let wrong = "not-a-key-0123456789";
+        // A key without the role is not a guess: it spends nothing.
+        for _ in 0..5 {
+            assert_eq!(app.get("/v1/admin/stats", Some(KEY_SEND)).await.0, 403);
+        }
+        for _ in 0..2 {
+            let (status, body) = app.get("/v1/admin/stats", Some(wrong)).await;
+            assert_eq!((status, code(&body)), (401, Some("unauthorized")), "{body}");
+        }
+        // A forged session is a failure of the same address.
+        let (status, _) = app.post("/v1/client/credentials", Some("v1.forged.session"), &json!({})).await;
+        assert_eq!(status, 401);
+        // Three failures spent: the next attempt is not judged, right key or wrong.
+        let res = app.http.get(app.url("/v1/admin/stats")).bearer_auth(wrong).send().await.unwrap();
+        let retry_after: u64 = res.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+        assert!((1..=20).contains(&retry_after), "{retry_after}");
+        let (status, body) = helpers::read(res).await;
+        assert_eq!((status, code(&body)), (429, Some("rate_limited")), "{body}");
+        let (status, body) = app.get("/v1/admin/stats", Some(KEY_ADMIN)).await;
+        assert_eq!((status, code(&body)), (429, Some("rate_limited")), "{body}");
+        let session = app.login("u").await; // logging in presents nothing to guess
+        assert_eq!(app.post("/v1/client/credentials", Some(&session), &json!({})).await.0, 429);
+        // Another address has its own budget.
+        let elsewhere = reqwest::Client::builder()
+            .local_address(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)))
+            .build()
+            .unwrap();
+        let res = elsewhere.get(app.url("/v1/admin/stats")).bearer_auth(KEY_ADMIN).send().await.unwrap();
+        assert_eq!(res.status(), 200);
+        // Counted: what was judged wrong, and what was refused unjudged.
+        let series = |credential: &str, answer: &str| format!(r#"ledger_auth_failures_total{{answer="{answer}",credential="{credential}"}}"#);
+        assert_eq!(counter(&app, &series("api_key", "unauthorized")).await, 2);
+        assert_eq!(counter(&app, &series("session", "unauthorized")).await, 1);
+        assert_eq!(counter(&app, &series("api_key", "rate_limited")).await, 2);
+        assert_eq!(counter(&app, &series("session", "rate_limited")).await, 1);
+    }
+
+    /// `?wait` requests waiting at once are capped per key: past the cap 429 before
+    /// anything is stored; other keys, and requests that do not wait, are not affected;
+    /// the places come back when the waiters are answered.
+    async fn waiting_requests_are_capped_per_key(tdb) {
+        let app = TestApp::spawn_with(tdb, |s| s.limits.max_waiters_per_key = 2).await;
+        // u holds no credential: its messages wait for one (await_credential_s).
+        let waiting = json!({"openid": "u", "template_id": "TPL", "await_credential_s": 600});
+        let held: Vec<_> = (0..2)
+            .map(|_| {
+                let req = app.http.post(app.url("/v1/messages?wait=30")).bearer_auth(KEY_SEND).json(&waiting).send();
+                actix_web::rt::spawn(async move { helpers::read(req.await.unwrap()).await })
+            })
+            .collect();
+        let stored = |n: usize| {
+            let app = &app;
+            async move {
+                let (_, page) = app.get("/v1/admin/users/u/messages", Some(KEY_ADMIN)).await;
+                page["messages"].as_array().map(Vec::len) == Some(n)
+            }
+        };
+        // A place is taken before a message is stored: two stored, two places held.
+        assert!(helpers::eventually(Duration::from_secs(10), || stored(2)).await);
+        let res = app.http.post(app.url("/v1/messages?wait=5")).bearer_auth(KEY_SEND).json(&waiting).send().await.unwrap();
+        assert!(res.headers().get("retry-after").is_some());
+        let (status, body) = helpers::read(res).await;
+        assert_eq!((status, code(&body)), (429, Some("rate_limited")), "{body}");
+        assert!(stored(2).await, "the refused request stored nothing");
+        // Without ?wait nothing waits; another key has places of its own.
+        let quick = json!({"openid": "w", "template_id": "TPL"});
+        assert_eq!(app.post("/v1/messages", Some(KEY_SEND), &quick).await.0, 202);
+        let (status, body) = app.post("/v1/messages?wait=30", Some(KEY_ALL), &quick).await;
+        assert_eq!((status, body["status"].as_str()), (200, Some("no_quota")), "{body}");
+        // Credentials arrive once the sender has looked for credentials for all four
+        // messages (u's two, w's two; a report racing a look can be missed until
+        // await_credential_s runs out: not this test's subject): both waiters are
+        // answered with their final status…
+        let looked = helpers::eventually(Duration::from_secs(10), || async {
+            counter(&app, r#"ledger_claims_total{result="miss"}"#).await >= 4
+        });
+        assert!(looked.await);
+        let forms: Vec<Value> = app.sim.sim.mint_form_ids(APP, "u", 2).unwrap().into_iter()
+            .map(|v| json!({"openid": "u", "kind": "form_id", "value": v}))
+            .collect();
+        let (status, body) = app.post("/v1/credentials", Some(KEY_SEND), &json!({"credentials": forms})).await;
+        assert_eq!((status, body["accepted"].as_u64()), (200, Some(2)), "{body}");
+        for h in held {
+            let (status, body) = h.await.unwrap();
+            assert_eq!((status, body["status"].as_str()), (200, Some("sent")), "{body}");
+        }
+        // …and their places are free again.
+        let (status, body) = app.post("/v1/messages?wait=30", Some(KEY_SEND), &quick).await;
+        assert_eq!((status, body["status"].as_str()), (200, Some("no_quota")), "{body}");
+    }
+
     async fn hostile_values_are_refused_or_stored_verbatim(tdb) {
         let app = TestApp::spawn(tdb).await;
         // Header injection and control characters in an openid or template id.
@@ -90,7 +187,12 @@ backend_app_tests! {
 /// everywhere a key is required.
 #[actix_web::test]
 async fn roles_by_endpoint_matrix() {
-    let app = TestApp::spawn(helpers::TestDb::sqlite()).await;
+    // Its sessions at key endpoints and keys at the client endpoint are 16 failed
+    // authentications from one address: more than the default allows a minute.
+    let app = TestApp::spawn_with(helpers::TestDb::sqlite(), |s| {
+        s.limits.auth_failures_per_minute = 0;
+    })
+    .await;
     let session = app.login("o1").await;
     // (method, path, body, which role passes)
     let rows: Vec<(&str, String, Value, &str)> = vec![

@@ -61,7 +61,9 @@ async fn call(
 
 backend_app_tests! {
     async fn authentication_matrix(tdb) {
-        let app = TestApp::spawn(tdb).await;
+        // Dozens of failed authentications from one address: more than the default
+        // allows (that limit is tested in abuse.rs).
+        let app = TestApp::spawn_with(tdb, |s| s.limits.auth_failures_per_minute = 0).await;
         let keys = [("send", KEY_SEND), ("admin", KEY_ADMIN), ("token", KEY_TOKEN)];
         for (method, path, role, body) in endpoints() {
             // No key, an unknown key, a key in the wrong scheme, a session-shaped

@@ -289,6 +289,16 @@ impl TestApp {
     }
 }
 
+/// A counter's value on /metrics, `series` being its name and labels; 0 while it
+/// has not been counted.
+pub async fn counter(app: &TestApp, series: &str) -> u64 {
+    let res = app.http.get(app.url("/metrics")).send().await.unwrap();
+    let text = res.text().await.unwrap();
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0)
+}
+
 /// Status and body of a response; the body as JSON, or Null if it is not JSON.
 pub async fn read(res: reqwest::Response) -> (u16, serde_json::Value) {
     let status = res.status().as_u16();

@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use crate::helpers::{
-    self, backend_app_tests, FaultSet, Faults, Settings, SimConfig, TestApp, TestSim, APP,
+    self, backend_app_tests, counter, FaultSet, Faults, Settings, SimConfig, TestApp, TestSim, APP,
     KEY_ADMIN, KEY_SEND,
 };
 
@@ -90,16 +90,6 @@ async fn quota(app: &TestApp, openid: &str) -> Value {
     app.get(&format!("/v1/admin/users/{openid}/quota"), Some(KEY_ADMIN))
         .await
         .1
-}
-
-/// A counter's value on /metrics, `series` being its name and labels; 0 while it
-/// has not been counted.
-async fn counter(app: &TestApp, series: &str) -> u64 {
-    let res = app.http.get(app.url("/metrics")).send().await.unwrap();
-    let text = res.text().await.unwrap();
-    text.lines()
-        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0)
 }
 
 /// (credential value → deliveries) at the simulator.
