@@ -93,13 +93,14 @@ log "starting $LEDGER_BIN on $BASE (sandbox, SQLite in $WORK)"
 (
     cd "$WORK"
     # Only the settings below: none of the caller's LEDGER_* (LEDGER_BIN is this
-    # script's own; the service would warn about it as an unknown setting).
+    # script's own; other LEDGER_* of the caller could be settings or misspellings).
     # shellcheck disable=SC2046 # one "-u NAME" word per variable
     exec env $(env | sed -n 's/^\(LEDGER_[A-Z0-9_]*\)=.*/-u \1/p') \
         LEDGER_BIND="127.0.0.1:$PORT" \
         LEDGER_DATABASE_URL="sqlite://$WORK/ledger.db" \
         LEDGER_API_KEYS="fuzz:send+admin+token:$API_KEY" \
         LEDGER_RATE_KEY_PER_S=0 LEDGER_RATE_SESSION_PER_MIN=0 LEDGER_RATE_IP_PER_MIN=0 \
+        LEDGER_RATE_AUTH_FAIL_PER_MIN=0 \
         RUST_LOG="${RUST_LOG:-warn}" \
         "$LEDGER_BIN" serve
 ) >"$WORK/service.log" 2>&1 &
