@@ -19,6 +19,11 @@ pub struct Policy {
     pub young_max_retries: u32,
     /// Transient failures (-1, 5xx, timeouts) retried with the same credential.
     pub max_retries: u32,
+    /// The same for a probe: a single-use credential whose earlier call may have
+    /// delivered is sent again until WeChat answers (41029 proves the delivery,
+    /// success proves there was none). A probe can never send a second message, so
+    /// it outlasts a fault burst far longer before the message ends `outcome_unknown`.
+    pub max_probe_retries: u32,
     /// First backoff after a transient failure; doubles each time, with jitter.
     pub backoff_base: Duration,
     pub backoff_max: Duration,
@@ -35,6 +40,7 @@ impl Default for Policy {
             young_retry_delay: Duration::from_secs(5),
             young_max_retries: 6,
             max_retries: 5,
+            max_probe_retries: 20,
             backoff_base: Duration::from_millis(500),
             backoff_max: Duration::from_secs(60),
             max_credentials: 5,

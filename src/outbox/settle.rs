@@ -356,11 +356,18 @@ fn backoff(
         AttemptOutcome::Retry
     };
     let retries = msg.retries + 1;
+    // Past an ambiguous call the credential is single-use (else it ended below), and
+    // every further call is a probe.
+    let most = if ambiguous || msg.ambiguous {
+        policy.max_probe_retries
+    } else {
+        policy.max_retries
+    };
     let settlement = if ambiguous && !can_probe(msg)? {
         // A multi-use prepay_id or a subscription: another call could deliver a
         // second message, and 41029 would prove nothing.
         outcome_unknown(errcode, now)
-    } else if retries > i32::try_from(policy.max_retries).unwrap_or(i32::MAX) {
+    } else if retries > i32::try_from(most).unwrap_or(i32::MAX) {
         if ambiguous || msg.ambiguous {
             // A call may have delivered and no probe could prove it either way.
             outcome_unknown(errcode, now)
@@ -616,11 +623,19 @@ mod tests {
         assert_eq!(end(&s), (Status::Failed, CredentialFate::Release));
         assert_eq!(error(&s), Some(("retries_exhausted", Some(-1))));
         assert_eq!(s.error.unwrap().message, "WeChat kept failing: errcode -1");
-        // An earlier call may have delivered: the use stays charged.
+        // An earlier call may have delivered: every call is a probe now, retried up to
+        // the probes' bound, and past it the use stays charged.
+        let probing = MessageRow {
+            ambiguous: true,
+            ..last
+        };
+        let s = settle(&probing, wechat(-1));
+        assert_eq!(end(&s), (Status::Sending, CredentialFate::Keep));
+        assert_eq!((s.retries, s.ambiguous), (probing.retries + 1, true));
         let s = settle(
             &MessageRow {
-                ambiguous: true,
-                ..last
+                retries: i32::try_from(p.max_probe_retries).unwrap(),
+                ..probing
             },
             wechat(-1),
         );
