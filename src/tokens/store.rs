@@ -140,6 +140,22 @@ pub fn take_lease(
     Ok(changed == 1)
 }
 
+/// The app's row while `owner` holds its lease.
+#[diesel::dsl::auto_type(no_type_alias)]
+fn leased_row<'a>(app_id: &'a str, owner: &'a str) -> _ {
+    t::access_tokens
+        .filter(t::app_id.eq(app_id))
+        .filter(t::lease_owner.eq(owner))
+}
+
+/// The assignments that give the lease up.
+#[diesel::dsl::auto_type(no_type_alias)]
+fn lease_freed() -> _ {
+    let nobody: Option<String> = None;
+    let never: Option<NaiveDateTime> = None;
+    (t::lease_owner.eq(nobody), t::lease_until.eq(never))
+}
+
 /// Stores a fetched token and gives the lease up. False if the lease was lost (it
 /// ran out and someone else took it): then the token is not stored.
 pub fn store(
@@ -150,54 +166,37 @@ pub fn store(
     expires_at: DateTime<Utc>,
     now: DateTime<Utc>,
 ) -> DbResult<bool> {
-    let changed = dispatch!(conn, |c| diesel::update(
-        t::access_tokens
-            .filter(t::app_id.eq(app_id))
-            .filter(t::lease_owner.eq(owner))
-    )
-    .set((
-        t::token.eq(token),
-        t::expires_at.eq(to_db(expires_at)),
-        t::fetched_at.eq(to_db(now)),
-        t::lease_owner.eq(None::<String>),
-        t::lease_until.eq(None::<NaiveDateTime>),
-        t::failures.eq(0),
-        t::last_error.eq(None::<String>),
-    ))
-    .execute(c))?;
+    let changed = dispatch!(conn, |c| diesel::update(leased_row(app_id, owner))
+        .set((
+            t::token.eq(token),
+            t::expires_at.eq(to_db(expires_at)),
+            t::fetched_at.eq(to_db(now)),
+            lease_freed(),
+            t::failures.eq(0),
+            t::last_error.eq(None::<String>),
+        ))
+        .execute(c))?;
     Ok(changed == 1)
 }
 
 /// Gives the lease up leaving the row as it was (WeChat confirmed the stored token).
 pub fn release(conn: &mut DbConn, app_id: &str, owner: &str) -> DbResult<()> {
-    dispatch!(conn, |c| diesel::update(
-        t::access_tokens
-            .filter(t::app_id.eq(app_id))
-            .filter(t::lease_owner.eq(owner))
-    )
-    .set((
-        t::lease_owner.eq(None::<String>),
-        t::lease_until.eq(None::<NaiveDateTime>),
-    ))
-    .execute(c))?;
+    dispatch!(conn, |c| diesel::update(leased_row(app_id, owner))
+        .set(lease_freed())
+        .execute(c))?;
     Ok(())
 }
 
 /// Records a failed fetch and gives the lease up; the old token stays.
 pub fn fail(conn: &mut DbConn, app_id: &str, owner: &str, error: &str) -> DbResult<()> {
     let error: String = error.chars().take(MAX_ERROR_LEN).collect();
-    dispatch!(conn, |c| diesel::update(
-        t::access_tokens
-            .filter(t::app_id.eq(app_id))
-            .filter(t::lease_owner.eq(owner))
-    )
-    .set((
-        t::lease_owner.eq(None::<String>),
-        t::lease_until.eq(None::<NaiveDateTime>),
-        t::failures.eq(t::failures + 1),
-        t::last_error.eq(error),
-    ))
-    .execute(c))?;
+    dispatch!(conn, |c| diesel::update(leased_row(app_id, owner))
+        .set((
+            lease_freed(),
+            t::failures.eq(t::failures + 1),
+            t::last_error.eq(error),
+        ))
+        .execute(c))?;
     Ok(())
 }
 
