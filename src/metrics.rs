@@ -24,6 +24,7 @@ pub struct Metrics {
     pub wechat_calls: IntCounterVec,
     pub wechat_seconds: HistogramVec,
     pub token_refreshes: IntCounterVec,
+    pub token_forced_refreshes: IntCounterVec,
     pub queue_depth: IntGauge,
     pub db_connections: IntGauge,
     pub db_idle_connections: IntGauge,
@@ -133,6 +134,15 @@ impl Metrics {
                 &r,
                 "token_refreshes_total",
                 "access_token fetches by this instance, by result",
+                &["app_id", "result"],
+            ),
+            token_forced_refreshes: counter(
+                &r,
+                "token_forced_refreshes_total",
+                "Compare-and-refresh calls by result: fetched (WeChat issued a new token), \
+                 caught_up (an unforced check found WeChat had replaced a young token), \
+                 throttled (the stale token is younger than LEDGER_TOKEN_FORCE_INTERVAL_S: \
+                 handed out again), not_current (already replaced), failed",
                 &["app_id", "result"],
             ),
             queue_depth: gauge(

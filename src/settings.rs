@@ -126,6 +126,9 @@ pub struct Settings {
     pub http_workers: usize,
     /// Refresh an app's access_token this long before it expires.
     pub token_refresh_margin: Duration,
+    /// Compare-and-refresh does not replace a token fetched less than this ago
+    /// (WeChat: forced stable refreshes 30 s apart, 20 a day); zero: no limit.
+    pub token_force_interval: Duration,
     /// Lifetime of a client session.
     pub session_ttl: Duration,
     /// Bound on one WeChat call (connect is bounded by a third of it).
@@ -175,6 +178,7 @@ impl Default for Settings {
             expiry_margin: Duration::from_secs(600),
             http_workers: 0,
             token_refresh_margin: Duration::from_secs(300),
+            token_force_interval: Duration::from_secs(30),
             session_ttl: Duration::from_secs(30 * 86_400),
             wechat_timeout: Duration::from_secs(10),
             sender_workers: 8,
@@ -306,6 +310,7 @@ settings! {
     expiry_margin_s => |s, v| s.expiry_margin = secs(v, 0, 86_400)?;
     http_workers => |s, v| s.http_workers = int(v, 0, 256)? as usize;
     token_refresh_margin_s => |s, v| s.token_refresh_margin = secs(v, 0, 3600)?;
+    token_force_interval_s => |s, v| s.token_force_interval = secs(v, 0, 86_400)?;
     session_ttl_s => |s, v| s.session_ttl = secs(v, 60, 365 * 86_400)?;
     wechat_timeout_s => |s, v| s.wechat_timeout = secs(v, 1, 120)?;
     sender_workers => |s, v| s.sender_workers = int(v, 1, 256)? as usize;

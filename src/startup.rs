@@ -126,6 +126,7 @@ impl Application {
             &settings.apps,
             settings.token_api,
             settings.token_refresh_margin,
+            settings.token_force_interval,
             metrics.clone(),
         ));
         tokens.init().await?;

@@ -87,7 +87,7 @@ pub(crate) struct RefreshBody {
     security(("api_key" = [])),
     responses(
         (status = 429, description = "rate_limited: too many requests from this key, session or address (Retry-After)", body = ErrorBody),
-        (status = 200, description = "The new token if stale_token was current, else the current one", body = RefreshedBody),
+        (status = 200, description = "The new token if stale_token was current and at least LEDGER_TOKEN_FORCE_INTERVAL_S old, else the current one (refreshed: false)", body = RefreshedBody),
         (status = 400, description = "invalid_request (the message names the problem), or app_id_required", body = ErrorBody),
         (status = 401, description = "unauthorized: missing or unknown credentials", body = ErrorBody),
         (status = 403, description = "forbidden: the key lacks the role", body = ErrorBody),

@@ -11,6 +11,12 @@
 //!   expires; a failed refresh is retried with backoff while the old token is served.
 //! - Compare-and-refresh: given a token WeChat just refused, refresh only if it is
 //!   still the current one; otherwise hand out the current one without calling WeChat.
+//!   A token fetched less than `force_interval` ago (by any instance: the age is
+//!   checked in the row) is not replaced: a caller looping "get, refresh" would
+//!   otherwise spend the app's daily quota (stable `force_refresh`: 20 a day, 30 s
+//!   apart). With the stable API such a young token is checked once per interval per
+//!   instance with a normal (not forced) call, which catches a token replaced outside
+//!   the service without spending the force quota.
 
 pub mod store;
 
@@ -60,6 +66,8 @@ pub struct TokenManager {
     client: WechatClient,
     api: TokenApi,
     refresh_margin: TimeDelta,
+    /// The youngest token compare-and-refresh replaces; zero: no limit.
+    force_interval: TimeDelta,
     /// This instance, as lease owner.
     owner: String,
     apps: HashMap<String, AppSlot>,
@@ -77,6 +85,44 @@ struct AppSlot {
     /// for its token. A token another instance replaced stays valid for WeChat's
     /// overlap, and a refused one is compare-and-refreshed anyway.
     cached: std::sync::Mutex<Option<(Instant, StoredToken)>>,
+    /// When this process last asked WeChat (not forced) whether a young token it was
+    /// told is stale is still WeChat's current one.
+    last_check: std::sync::Mutex<Option<Instant>>,
+}
+
+/// Whether a refresh may force a new stable token (WeChat allows ~20 a day).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Force {
+    Allowed,
+    Never,
+}
+
+/// What one compare-and-refresh did, as the metric's `result` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ForcedOutcome {
+    /// WeChat issued a new token (classic, or a forced stable refresh).
+    Fetched,
+    /// The token was young, and a normal stable call showed WeChat had already
+    /// replaced it (someone outside the service refreshed): the new one is stored.
+    CaughtUp,
+    /// The token is the stale one but young: handed out again, WeChat not asked to
+    /// replace it.
+    Throttled,
+    /// Someone already replaced the stale token: the current one is handed out.
+    NotCurrent,
+    Failed,
+}
+
+impl ForcedOutcome {
+    fn label(self) -> &'static str {
+        match self {
+            ForcedOutcome::Fetched => "fetched",
+            ForcedOutcome::CaughtUp => "caught_up",
+            ForcedOutcome::Throttled => "throttled",
+            ForcedOutcome::NotCurrent => "not_current",
+            ForcedOutcome::Failed => "failed",
+        }
+    }
 }
 
 impl AppSlot {
@@ -105,6 +151,17 @@ impl AppSlot {
         *cached = Some((Instant::now(), row.clone()));
     }
 
+    /// True at most once per `every` in this process: the caller may check a young
+    /// token with WeChat.
+    fn take_check(&self, every: Duration) -> bool {
+        let mut last = self.last_check.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_some_and(|at| at.elapsed() < every) {
+            return false;
+        }
+        *last = Some(Instant::now());
+        true
+    }
+
     fn set_failure(&self, error: &str) {
         let mut last = self.last_failure.lock().unwrap_or_else(|p| p.into_inner());
         *last = Some((Instant::now(), error.to_string()));
@@ -118,6 +175,7 @@ impl TokenManager {
         apps: &[App],
         api: TokenApi,
         refresh_margin: Duration,
+        force_interval: Duration,
         metrics: Arc<crate::metrics::Metrics>,
     ) -> Self {
         TokenManager {
@@ -126,6 +184,7 @@ impl TokenManager {
             client,
             api,
             refresh_margin: TimeDelta::from_std(refresh_margin).unwrap_or(TimeDelta::minutes(5)),
+            force_interval: TimeDelta::from_std(force_interval).unwrap_or(TimeDelta::seconds(30)),
             owner: format!("{:016x}", rand::random::<u64>()),
             apps: apps
                 .iter()
@@ -135,6 +194,7 @@ impl TokenManager {
                         flight: Mutex::new(()),
                         last_failure: std::sync::Mutex::new(None),
                         cached: std::sync::Mutex::new(None),
+                        last_check: std::sync::Mutex::new(None),
                     };
                     (a.app_id.clone(), slot)
                 })
@@ -159,20 +219,55 @@ impl TokenManager {
         if !Need::ExpiresBefore(now).holds(&row) {
             return Ok(handed_out(row));
         }
-        self.refresh(app_id, Need::ExpiresBefore(now))
+        self.refresh(app_id, Need::ExpiresBefore(now), Force::Never)
             .await
             .map(|(t, _)| t)
     }
 
-    /// Compare-and-refresh: a new token if `stale` is still the current one, else the
-    /// current one. The flag says whether this call fetched.
+    /// Compare-and-refresh: a new token if `stale` is still the current one and was
+    /// fetched at least `force_interval` ago, else the current one. The flag says
+    /// whether this call stored a new token.
     pub async fn compare_and_refresh(
         &self,
         app_id: &str,
         stale: &str,
     ) -> Result<(CurrentToken, bool), TokenError> {
-        let stale = stale.to_string();
-        self.refresh(app_id, Need::StillCurrent(&stale)).await
+        let slot = self
+            .apps
+            .get(app_id)
+            .ok_or_else(|| TokenError::UnknownApp(app_id.into()))?;
+        let limited = self.force_interval > TimeDelta::zero();
+        let need = Need::StillCurrent {
+            stale,
+            fetched_before: limited.then(|| crate::time::now() - self.force_interval),
+        };
+        let mut result = self.refresh(app_id, need, Force::Allowed).await;
+        let mut outcome = classify(&result, stale, ForcedOutcome::Fetched);
+        if outcome == ForcedOutcome::Throttled
+            && self.api == TokenApi::Stable
+            && slot.take_check(self.force_interval.to_std().unwrap_or_default())
+        {
+            // A young token refused by WeChat is most likely one someone outside the
+            // service replaced: a normal stable call returns WeChat's current token
+            // and spends none of the 20 forced refreshes a day.
+            let check = Need::StillCurrent {
+                stale,
+                fetched_before: None,
+            };
+            match self.refresh(app_id, check, Force::Never).await {
+                Ok(checked) => {
+                    result = Ok(checked);
+                    outcome = classify(&result, stale, ForcedOutcome::CaughtUp);
+                }
+                Err(e) => log::warn!("app {app_id}: checking a young token with WeChat: {e}"),
+            }
+        }
+        self.metrics
+            .token_forced_refreshes
+            .with_label_values(&[app_id, outcome.label()])
+            .inc();
+        log::info!("app {app_id}: compare-and-refresh: {}", outcome.label());
+        result
     }
 
     /// The stored row, whatever its state (for the CLI and the admin page).
@@ -203,6 +298,7 @@ impl TokenManager {
         &self,
         app_id: &str,
         need: Need<'_>,
+        force: Force,
     ) -> Result<(CurrentToken, bool), TokenError> {
         let slot = self
             .apps
@@ -241,7 +337,7 @@ impl TokenManager {
                 tokio::time::sleep(POLL).await;
                 continue;
             }
-            return self.fetch_and_store(app_id, slot, need, &row).await;
+            return self.fetch_and_store(app_id, slot, need, force, &row).await;
         }
     }
 
@@ -250,9 +346,10 @@ impl TokenManager {
         app_id: &str,
         slot: &AppSlot,
         need: Need<'_>,
+        force: Force,
         old: &StoredToken,
     ) -> Result<(CurrentToken, bool), TokenError> {
-        let fetched = self.fetch(app_id, &slot.secret, need, old).await;
+        let fetched = self.fetch(app_id, &slot.secret, need, force, old).await;
         let result = if fetched.is_ok() { "ok" } else { "error" };
         self.metrics
             .token_refreshes
@@ -260,6 +357,15 @@ impl TokenManager {
             .inc();
         let (id, owner) = (app_id.to_string(), self.owner.clone());
         match fetched {
+            Ok(token)
+                if matches!(need, Need::StillCurrent { .. })
+                    && token.token.expose() == old.token =>
+            {
+                // WeChat says the stale token is still its current one (an unforced
+                // check): nothing to store, and its fetch time stays as it was.
+                self.db.run(move |c| store::release(c, &id, &owner)).await?;
+                Ok((handed_out(old.clone()), false))
+            }
             Ok(token) => {
                 let now = crate::time::now();
                 let expires_at = now + TimeDelta::seconds(token.expires_in.max(0));
@@ -300,6 +406,7 @@ impl TokenManager {
         app_id: &str,
         secret: &Secret,
         need: Need<'_>,
+        force: Force,
         old: &StoredToken,
     ) -> Result<AccessToken, WechatError> {
         match self.api {
@@ -308,7 +415,10 @@ impl TokenManager {
                 let token = self.client.stable_token(app_id, secret, false).await?;
                 // The stable API keeps handing out a token WeChat refused until it
                 // is forced; force only then (WeChat allows ~20 a day).
-                if matches!(need, Need::StillCurrent(_)) && token.token.expose() == old.token {
+                if force == Force::Allowed
+                    && matches!(need, Need::StillCurrent { .. })
+                    && token.token.expose() == old.token
+                {
                     self.client.stable_token(app_id, secret, true).await
                 } else {
                     Ok(token)
@@ -353,7 +463,9 @@ impl TokenManager {
         let due = now + self.refresh_margin;
         let row = self.load(app_id).await?;
         let row = if Need::ExpiresBefore(due).holds(&row) {
-            let (token, _) = self.refresh(app_id, Need::ExpiresBefore(due)).await?;
+            let (token, _) = self
+                .refresh(app_id, Need::ExpiresBefore(due), Force::Never)
+                .await?;
             if token.expires_at <= crate::time::now() + self.refresh_margin {
                 // WeChat handed back a token that is already due (the stable API does
                 // until its last minutes): look again shortly rather than spin.
@@ -382,6 +494,21 @@ fn still_valid(need: Need<'_>, old: &StoredToken) -> Option<(CurrentToken, bool)
     (matches!(need, Need::ExpiresBefore(_)) && valid).then(|| (handed_out(old.clone()), false))
 }
 
+/// What a compare-and-refresh of `stale` did, from its result; `stored` names a
+/// call that stored a new token.
+fn classify(
+    result: &Result<(CurrentToken, bool), TokenError>,
+    stale: &str,
+    stored: ForcedOutcome,
+) -> ForcedOutcome {
+    match result {
+        Ok((_, true)) => stored,
+        Ok((token, false)) if token.token.expose() == stale => ForcedOutcome::Throttled,
+        Ok(_) => ForcedOutcome::NotCurrent,
+        Err(_) => ForcedOutcome::Failed,
+    }
+}
+
 fn handed_out(row: StoredToken) -> CurrentToken {
     CurrentToken {
         token: Secret::new(row.token),
@@ -392,14 +519,17 @@ fn handed_out(row: StoredToken) -> CurrentToken {
 /// [`Need`] without the borrow, to move into a blocking database task.
 enum OwnedNeed {
     ExpiresBefore(DateTime<Utc>),
-    StillCurrent(String),
+    StillCurrent(String, Option<DateTime<Utc>>),
 }
 
 impl OwnedNeed {
     fn as_need(&self) -> Need<'_> {
         match self {
             OwnedNeed::ExpiresBefore(at) => Need::ExpiresBefore(*at),
-            OwnedNeed::StillCurrent(t) => Need::StillCurrent(t),
+            OwnedNeed::StillCurrent(stale, fetched_before) => Need::StillCurrent {
+                stale,
+                fetched_before: *fetched_before,
+            },
         }
     }
 }
@@ -408,7 +538,10 @@ impl From<Need<'_>> for OwnedNeed {
     fn from(need: Need<'_>) -> Self {
         match need {
             Need::ExpiresBefore(at) => OwnedNeed::ExpiresBefore(at),
-            Need::StillCurrent(t) => OwnedNeed::StillCurrent(t.to_string()),
+            Need::StillCurrent {
+                stale,
+                fetched_before,
+            } => OwnedNeed::StillCurrent(stale.to_string(), fetched_before),
         }
     }
 }

@@ -1,15 +1,17 @@
 //! access_token central control against the simulator: one fetch per cycle across
-//! instances, compare-and-refresh bursts, WeChat down during a refresh.
+//! instances, compare-and-refresh bursts, the limit on forced refreshes, WeChat down
+//! during a refresh.
 
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use diesel::prelude::*;
 use serde_json::{json, Value};
 
 use crate::helpers::{
-    self, backend_app_tests, FaultSet, Faults, SimTokenApi, TestApp, TestSim, TokenApi, APP,
-    KEY_TOKEN,
+    self, backend_app_tests, counter, dispatch, schema, FaultSet, Faults, SimTokenApi, TestApp,
+    TestSim, TokenApi, APP, KEY_TOKEN,
 };
 
 /// Does WeChat (the simulator) take this token right now? A template send to a
@@ -36,6 +38,77 @@ fn fetches(sim: &TestSim) -> usize {
         .iter()
         .filter(|f| f.appid == APP)
         .count()
+}
+
+fn forced_fetches(sim: &TestSim) -> usize {
+    sim.sim
+        .token_fetches()
+        .iter()
+        .filter(|f| f.appid == APP && f.api == SimTokenApi::Stable && f.force_refresh)
+        .count()
+}
+
+/// The stored token was fetched an hour ago: older than any force interval.
+async fn age_token(app: &TestApp) {
+    use schema::access_tokens::dsl as t;
+    let long_ago = chrono::Utc::now().naive_utc() - chrono::TimeDelta::hours(1);
+    app.db
+        .run(move |conn| {
+            Ok(dispatch!(conn, |c| diesel::update(
+                t::access_tokens.filter(t::app_id.eq(APP))
+            )
+            .set(t::fetched_at.eq(long_ago))
+            .execute(c))?)
+        })
+        .await
+        .unwrap();
+}
+
+/// Compare-and-refresh calls counted with this result, summed over instances.
+async fn forced_refreshes(apps: &[&TestApp], result: &str) -> u64 {
+    let series =
+        format!(r#"ledger_token_forced_refreshes_total{{app_id="{APP}",result="{result}"}}"#);
+    let mut n = 0;
+    for app in apps {
+        n += counter(app, &series).await;
+    }
+    n
+}
+
+/// A `token` key loops "get, then refresh with it as stale_token" on `refresh_on`
+/// (`get_on` gets); returns each (token got, refresh answer).
+async fn refresh_loop(
+    get_on: &[&TestApp],
+    refresh_on: &[&TestApp],
+    n: usize,
+) -> Vec<(String, Value)> {
+    let mut answers = Vec::new();
+    for i in 0..n {
+        let (status, got) = get_token(get_on[i % get_on.len()]).await;
+        assert_eq!(status, 200, "{got}");
+        let got = got["access_token"].as_str().unwrap().to_string();
+        let (status, res) = refresh(refresh_on[i % refresh_on.len()], &got).await;
+        assert_eq!(status, 200, "{res}");
+        answers.push((got, res));
+    }
+    answers
+}
+
+/// The first refresh of the loop replaced the token; every later one handed the
+/// current token back without refreshing.
+fn one_refresh_then_current(answers: &[(String, Value)], first: &str) -> String {
+    let (_, res) = &answers[0];
+    assert_eq!(res["refreshed"], true, "{res}");
+    let new = res["access_token"].as_str().unwrap().to_string();
+    assert_ne!(new, first);
+    for (got, res) in &answers[1..] {
+        assert_eq!(res["refreshed"], false, "{res}");
+        assert_eq!(
+            (got.as_str(), res["access_token"].as_str()),
+            (new.as_str(), Some(new.as_str()))
+        );
+    }
+    new
 }
 
 async fn get_token(app: &TestApp) -> (u16, Value) {
@@ -100,7 +173,12 @@ backend_app_tests! {
 
     /// 100 concurrent compare-and-refresh calls with the same stale token: one fetch.
     async fn a_burst_of_compare_and_refresh_fetches_once(tdb) {
-        let app = TestApp::spawn_with(tdb, |s| s.token_api = TokenApi::Classic).await;
+        // A fresh token is refreshed at once: no force interval.
+        let app = TestApp::spawn_with(tdb, |s| {
+            s.token_api = TokenApi::Classic;
+            s.token_force_interval = Duration::ZERO;
+        })
+        .await;
         let (_, first) = get_token(&app).await;
         let stale = first["access_token"].as_str().unwrap().to_string();
         let before = fetches(&app.sim);
@@ -132,7 +210,7 @@ backend_app_tests! {
     /// The stable API: the normal call hands the refused token back, so the one
     /// refresh is forced; a burst still forces once.
     async fn stable_compare_and_refresh_forces_once(tdb) {
-        let app = TestApp::spawn(tdb).await;
+        let app = TestApp::spawn_with(tdb, |s| s.token_force_interval = Duration::ZERO).await;
         let (_, first) = get_token(&app).await;
         let stale = first["access_token"].as_str().unwrap().to_string();
         let app = Arc::new(app);
@@ -152,6 +230,61 @@ backend_app_tests! {
             .count();
         assert_eq!(forced, 1);
         assert_eq!(token_errcode(&app.sim, &stale).await, 40001, "the forced refresh retired the stale token");
+    }
+
+    /// Issue 14 item 5: a `token` key looping "get, refresh(stale = that token)"
+    /// forces one stable refresh per interval; the rest get the current token with
+    /// `refreshed: false`. At most one unforced check of the young token is added.
+    async fn a_refresh_loop_forces_once_per_interval(tdb) {
+        let app = TestApp::spawn(tdb).await;
+        let (_, first) = get_token(&app).await;
+        let first = first["access_token"].as_str().unwrap().to_string();
+        age_token(&app).await;
+        let before = fetches(&app.sim);
+        let answers = refresh_loop(&[&app], &[&app], 10).await;
+        one_refresh_then_current(&answers, &first);
+        assert_eq!(forced_fetches(&app.sim), 1, "forced stable refreshes");
+        let calls = fetches(&app.sim) - before;
+        assert!(calls <= 3, "{calls} token calls: one normal and one forced to refresh, at most one check");
+        assert_eq!(forced_refreshes(&[&app], "fetched").await, 1);
+        assert_eq!(forced_refreshes(&[&app], "throttled").await, 9);
+    }
+
+    /// The limit is decided in the shared row: two instances on one database, a
+    /// loop that gets from one and refreshes on the other, classic API (every call
+    /// is a fetch that spends quota): one fetch in all.
+    async fn the_refresh_limit_holds_across_instances(tdb) {
+        let (tdb, sim) = (Arc::new(tdb), TestSim::spawn());
+        let a = TestApp::start(tdb.clone(), sim.clone(), |s| s.token_api = TokenApi::Classic).await;
+        let b = TestApp::start(tdb, sim.clone(), |s| s.token_api = TokenApi::Classic).await;
+        let (_, first) = get_token(&a).await;
+        let first = first["access_token"].as_str().unwrap().to_string();
+        age_token(&a).await;
+        let before = fetches(&sim);
+        let answers = refresh_loop(&[&a, &b], &[&b, &a], 10).await;
+        let new = one_refresh_then_current(&answers, &first);
+        assert_eq!(fetches(&sim) - before, 1, "WeChat token fetches");
+        assert!(![40001, 42001, 40014].contains(&token_errcode(&sim, &new).await));
+        assert_eq!(forced_refreshes(&[&a, &b], "fetched").await, 1);
+        assert_eq!(forced_refreshes(&[&a, &b], "throttled").await, 9);
+        assert_eq!(forced_refreshes(&[&a], "throttled").await, 5, "the instance that did not fetch");
+    }
+
+    /// A young token refused because someone outside the service replaced it (the
+    /// simulator kills every token): an unforced stable call catches up, spending
+    /// none of the forced refreshes.
+    async fn a_young_token_replaced_outside_is_caught_up_without_forcing(tdb) {
+        let app = TestApp::spawn(tdb).await;
+        let (_, first) = get_token(&app).await;
+        let stale = first["access_token"].as_str().unwrap().to_string();
+        app.sim.sim.invalidate_tokens(APP).unwrap();
+        let (status, res) = refresh(&app, &stale).await;
+        assert_eq!((status, res["refreshed"].clone()), (200, json!(true)), "{res}");
+        let new = res["access_token"].as_str().unwrap();
+        assert_ne!(new, stale);
+        assert!(![40001, 42001, 40014].contains(&token_errcode(&app.sim, new).await), "the new token works");
+        assert_eq!(forced_fetches(&app.sim), 0);
+        assert_eq!(forced_refreshes(&[&app], "caught_up").await, 1);
     }
 
     /// WeChat fails every token call: the old token is served until it expires,
