@@ -82,7 +82,11 @@ pub struct Limits {
     pub per_session_per_minute: u32,
     pub per_ip_per_minute: u32,
     pub per_key_per_second: u32,
-    /// Failed authentications (unknown API key, bad session) per peer address.
+    /// Logins (`jscode2session` calls) per client address.
+    pub login_per_ip_per_minute: u32,
+    /// Logins (`jscode2session` calls) per app, from all addresses together.
+    pub login_per_app_per_second: u32,
+    /// Failed authentications (unknown API key, bad session) per client address.
     pub auth_failures_per_minute: u32,
     /// `?wait` requests one API key may have waiting at once.
     pub max_waiters_per_key: u32,
@@ -94,6 +98,8 @@ impl Default for Limits {
             per_session_per_minute: 120,
             per_ip_per_minute: 1200,
             per_key_per_second: 10_000,
+            login_per_ip_per_minute: 20,
+            login_per_app_per_second: 50,
             auth_failures_per_minute: 10,
             max_waiters_per_key: 100,
         }
@@ -323,6 +329,8 @@ settings! {
     subscription_templates => |s, v| s.subscription_templates = template_ids(v)?;
     rate_session_per_min => |s, v| s.limits.per_session_per_minute = int(v, 0, 1_000_000)?;
     rate_ip_per_min => |s, v| s.limits.per_ip_per_minute = int(v, 0, 10_000_000)?;
+    rate_login_ip_per_min => |s, v| s.limits.login_per_ip_per_minute = int(v, 0, 1_000_000)?;
+    rate_login_per_s => |s, v| s.limits.login_per_app_per_second = int(v, 0, 1_000_000)?;
     rate_key_per_s => |s, v| s.limits.per_key_per_second = int(v, 0, 10_000_000)?;
     rate_auth_fail_per_min => |s, v| s.limits.auth_failures_per_minute = int(v, 0, 1_000_000)?;
     max_waiters_per_key => |s, v| s.limits.max_waiters_per_key = int(v, 0, 1_000_000)?;
@@ -704,6 +712,23 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(err.name, "LEDGER_SANDBOX");
+    }
+
+    #[test]
+    fn login_limits_default_and_read() {
+        let s = Settings::from_sources(None, &env(&[])).unwrap();
+        assert_eq!(s.limits.login_per_ip_per_minute, 20);
+        assert_eq!(s.limits.login_per_app_per_second, 50);
+        let s = Settings::from_sources(
+            None,
+            &env(&[
+                ("LEDGER_RATE_LOGIN_IP_PER_MIN", "0"),
+                ("LEDGER_RATE_LOGIN_PER_S", "7"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.limits.login_per_ip_per_minute, 0);
+        assert_eq!(s.limits.login_per_app_per_second, 7);
     }
 
     #[test]

@@ -182,6 +182,124 @@ backend_app_tests! {
     }
 }
 
+/// A client whose requests come from 127.0.0.`n`.
+fn client_from(n: u8) -> reqwest::Client {
+    reqwest::Client::builder()
+        .local_address(IpAddr::V4(Ipv4Addr::new(127, 0, 0, n)))
+        .build()
+        .unwrap()
+}
+
+/// One login of `openid` with a fresh code through `http`, with `X-Forwarded-For`
+/// if given: its status and error code, and that a 429 says when to retry.
+async fn try_login(
+    app: &TestApp,
+    http: &reqwest::Client,
+    openid: &str,
+    forwarded_for: Option<&str>,
+) -> (u16, Option<String>) {
+    let wx_code = app.sim.sim.mint_code(APP, openid).unwrap();
+    let mut req = http
+        .post(app.url("/v1/client/session"))
+        .json(&json!({"code": wx_code}));
+    if let Some(xff) = forwarded_for {
+        req = req.header("x-forwarded-for", xff);
+    }
+    let res = req.send().await.unwrap();
+    if res.status() == 429 {
+        assert!(
+            res.headers().get("retry-after").is_some(),
+            "429 without Retry-After"
+        );
+    }
+    let (status, body) = helpers::read(res).await;
+    (status, code(&body).map(String::from))
+}
+
+/// The calls WeChat (the simulator) received at `jscode2session`, whatever it answered.
+fn jscode2session_calls(app: &TestApp) -> u64 {
+    app.sim
+        .sim
+        .stats()
+        .calls
+        .get("jscode2session")
+        .map_or(0, |by_outcome| by_outcome.values().sum())
+}
+
+fn refused() -> (u16, Option<String>) {
+    (429, Some("rate_limited".into()))
+}
+
+/// A flood of logins from one address: past its bound 429 and WeChat is not called;
+/// a forged `X-Forwarded-For` (the peer is no trusted proxy) does not escape it, and
+/// another address has its own bound.
+#[actix_web::test]
+async fn logins_are_bounded_per_address_before_wechat() {
+    let app = TestApp::spawn_with(helpers::TestDb::sqlite(), |s| {
+        s.limits.login_per_ip_per_minute = 3;
+        s.limits.login_per_app_per_second = 0;
+    })
+    .await;
+    let here = client_from(1);
+    for i in 0..3 {
+        assert_eq!(
+            try_login(&app, &here, &format!("u{i}"), None).await,
+            (200, None)
+        );
+    }
+    for i in 0..10 {
+        let forged = format!("198.51.100.{i}");
+        let xff = (i % 2 == 0).then_some(forged.as_str());
+        assert_eq!(
+            try_login(&app, &here, &format!("f{i}"), xff).await,
+            refused(),
+            "{i}"
+        );
+    }
+    assert_eq!(
+        jscode2session_calls(&app),
+        3,
+        "no refused login reached WeChat"
+    );
+    assert_eq!(
+        try_login(&app, &client_from(2), "elsewhere", None).await,
+        (200, None)
+    );
+    assert_eq!(jscode2session_calls(&app), 4);
+}
+
+/// Logins from many addresses are bounded per app in all. A per-second bound refills
+/// as the test runs: WeChat may have seen one more call per whole second elapsed,
+/// never more, and every other login was refused without a call.
+#[actix_web::test]
+async fn logins_are_bounded_in_all_from_any_number_of_addresses() {
+    let app = TestApp::spawn_with(helpers::TestDb::sqlite(), |s| {
+        s.limits.login_per_ip_per_minute = 0;
+        s.limits.login_per_app_per_second = 1;
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let mut answers = Vec::new();
+    for n in 2..=5 {
+        let http = client_from(n);
+        for i in 0..4 {
+            answers.push(try_login(&app, &http, &format!("u{n}-{i}"), None).await);
+        }
+    }
+    let bound = 1 + started.elapsed().as_secs();
+    let calls = jscode2session_calls(&app);
+    let ok = answers.iter().filter(|a| a.0 == 200).count() as u64;
+    assert!(
+        calls <= bound,
+        "{calls} calls to WeChat, at most {bound} allowed"
+    );
+    assert_eq!(ok, calls, "{answers:?}");
+    assert!(
+        answers.iter().all(|a| *a == (200, None) || *a == refused()),
+        "{answers:?}"
+    );
+}
+
 /// The role × endpoint matrix of SECURITY.md, walked: each cell is the status a
 /// key with that one role gets (200/202 or 403), and a client session gets 401
 /// everywhere a key is required.
