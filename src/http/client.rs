@@ -6,7 +6,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 
 use super::error::{ApiError, ErrorBody};
-use super::extract::{peer_ip, ClientSession};
+use super::extract::{client_ip, ClientSession};
 use super::{check_openid, resource, AppState};
 use crate::auth::SessionClaims;
 use crate::ledger::{self, Item, Kind, Report};
@@ -46,7 +46,7 @@ pub(crate) async fn login(
     req: HttpRequest,
     body: web::Json<LoginBody>,
 ) -> Result<HttpResponse, ApiError> {
-    let addr = peer_ip(&req);
+    let addr = client_ip(&state, &req);
     state.limits.ip(&addr)?;
     let LoginBody { app_id, code } = body.into_inner();
     let app_id = state.resolve_app(app_id.as_deref())?;

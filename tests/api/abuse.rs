@@ -300,6 +300,73 @@ async fn logins_are_bounded_in_all_from_any_number_of_addresses() {
     );
 }
 
+/// Behind a trusted proxy (127.0.0.1 here) the right-most `X-Forwarded-For` entry
+/// that is no trusted proxy is the client: two clients there have separate login and
+/// failed-authentication budgets, and what a client writes into the header itself
+/// (left of the proxy's entry) changes nothing. From an untrusted peer (127.0.0.2)
+/// the header is ignored.
+#[actix_web::test]
+async fn forwarded_for_names_the_client_only_from_a_trusted_proxy() {
+    let app = TestApp::spawn_with(helpers::TestDb::sqlite(), |s| {
+        s.limits.login_per_ip_per_minute = 2;
+        s.limits.login_per_app_per_second = 0;
+        s.limits.auth_failures_per_minute = 1;
+        s.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
+    })
+    .await;
+    let proxy = client_from(1);
+    for client in ["198.51.100.1", "198.51.100.2"] {
+        for i in 0..2 {
+            assert_eq!(
+                try_login(&app, &proxy, &format!("{client}-{i}"), Some(client)).await,
+                (200, None)
+            );
+        }
+        assert_eq!(
+            try_login(&app, &proxy, "again", Some(client)).await,
+            refused(),
+            "{client}"
+        );
+        // The client's own entry sits left of the one the proxy appended.
+        let forged = format!("203.0.113.77, {client}");
+        assert_eq!(
+            try_login(&app, &proxy, "forged", Some(&forged)).await,
+            refused(),
+            "{forged}"
+        );
+    }
+    // From an untrusted peer every header names the peer itself.
+    let direct = client_from(2);
+    for i in 0..2 {
+        assert_eq!(
+            try_login(
+                &app,
+                &direct,
+                &format!("d{i}"),
+                Some(&format!("198.51.100.{}", 10 + i))
+            )
+            .await,
+            (200, None)
+        );
+    }
+    assert_eq!(
+        try_login(&app, &direct, "d9", Some("198.51.100.99")).await,
+        refused()
+    );
+    assert_eq!(jscode2session_calls(&app), 6);
+    // The failed-authentication limit keys on the same address.
+    let wrong_key = |client: &'static str| {
+        proxy
+            .get(app.url("/v1/admin/stats"))
+            .bearer_auth("not-a-key-0123456789")
+            .header("x-forwarded-for", client)
+            .send()
+    };
+    assert_eq!(wrong_key("198.51.100.1").await.unwrap().status(), 401);
+    assert_eq!(wrong_key("198.51.100.1").await.unwrap().status(), 429);
+    assert_eq!(wrong_key("198.51.100.2").await.unwrap().status(), 401);
+}
+
 /// The role × endpoint matrix of SECURITY.md, walked: each cell is the status a
 /// key with that one role gets (200/202 or 403), and a client session gets 401
 /// everywhere a key is required.
