@@ -100,7 +100,7 @@ log "starting $LEDGER_BIN on $BASE (sandbox, SQLite in $WORK)"
         LEDGER_DATABASE_URL="sqlite://$WORK/ledger.db" \
         LEDGER_API_KEYS="fuzz:send+admin+token:$API_KEY" \
         LEDGER_RATE_KEY_PER_S=0 LEDGER_RATE_SESSION_PER_MIN=0 LEDGER_RATE_IP_PER_MIN=0 \
-        LEDGER_RATE_AUTH_FAIL_PER_MIN=0 \
+        LEDGER_RATE_AUTH_FAIL_PER_MIN=0 LEDGER_RATE_LOGIN_IP_PER_MIN=0 LEDGER_RATE_LOGIN_PER_S=0 \
         RUST_LOG="${RUST_LOG:-warn}" \
         "$LEDGER_BIN" serve
 ) >"$WORK/service.log" 2>&1 &

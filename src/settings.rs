@@ -3,9 +3,11 @@
 //! the environment wins. A bad value is a [`SettingsError`] naming the setting.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::ToSocketAddrs;
+use std::net::{IpAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::time::Duration;
+
+use ipnet::IpNet;
 
 use crate::auth::{ApiKey, Role};
 pub use crate::db::DatabaseUrl;
@@ -82,7 +84,11 @@ pub struct Limits {
     pub per_session_per_minute: u32,
     pub per_ip_per_minute: u32,
     pub per_key_per_second: u32,
-    /// Failed authentications (unknown API key, bad session) per peer address.
+    /// Logins (`jscode2session` calls) per client address.
+    pub login_per_ip_per_minute: u32,
+    /// Logins (`jscode2session` calls) per app, from all addresses together.
+    pub login_per_app_per_second: u32,
+    /// Failed authentications (unknown API key, bad session) per client address.
     pub auth_failures_per_minute: u32,
     /// `?wait` requests one API key may have waiting at once.
     pub max_waiters_per_key: u32,
@@ -94,6 +100,8 @@ impl Default for Limits {
             per_session_per_minute: 120,
             per_ip_per_minute: 1200,
             per_key_per_second: 10_000,
+            login_per_ip_per_minute: 20,
+            login_per_app_per_second: 50,
             auth_failures_per_minute: 10,
             max_waiters_per_key: 100,
         }
@@ -157,6 +165,8 @@ pub struct Settings {
     pub subscription_templates: Vec<String>,
     /// Rate limits (0: unlimited).
     pub limits: Limits,
+    /// Peers whose `X-Forwarded-For` is believed (reverse proxies); empty: nobody's.
+    pub trusted_proxies: Vec<IpNet>,
 }
 
 impl Default for Settings {
@@ -193,6 +203,7 @@ impl Default for Settings {
             retention: Retention::default(),
             subscription_templates: Vec::new(),
             limits: Limits::default(),
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -328,6 +339,9 @@ settings! {
     subscription_templates => |s, v| s.subscription_templates = template_ids(v)?;
     rate_session_per_min => |s, v| s.limits.per_session_per_minute = int(v, 0, 1_000_000)?;
     rate_ip_per_min => |s, v| s.limits.per_ip_per_minute = int(v, 0, 10_000_000)?;
+    rate_login_ip_per_min => |s, v| s.limits.login_per_ip_per_minute = int(v, 0, 1_000_000)?;
+    rate_login_per_s => |s, v| s.limits.login_per_app_per_second = int(v, 0, 1_000_000)?;
+    trusted_proxies => |s, v| s.trusted_proxies = networks(v)?;
     rate_key_per_s => |s, v| s.limits.per_key_per_second = int(v, 0, 10_000_000)?;
     rate_auth_fail_per_min => |s, v| s.limits.auth_failures_per_minute = int(v, 0, 1_000_000)?;
     max_waiters_per_key => |s, v| s.limits.max_waiters_per_key = int(v, 0, 1_000_000)?;
@@ -453,6 +467,20 @@ fn template_ids(raw: &str) -> Result<Vec<String>, String> {
         return Err(format!("{bad:?} is not a template id"));
     }
     Ok(list)
+}
+
+/// A comma-separated list of networks in CIDR notation (`10.0.0.0/8`, `fd00::/8`);
+/// a bare address is a network of one.
+fn networks(raw: &str) -> Result<Vec<IpNet>, String> {
+    entries(raw)
+        .map(|(n, entry)| {
+            entry
+                .parse::<IpNet>()
+                .or_else(|_| entry.parse::<IpAddr>().map(IpNet::from))
+                .map(|net| net.trunc())
+                .map_err(|_| format!("entry {n}: {entry:?} is not an address or a CIDR network"))
+        })
+        .collect()
 }
 
 fn is_plain_token(s: &str) -> bool {
@@ -709,6 +737,69 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(err.name, "LEDGER_SANDBOX");
+    }
+
+    #[test]
+    fn trusted_proxies_are_a_cidr_list() {
+        let s = Settings::from_sources(
+            None,
+            &env(&[(
+                "LEDGER_TRUSTED_PROXIES",
+                " 10.0.0.0/8, 192.168.1.7,2001:db8::/32 ,::1,172.16.5.9/12",
+            )]),
+        )
+        .unwrap();
+        let nets: Vec<String> = s.trusted_proxies.iter().map(|n| n.to_string()).collect();
+        // A bare address is a network of one; host bits are dropped.
+        assert_eq!(
+            nets,
+            [
+                "10.0.0.0/8",
+                "192.168.1.7/32",
+                "2001:db8::/32",
+                "::1/128",
+                "172.16.0.0/12"
+            ]
+        );
+        let toml = Settings::from_sources(
+            Some("trusted_proxies = [\"10.1.0.0/16\", \"fd00::/8\"]"),
+            &env(&[]),
+        )
+        .unwrap();
+        assert_eq!(toml.trusted_proxies.len(), 2);
+        assert!(Settings::from_sources(None, &env(&[]))
+            .unwrap()
+            .trusted_proxies
+            .is_empty());
+        for bad in [
+            "10.0.0.0/33",
+            "2001:db8::/129",
+            "10.0.0",
+            "proxy.local",
+            "10.0.0.0/8;rm",
+            "::1/-1",
+        ] {
+            let err = Settings::from_sources(None, &env(&[("LEDGER_TRUSTED_PROXIES", bad)]))
+                .expect_err(bad);
+            assert_eq!(err.name, "LEDGER_TRUSTED_PROXIES", "{bad}");
+        }
+    }
+
+    #[test]
+    fn login_limits_default_and_read() {
+        let s = Settings::from_sources(None, &env(&[])).unwrap();
+        assert_eq!(s.limits.login_per_ip_per_minute, 20);
+        assert_eq!(s.limits.login_per_app_per_second, 50);
+        let s = Settings::from_sources(
+            None,
+            &env(&[
+                ("LEDGER_RATE_LOGIN_IP_PER_MIN", "0"),
+                ("LEDGER_RATE_LOGIN_PER_S", "7"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.limits.login_per_ip_per_minute, 0);
+        assert_eq!(s.limits.login_per_app_per_second, 7);
     }
 
     #[test]

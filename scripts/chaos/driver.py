@@ -393,6 +393,9 @@ class Chaos:
             "LEDGER_PREPAY_ID_USES": str(PREPAY_USES),
             "LEDGER_USER_CAP": "1000",
             "LEDGER_SEND_BACKOFF_BASE_MS": "200",
+            # Every simulated mini-program logs in from 127.0.0.1: the per-address
+            # login limit would refuse most of them (the chaos run is no flood).
+            "LEDGER_RATE_LOGIN_IP_PER_MIN": "0",
         }
         return env
 

@@ -6,7 +6,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 
 use super::error::{ApiError, ErrorBody};
-use super::extract::{peer_ip, ClientSession};
+use super::extract::{client_ip, ClientSession};
 use super::{check_openid, resource, AppState};
 use crate::auth::SessionClaims;
 use crate::ledger::{self, Item, Kind, Report};
@@ -38,7 +38,7 @@ pub(crate) struct LoginBody {
         (status = 503, description = "unavailable: the database does not answer", body = ErrorBody),
         (status = 401, description = "invalid_code (WeChat 40029)", body = ErrorBody),
         (status = 403, description = "user_blocked (WeChat 40226)", body = ErrorBody),
-        (status = 429, description = "rate_limited (WeChat 45011)", body = ErrorBody),
+        (status = 429, description = "rate_limited: too many logins from this address or for this app (Retry-After; WeChat was not called), or WeChat's own limit for the user (45011)", body = ErrorBody),
         (status = 502, description = "wechat_unavailable", body = ErrorBody)
     ))]
 pub(crate) async fn login(
@@ -46,7 +46,8 @@ pub(crate) async fn login(
     req: HttpRequest,
     body: web::Json<LoginBody>,
 ) -> Result<HttpResponse, ApiError> {
-    state.limits.ip(&peer_ip(&req))?;
+    let addr = client_ip(&state, &req);
+    state.limits.ip(&addr)?;
     let LoginBody { app_id, code } = body.into_inner();
     let app_id = state.resolve_app(app_id.as_deref())?;
     if !ledger::is_valid_value(&code) {
@@ -59,6 +60,7 @@ pub(crate) async fn login(
         .app(&app_id)
         .map(|a| a.secret.clone())
         .ok_or_else(|| ApiError::internal(&"resolved app has no secret"))?;
+    state.limits.login(&app_id, &addr)?;
     let login = state
         .wechat
         .code_to_session(&app_id, &secret, &code)

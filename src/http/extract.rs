@@ -2,12 +2,15 @@
 //! client session. Put one first among a handler's arguments so authentication is
 //! judged before the body is read.
 
+use std::borrow::Cow;
 use std::future::{ready, Ready};
 use std::marker::PhantomData;
+use std::net::{IpAddr, SocketAddr};
 
 use actix_web::dev::Payload;
 use actix_web::http::{header, StatusCode};
 use actix_web::{web, FromRequest, HttpRequest};
+use ipnet::IpNet;
 
 use super::error::ApiError;
 use super::AppState;
@@ -81,20 +84,20 @@ fn authorize(req: &HttpRequest, role: Role) -> Result<String, ApiError> {
     Ok(name.to_string())
 }
 
-/// Failed authentication is limited per peer address (`LEDGER_RATE_AUTH_FAIL_PER_MIN`)
-/// and counted (`ledger_auth_failures_total`): an address that has spent its failures
-/// is refused (429) before `judge` runs, so a right key does not pass either —
-/// otherwise its 200 among the 429s would go on answering an attacker's guesses. A
-/// 401 from `judge` spends a failure; a right key neither spends nor refunds (one
-/// known key must not buy guesses at another). A key without the role (403) is not
-/// a failure: nothing was guessed.
+/// Failed authentication is limited per client address ([`client_ip`],
+/// `LEDGER_RATE_AUTH_FAIL_PER_MIN`) and counted (`ledger_auth_failures_total`): an
+/// address that has spent its failures is refused (429) before `judge` runs, so a
+/// right key does not pass either — otherwise its 200 among the 429s would go on
+/// answering an attacker's guesses. A 401 from `judge` spends a failure; a right key
+/// neither spends nor refunds (one known key must not buy guesses at another). A key
+/// without the role (403) is not a failure: nothing was guessed.
 fn at_the_door<T>(
     state: &AppState,
     req: &HttpRequest,
     credential: &str,
     judge: impl FnOnce() -> Result<T, ApiError>,
 ) -> Result<T, ApiError> {
-    let addr = peer_ip(req);
+    let addr = client_ip(state, req);
     let count = |answer: &str| {
         state
             .metrics
@@ -142,16 +145,133 @@ fn client_session(req: &HttpRequest) -> Result<ClientSession, ApiError> {
                 )
             })
     })?;
-    state.limits.ip(&peer_ip(req))?;
+    state.limits.ip(&client_ip(state, req))?;
     state.limits.session(&claims.app_id, &claims.openid)?;
     Ok(ClientSession(claims))
 }
 
-/// The client's address as this server sees it (a proxy in front makes every client
-/// one address: raise LEDGER_RATE_IP_PER_MIN and LEDGER_RATE_AUTH_FAIL_PER_MIN or
-/// set them to 0 there).
-pub fn peer_ip(req: &HttpRequest) -> String {
-    req.peer_addr()
-        .map(|a| a.ip().to_string())
-        .unwrap_or_else(|| "unknown".into())
+/// The client's address, the key of every per-address limit (client requests,
+/// logins, failed authentications). The peer's address, unless the peer is one of
+/// `LEDGER_TRUSTED_PROXIES`: then the right-most `X-Forwarded-For` entry that is not
+/// itself a trusted proxy. From any other peer the header is ignored, since anyone
+/// can write it.
+pub fn client_ip(state: &AppState, req: &HttpRequest) -> String {
+    let Some(peer) = req.peer_addr() else {
+        return "unknown".into();
+    };
+    // Lossy, not skipped: a line with bytes that are no text keeps the proxy's entry
+    // at its right end, and its mangled rest ends the walk as no address does.
+    let lines: Vec<Cow<str>> = req
+        .headers()
+        .get_all("x-forwarded-for")
+        .map(|v| String::from_utf8_lossy(v.as_bytes()))
+        .collect();
+    let forwarded: Vec<&str> = lines.iter().flat_map(|l| l.split(',')).collect();
+    client_addr(peer.ip(), &forwarded, &state.settings.trusted_proxies).to_string()
+}
+
+/// [`client_ip`] on plain values: `forwarded` holds the `X-Forwarded-For` entries in
+/// order (every header line, split at the commas).
+fn client_addr(peer: IpAddr, forwarded: &[&str], trusted: &[IpNet]) -> IpAddr {
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|net| net.contains(ip));
+    let mut client = peer.to_canonical();
+    // Right to left, each entry was appended by the hop to its right; we walk while
+    // that hop is trusted. An entry that is no address ends the walk at the last
+    // trusted hop: what is left of it is the client's own say.
+    for entry in forwarded.iter().rev() {
+        if !is_trusted(&client) {
+            break;
+        }
+        match parse_entry(entry) {
+            Some(ip) => client = ip,
+            None => break,
+        }
+    }
+    client
+}
+
+/// An `X-Forwarded-For` entry: an address, or an address with a port as some proxies
+/// write it (`1.2.3.4:5678`, `[2001:db8::1]:443`).
+fn parse_entry(entry: &str) -> Option<IpAddr> {
+    let entry = entry.trim();
+    let ip = entry
+        .parse::<IpAddr>()
+        .or_else(|_| entry.parse::<SocketAddr>().map(|a| a.ip()))
+        .ok()?;
+    Some(ip.to_canonical())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn nets(list: &[&str]) -> Vec<IpNet> {
+        list.iter().map(|n| n.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn an_untrusted_peer_is_the_client_whatever_it_forwards() {
+        let trusted = nets(&["10.0.0.0/8"]);
+        for peer in ["203.0.113.9", "2001:db8::9"] {
+            assert_eq!(client_addr(addr(peer), &["1.2.3.4"], &trusted), addr(peer));
+            assert_eq!(client_addr(addr(peer), &[], &[]), addr(peer));
+        }
+        // Nobody trusted (the default): the header never counts.
+        assert_eq!(
+            client_addr(addr("10.0.0.1"), &["1.2.3.4"], &[]),
+            addr("10.0.0.1")
+        );
+    }
+
+    #[test]
+    fn a_trusted_proxy_names_the_right_most_untrusted_entry() {
+        let trusted = nets(&["10.0.0.0/8", "fd00::/8"]);
+        let peer = addr("10.0.0.1");
+        // The client's own forged entries sit left of what the proxies appended.
+        let chain = ["6.6.6.6", " 198.51.100.7", "10.1.2.3 ", "fd00::5"];
+        assert_eq!(client_addr(peer, &chain, &trusted), addr("198.51.100.7"));
+        assert_eq!(
+            client_addr(peer, &["2001:db8::7"], &trusted),
+            addr("2001:db8::7")
+        );
+        // Without the header the proxy itself is the client; all trusted: the left-most.
+        assert_eq!(client_addr(peer, &[], &trusted), peer);
+        assert_eq!(
+            client_addr(peer, &["10.9.9.9", "10.8.8.8"], &trusted),
+            addr("10.9.9.9")
+        );
+        // Ports, as some proxies write them.
+        assert_eq!(
+            client_addr(peer, &["198.51.100.7:5678"], &trusted),
+            addr("198.51.100.7")
+        );
+        assert_eq!(
+            client_addr(peer, &["[2001:db8::7]:443"], &trusted),
+            addr("2001:db8::7")
+        );
+        // Garbage ends the walk at the last trusted hop, never left of it.
+        assert_eq!(client_addr(peer, &["6.6.6.6", "unknown"], &trusted), peer);
+        assert_eq!(
+            client_addr(peer, &["6.6.6.6", "", "10.1.2.3"], &trusted),
+            addr("10.1.2.3")
+        );
+    }
+
+    #[test]
+    fn mapped_ipv6_addresses_are_their_ipv4_selves() {
+        let trusted = nets(&["127.0.0.1/32"]);
+        let mapped_peer = addr("::ffff:127.0.0.1");
+        assert_eq!(
+            client_addr(mapped_peer, &["::ffff:198.51.100.7"], &trusted),
+            addr("198.51.100.7")
+        );
+        assert_eq!(
+            client_addr(addr("::ffff:203.0.113.9"), &["1.2.3.4"], &trusted),
+            addr("203.0.113.9")
+        );
+    }
 }

@@ -1,6 +1,7 @@
 //! Rate limits (429 `rate_limited`): per client session and per IP on the client
-//! endpoints, per API key on the business and admin endpoints, failed
-//! authentications per peer address, and `?wait` requests waiting per API key.
+//! endpoints, logins (`jscode2session` calls) per IP and per app, per API key on the
+//! business and admin endpoints, failed authentications per client address, and
+//! `?wait` requests waiting per API key.
 //! In-process (governor's GCRA buckets and two small maps): each instance limits on
 //! its own, so N instances allow N times the rate — the limits are there to stop one
 //! abuser, not to meter.
@@ -20,6 +21,8 @@ use crate::settings::Limits;
 pub struct RateLimits {
     session: Option<DefaultKeyedRateLimiter<String>>,
     ip: Option<DefaultKeyedRateLimiter<String>>,
+    login_ip: Option<DefaultKeyedRateLimiter<String>>,
+    login_app: Option<DefaultKeyedRateLimiter<String>>,
     key: Option<DefaultKeyedRateLimiter<String>>,
     auth_failures: Option<FailureBudget>,
     waiters: WaiterCap,
@@ -34,6 +37,12 @@ impl RateLimits {
         RateLimits {
             session: limiter(NonZeroU32::new(limits.per_session_per_minute).map(Quota::per_minute)),
             ip: limiter(NonZeroU32::new(limits.per_ip_per_minute).map(Quota::per_minute)),
+            login_ip: limiter(
+                NonZeroU32::new(limits.login_per_ip_per_minute).map(Quota::per_minute),
+            ),
+            login_app: limiter(
+                NonZeroU32::new(limits.login_per_app_per_second).map(Quota::per_second),
+            ),
             key: limiter(NonZeroU32::new(limits.per_key_per_second).map(Quota::per_second)),
             auth_failures: FailureBudget::per_minute(limits.auth_failures_per_minute),
             waiters: WaiterCap::new(limits.max_waiters_per_key),
@@ -56,6 +65,15 @@ impl RateLimits {
 
     pub fn ip(&self, ip: &str) -> Result<(), ApiError> {
         Self::check(&self.ip, ip)
+    }
+
+    /// One more `jscode2session` call for `app_id` on behalf of `addr`: asked right
+    /// before the call, so a refused login costs WeChat's per-app limits nothing.
+    /// The address first: a flood from one address is refused by its own bucket and
+    /// leaves the app's to everyone else.
+    pub fn login(&self, app_id: &str, addr: &str) -> Result<(), ApiError> {
+        Self::check(&self.login_ip, addr)?;
+        Self::check(&self.login_app, app_id)
     }
 
     pub fn key(&self, key_name: &str) -> Result<(), ApiError> {
@@ -94,7 +112,14 @@ impl RateLimits {
 
     /// Forgets buckets that are full again, so the maps do not grow without bound.
     pub fn shrink(&self) {
-        for limiter in [&self.session, &self.ip, &self.key].into_iter().flatten() {
+        let limiters = [
+            &self.session,
+            &self.ip,
+            &self.login_ip,
+            &self.login_app,
+            &self.key,
+        ];
+        for limiter in limiters.into_iter().flatten() {
             limiter.retain_recent();
             limiter.shrink_to_fit();
         }

@@ -182,6 +182,191 @@ backend_app_tests! {
     }
 }
 
+/// A client whose requests come from 127.0.0.`n`.
+fn client_from(n: u8) -> reqwest::Client {
+    reqwest::Client::builder()
+        .local_address(IpAddr::V4(Ipv4Addr::new(127, 0, 0, n)))
+        .build()
+        .unwrap()
+}
+
+/// One login of `openid` with a fresh code through `http`, with `X-Forwarded-For`
+/// if given: its status and error code, and that a 429 says when to retry.
+async fn try_login(
+    app: &TestApp,
+    http: &reqwest::Client,
+    openid: &str,
+    forwarded_for: Option<&str>,
+) -> (u16, Option<String>) {
+    let wx_code = app.sim.sim.mint_code(APP, openid).unwrap();
+    let mut req = http
+        .post(app.url("/v1/client/session"))
+        .json(&json!({"code": wx_code}));
+    if let Some(xff) = forwarded_for {
+        req = req.header("x-forwarded-for", xff);
+    }
+    let res = req.send().await.unwrap();
+    if res.status() == 429 {
+        assert!(
+            res.headers().get("retry-after").is_some(),
+            "429 without Retry-After"
+        );
+    }
+    let (status, body) = helpers::read(res).await;
+    (status, code(&body).map(String::from))
+}
+
+/// The calls WeChat (the simulator) received at `jscode2session`, whatever it answered.
+fn jscode2session_calls(app: &TestApp) -> u64 {
+    app.sim
+        .sim
+        .stats()
+        .calls
+        .get("jscode2session")
+        .map_or(0, |by_outcome| by_outcome.values().sum())
+}
+
+fn refused() -> (u16, Option<String>) {
+    (429, Some("rate_limited".into()))
+}
+
+/// A flood of logins from one address: past its bound 429 and WeChat is not called;
+/// a forged `X-Forwarded-For` (the peer is no trusted proxy) does not escape it, and
+/// another address has its own bound.
+#[actix_web::test]
+async fn logins_are_bounded_per_address_before_wechat() {
+    let app = TestApp::spawn_with(helpers::TestDb::sqlite(), |s| {
+        s.limits.login_per_ip_per_minute = 3;
+        s.limits.login_per_app_per_second = 0;
+    })
+    .await;
+    let here = client_from(1);
+    for i in 0..3 {
+        assert_eq!(
+            try_login(&app, &here, &format!("u{i}"), None).await,
+            (200, None)
+        );
+    }
+    for i in 0..10 {
+        let forged = format!("198.51.100.{i}");
+        let xff = (i % 2 == 0).then_some(forged.as_str());
+        assert_eq!(
+            try_login(&app, &here, &format!("f{i}"), xff).await,
+            refused(),
+            "{i}"
+        );
+    }
+    assert_eq!(
+        jscode2session_calls(&app),
+        3,
+        "no refused login reached WeChat"
+    );
+    assert_eq!(
+        try_login(&app, &client_from(2), "elsewhere", None).await,
+        (200, None)
+    );
+    assert_eq!(jscode2session_calls(&app), 4);
+}
+
+/// Logins from many addresses are bounded per app in all. A per-second bound refills
+/// as the test runs: WeChat may have seen one more call per whole second elapsed,
+/// never more, and every other login was refused without a call.
+#[actix_web::test]
+async fn logins_are_bounded_in_all_from_any_number_of_addresses() {
+    let app = TestApp::spawn_with(helpers::TestDb::sqlite(), |s| {
+        s.limits.login_per_ip_per_minute = 0;
+        s.limits.login_per_app_per_second = 1;
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let mut answers = Vec::new();
+    for n in 2..=5 {
+        let http = client_from(n);
+        for i in 0..4 {
+            answers.push(try_login(&app, &http, &format!("u{n}-{i}"), None).await);
+        }
+    }
+    let bound = 1 + started.elapsed().as_secs();
+    let calls = jscode2session_calls(&app);
+    let ok = answers.iter().filter(|a| a.0 == 200).count() as u64;
+    assert!(
+        calls <= bound,
+        "{calls} calls to WeChat, at most {bound} allowed"
+    );
+    assert_eq!(ok, calls, "{answers:?}");
+    assert!(
+        answers.iter().all(|a| *a == (200, None) || *a == refused()),
+        "{answers:?}"
+    );
+}
+
+/// Behind a trusted proxy (127.0.0.1 here) the right-most `X-Forwarded-For` entry
+/// that is no trusted proxy is the client: two clients there have separate login and
+/// failed-authentication budgets, and what a client writes into the header itself
+/// (left of the proxy's entry) changes nothing. From an untrusted peer (127.0.0.2)
+/// the header is ignored.
+#[actix_web::test]
+async fn forwarded_for_names_the_client_only_from_a_trusted_proxy() {
+    let app = TestApp::spawn_with(helpers::TestDb::sqlite(), |s| {
+        s.limits.login_per_ip_per_minute = 2;
+        s.limits.login_per_app_per_second = 0;
+        s.limits.auth_failures_per_minute = 1;
+        s.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
+    })
+    .await;
+    let proxy = client_from(1);
+    for client in ["198.51.100.1", "198.51.100.2"] {
+        for i in 0..2 {
+            assert_eq!(
+                try_login(&app, &proxy, &format!("{client}-{i}"), Some(client)).await,
+                (200, None)
+            );
+        }
+        assert_eq!(
+            try_login(&app, &proxy, "again", Some(client)).await,
+            refused(),
+            "{client}"
+        );
+        // The client's own entry sits left of the one the proxy appended.
+        let forged = format!("203.0.113.77, {client}");
+        assert_eq!(
+            try_login(&app, &proxy, "forged", Some(&forged)).await,
+            refused(),
+            "{forged}"
+        );
+    }
+    // From an untrusted peer every header names the peer itself.
+    let direct = client_from(2);
+    for i in 0..2 {
+        assert_eq!(
+            try_login(
+                &app,
+                &direct,
+                &format!("d{i}"),
+                Some(&format!("198.51.100.{}", 10 + i))
+            )
+            .await,
+            (200, None)
+        );
+    }
+    assert_eq!(
+        try_login(&app, &direct, "d9", Some("198.51.100.99")).await,
+        refused()
+    );
+    assert_eq!(jscode2session_calls(&app), 6);
+    // The failed-authentication limit keys on the same address.
+    let wrong_key = |client: &'static str| {
+        proxy
+            .get(app.url("/v1/admin/stats"))
+            .bearer_auth("not-a-key-0123456789")
+            .header("x-forwarded-for", client)
+            .send()
+    };
+    assert_eq!(wrong_key("198.51.100.1").await.unwrap().status(), 401);
+    assert_eq!(wrong_key("198.51.100.1").await.unwrap().status(), 429);
+    assert_eq!(wrong_key("198.51.100.2").await.unwrap().status(), 401);
+}
+
 /// The role × endpoint matrix of SECURITY.md, walked: each cell is the status a
 /// key with that one role gets (200/202 or 403), and a client session gets 401
 /// everywhere a key is required.
