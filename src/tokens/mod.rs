@@ -14,9 +14,9 @@
 //!   A token fetched less than `force_interval` ago (by any instance: the age is
 //!   checked in the row) is not replaced: a caller looping "get, refresh" would
 //!   otherwise spend the app's daily quota (stable `force_refresh`: 20 a day, 30 s
-//!   apart). With the stable API such a young token is checked once per interval per
-//!   instance with a normal (not forced) call, which catches a token replaced outside
-//!   the service without spending the force quota.
+//!   apart). With the stable API such a young token is checked at most once per
+//!   [`CHECK_EVERY`] per instance with a normal (not forced) call, which catches a
+//!   token replaced outside the service without spending the force quota.
 
 pub mod store;
 
@@ -37,6 +37,12 @@ use store::{Need, StoredToken};
 const LEASE: TimeDelta = TimeDelta::seconds(30);
 /// How often a waiting instance looks at the row while another one refreshes.
 const POLL: Duration = Duration::from_millis(50);
+/// How often, at most, one instance checks a young refused token with a normal
+/// `stable_token` call. WeChat allows 10,000 such calls a minute and 500,000 a day;
+/// once a second per instance stays far below, and catches a token replaced outside
+/// the service before the sender's retries run out (the chaos run kills tokens every
+/// few seconds: checking once per force interval left most sends failing with 40001).
+const CHECK_EVERY: Duration = Duration::from_secs(1);
 /// How long a token read from the database is reused without reading it again.
 const CACHE_FOR: Duration = Duration::from_secs(2);
 /// Backoff of the background refresher after a failure: first and longest wait.
@@ -245,7 +251,7 @@ impl TokenManager {
         let mut outcome = classify(&result, stale, ForcedOutcome::Fetched);
         if outcome == ForcedOutcome::Throttled
             && self.api == TokenApi::Stable
-            && slot.take_check(self.force_interval.to_std().unwrap_or_default())
+            && slot.take_check(CHECK_EVERY)
         {
             // A young token refused by WeChat is most likely one someone outside the
             // service replaced: a normal stable call returns WeChat's current token
