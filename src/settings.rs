@@ -84,7 +84,9 @@ pub struct Limits {
     pub per_session_per_minute: u32,
     pub per_ip_per_minute: u32,
     pub per_key_per_second: u32,
-    /// Logins (`jscode2session` calls) per client address.
+    /// Logins (`jscode2session` calls) per client address. The default (2 a second)
+    /// leaves room for the many users one carrier-grade NAT address stands for,
+    /// and still stops a flood from one address.
     pub login_per_ip_per_minute: u32,
     /// Logins (`jscode2session` calls) per app, from all addresses together.
     pub login_per_app_per_second: u32,
@@ -100,7 +102,7 @@ impl Default for Limits {
             per_session_per_minute: 120,
             per_ip_per_minute: 1200,
             per_key_per_second: 10_000,
-            login_per_ip_per_minute: 20,
+            login_per_ip_per_minute: 120,
             login_per_app_per_second: 50,
             auth_failures_per_minute: 10,
             max_waiters_per_key: 100,
@@ -788,7 +790,7 @@ mod tests {
     #[test]
     fn login_limits_default_and_read() {
         let s = Settings::from_sources(None, &env(&[])).unwrap();
-        assert_eq!(s.limits.login_per_ip_per_minute, 20);
+        assert_eq!(s.limits.login_per_ip_per_minute, 120);
         assert_eq!(s.limits.login_per_app_per_second, 50);
         let s = Settings::from_sources(
             None,
