@@ -349,31 +349,29 @@ pub fn service_secret(
 /// or a message), if any.
 pub fn other_app(conn: &mut DbConn, app_id: &str) -> DbResult<Option<String>> {
     use schema::{access_tokens as t, credentials as c, messages as m};
-    let found = dispatch!(conn, |conn| {
+    dispatch!(conn, |conn| {
         let token = t::table
             .filter(t::app_id.ne(app_id))
             .select(t::app_id)
             .first::<String>(conn)
             .optional()?;
-        let credential = match token {
-            Some(_) => None,
-            None => c::table
-                .filter(c::app_id.ne(app_id))
-                .select(c::app_id)
-                .first::<String>(conn)
-                .optional()?,
-        };
-        let message = match (&token, &credential) {
-            (None, None) => m::table
-                .filter(m::app_id.ne(app_id))
-                .select(m::app_id)
-                .first::<String>(conn)
-                .optional()?,
-            _ => None,
-        };
-        token.or(credential).or(message)
-    });
-    Ok(found)
+        if token.is_some() {
+            return Ok(token);
+        }
+        let credential = c::table
+            .filter(c::app_id.ne(app_id))
+            .select(c::app_id)
+            .first::<String>(conn)
+            .optional()?;
+        if credential.is_some() {
+            return Ok(credential);
+        }
+        Ok(m::table
+            .filter(m::app_id.ne(app_id))
+            .select(m::app_id)
+            .first::<String>(conn)
+            .optional()?)
+    })
 }
 
 /// Deletes the rows of `table` matching `predicate` (raw SQL with `$1` bound to

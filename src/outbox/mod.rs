@@ -237,10 +237,13 @@ impl MessageView {
         let (status, channel) = (row.status()?, row.channel()?);
         let error = match status {
             Status::Failed | Status::NoQuota => Some(ErrorView {
-                code: row
-                    .error_code
-                    .clone()
-                    .ok_or_else(|| unknown("error_code of a finished message", ""))?,
+                code: row.error_code.clone().ok_or_else(|| {
+                    DbError::Corrupt(format!(
+                        "message {} is {} without an error code",
+                        row.id,
+                        status.as_str()
+                    ))
+                })?,
                 wechat_errcode: row.wechat_errcode,
                 message: row.error_message.clone().unwrap_or_default(),
             }),

@@ -50,15 +50,6 @@ impl Waiters {
             flag.send_replace(true);
         }
     }
-
-    /// Messages somebody is waiting for now.
-    pub fn len(&self) -> usize {
-        lock(&self.slots).len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 impl Waiter {
@@ -96,6 +87,11 @@ impl Drop for Waiter {
 mod tests {
     use super::*;
 
+    /// Messages somebody is waiting for now.
+    fn entries(waiters: &Waiters) -> usize {
+        lock(&waiters.slots).len()
+    }
+
     #[test]
     fn a_finish_wakes_only_the_waiters_of_its_message() {
         let waiters = Waiters::default();
@@ -110,7 +106,7 @@ mod tests {
         );
         assert!(!b.finished.has_changed().unwrap(), "nor notified at all");
         waiters.finished(3); // nobody waits: nothing is kept for it
-        assert_eq!(waiters.len(), 2);
+        assert_eq!(entries(&waiters), 2);
     }
 
     #[test]
@@ -122,10 +118,10 @@ mod tests {
             waiters.wait_for(2),
         );
         drop(a);
-        assert_eq!(waiters.len(), 2, "message 1 still has a waiter");
+        assert_eq!(entries(&waiters), 2, "message 1 still has a waiter");
         drop(a_again);
         drop(b);
-        assert!(waiters.is_empty());
+        assert_eq!(entries(&waiters), 0);
         // A waiter registering after a finish starts unfinished: it reads the
         // message's final status from the database instead.
         waiters.finished(1);
