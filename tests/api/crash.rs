@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::helpers::{
-    eventually, eventually_some, get_json, post_json, wait_up, DatabaseUrl, TestDb, APP,
-    APP_SECRET, KEY_ADMIN, KEY_SEND,
+    backend_app_tests, eventually, eventually_some, get_json, post_json, wait_up, DatabaseUrl,
+    TestDb, APP, APP_SECRET, KEY_ADMIN, KEY_SEND,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_formid-ledger");
@@ -249,14 +249,10 @@ async fn kill_in_flight(tdb: TestDb) {
     );
 }
 
-#[actix_web::test]
-async fn kill_9_mid_flight_sqlite() {
-    kill_in_flight(TestDb::sqlite()).await;
-}
-
-#[actix_web::test]
-async fn kill_9_mid_flight_postgres() {
-    kill_in_flight(TestDb::postgres()).await;
+backend_app_tests! {
+    async fn kill_9_mid_flight(tdb) {
+        kill_in_flight(tdb).await;
+    }
 }
 
 /// SIGTERM while calls are in flight: the process finishes them (no call is left
@@ -335,12 +331,8 @@ async fn sigterm_in_flight(tdb: TestDb) {
     assert_eq!(deliveries.len(), 60, "each message delivered once");
 }
 
-#[actix_web::test]
-async fn sigterm_mid_flight_sqlite() {
-    sigterm_in_flight(TestDb::sqlite()).await;
-}
-
-#[actix_web::test]
-async fn sigterm_mid_flight_postgres() {
-    sigterm_in_flight(TestDb::postgres()).await;
+backend_app_tests! {
+    async fn sigterm_mid_flight(tdb) {
+        sigterm_in_flight(tdb).await;
+    }
 }
