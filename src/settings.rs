@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
-use crate::auth::{ApiKey, Role};
+use crate::auth::{ApiKey, AppScope, Role};
 pub use crate::db::DatabaseUrl;
 use crate::secret::Secret;
 
@@ -268,6 +268,20 @@ impl Settings {
                 "sandbox",
                 "LEDGER_SANDBOX=true and LEDGER_APPS are both set: the sandbox serves only its own simulated app",
             ));
+        }
+        // (The sandbox configures its own app later: its keys are not checked here.)
+        for key in self.api_keys.iter().filter(|_| !self.apps.is_empty()) {
+            if let AppScope::Only(apps) = &key.apps {
+                if apps.iter().any(|a| self.app(a).is_none()) {
+                    return Err(SettingsError::new(
+                        "api_keys",
+                        format!(
+                            "key `{}`: its 4th field names an app that LEDGER_APPS does not configure (a key may not contain ':')",
+                            key.name
+                        ),
+                    ));
+                }
+            }
         }
         if !self.apps.is_empty() && self.api_keys.is_empty() {
             return Err(SettingsError::new(
@@ -532,10 +546,12 @@ fn entries(raw: &str) -> impl Iterator<Item = (usize, &str)> {
 fn parse_api_keys(raw: &str) -> Result<Vec<ApiKey>, String> {
     let mut keys: Vec<ApiKey> = Vec::new();
     for (n, entry) in entries(raw) {
-        let mut parts = entry.splitn(3, ':');
+        let mut parts = entry.splitn(4, ':');
         let (Some(name), Some(roles), Some(key)) = (parts.next(), parts.next(), parts.next())
         else {
-            return Err(format!("entry {n}: expected name:role+role:key[,…]"));
+            return Err(format!(
+                "entry {n}: expected name:role+role:key[:app+app][,…]"
+            ));
         };
         if !is_plain_token(name) {
             return Err(format!(
@@ -556,6 +572,20 @@ fn parse_api_keys(raw: &str) -> Result<Vec<ApiKey>, String> {
                 "entry {n}: the key must be at least 16 printable characters"
             ));
         }
+        // The 4th field (none: every app). Checked against LEDGER_APPS in `validate`;
+        // never echoed, since a key that itself holds ':' spills into it.
+        let apps = match parts.next() {
+            None => AppScope::All,
+            Some(apps) => {
+                let apps: Vec<String> = apps.split('+').map(str::to_string).collect();
+                if apps.iter().any(|a| !crate::ledger::is_valid_value(a)) {
+                    return Err(format!(
+                        "entry {n}: the 4th field must be app ids joined by + (a key may not contain ':')"
+                    ));
+                }
+                AppScope::Only(apps)
+            }
+        };
         if let Some(first) = keys.iter().position(|k| k.name == name) {
             return Err(format!("entry {n}: the same name as entry {}", first + 1));
         }
@@ -563,6 +593,7 @@ fn parse_api_keys(raw: &str) -> Result<Vec<ApiKey>, String> {
             name: name.into(),
             roles: parsed,
             key: Secret::new(key),
+            apps,
         });
     }
     Ok(keys)
@@ -630,6 +661,48 @@ mod tests {
         );
         assert_eq!(s.api_keys[0].key.expose(), "s3cr3t-s3cr3t-s3cr3t");
         assert_eq!(s.api_keys[1].name, "ops");
+    }
+
+    #[test]
+    fn the_fourth_field_limits_a_key_to_apps() {
+        let s = Settings::from_sources(
+            None,
+            &env(&[
+                ("LEDGER_APPS", "wxa:sec,wxb:sec,wxc:sec"),
+                (
+                    "LEDGER_API_KEYS",
+                    "shop:send:0123456789abcdef:wxa+wxb,ops:admin:fedcba9876543210",
+                ),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            s.api_keys[0].apps,
+            AppScope::Only(vec!["wxa".into(), "wxb".into()])
+        );
+        assert_eq!(s.api_keys[0].key.expose(), "0123456789abcdef");
+        assert_eq!(s.api_keys[1].apps, AppScope::All);
+        // An app LEDGER_APPS does not know (or a key holding ':', which spills into
+        // the 4th field) is an error that names the key, never its parts.
+        for keys in [
+            "shop:send:0123456789abcdef:wxz",
+            "shop:send:0123456789:abcdef",
+            "shop:send:0123456789abcdef:",
+        ] {
+            let err = Settings::from_sources(
+                None,
+                &env(&[("LEDGER_APPS", "wxa:sec"), ("LEDGER_API_KEYS", keys)]),
+            )
+            .unwrap_err();
+            assert_eq!(err.name, "LEDGER_API_KEYS", "{keys}");
+            let shown = err.to_string();
+            assert!(
+                !shown.contains("0123456789")
+                    && !shown.contains("abcdef")
+                    && !shown.contains("wxz"),
+                "{shown}"
+            );
+        }
     }
 
     #[test]

@@ -8,7 +8,7 @@ use actix_web::dev::Server;
 use actix_web::{middleware, web, App, HttpServer};
 use base64::Engine;
 
-use crate::auth::{ApiKey, Role, SessionKey};
+use crate::auth::{ApiKey, AppScope, Role, SessionKey};
 use crate::db::{Db, DbError};
 use crate::http::{self, AppState};
 use crate::metrics::Metrics;
@@ -344,6 +344,7 @@ fn sandbox(
             name: "sandbox".into(),
             roles: vec![Role::Send, Role::Admin, Role::Token],
             key: key.clone(),
+            apps: AppScope::All,
         }];
         key
     });

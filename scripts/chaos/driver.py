@@ -716,7 +716,7 @@ class Chaos:
         deliveries = self.sim("GET", "/sim/deliveries")
         stats = self.sim("GET", "/sim/stats")["calls"]
         messages = self.db.rows(
-            "SELECT id, openid, status, error_code, wechat_errcode, credential_id, "
+            "SELECT id, public_id, openid, status, error_code, wechat_errcode, credential_id, "
             "credential_kind, credential_value, credentials_tried, body FROM messages")
         creds = self.db.rows(
             "SELECT id, openid, kind, value, uses_total, uses_left, invalid, invalid_reason "
@@ -742,6 +742,7 @@ class Chaos:
 
         # Tie messages and deliveries by the tag.
         msg_by_id = {}
+        msg_by_public = {}
         msgs_by_tag = collections.defaultdict(list)
         for m in messages:
             m["id"] = int(m["id"])
@@ -751,6 +752,7 @@ class Chaos:
                 tag = None
             m["tag"] = tag
             msg_by_id[m["id"]] = m
+            msg_by_public[m["public_id"]] = m
             msgs_by_tag[tag].append(m)
         dels_by_tag = collections.defaultdict(list)
         dels_by_cred = collections.defaultdict(list)
@@ -922,7 +924,7 @@ class Chaos:
         bad = []
         for tag, ids in self.message_ids.items():
             for i in ids:
-                m = msg_by_id.get(int(i))
+                m = msg_by_public.get(i)
                 if m is None or m["tag"] != tag:
                     bad.append(f"message {i} (tag {tag}) answered 2xx, not in the ledger as such")
         add("every acknowledged message stored", not bad,
@@ -930,6 +932,7 @@ class Chaos:
 
         self.last_deliveries = deliveries
         self.tag_of = {m["id"]: m["tag"] for m in messages}
+        self.public_of = {m["id"]: m["public_id"] for m in messages}
         return results, {
             "deliveries": deliveries, "stats": stats, "messages": messages,
             "by_status": by_status, "unknown": unknown, "attempts": attempts,
@@ -950,7 +953,8 @@ class Chaos:
             if not live:
                 break
             try:
-                status, data = request(live[0], "GET", f"/v1/messages/{mid}",
+                public = self.public_of.get(int(mid), mid)
+                status, data = request(live[0], "GET", f"/v1/messages/{public}",
                                        headers={"Authorization": f"Bearer {KEY_SEND}"})
                 print(f"  GET /v1/messages/{mid} -> {status} {json.dumps(data)}")
                 for d in self.last_deliveries:

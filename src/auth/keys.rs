@@ -31,12 +31,31 @@ impl Role {
     }
 }
 
-/// An API key as configured: `name:role+role:key`.
+/// The apps a key acts on: every app, or only those named in the 4th field of
+/// `LEDGER_API_KEYS`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum AppScope {
+    #[default]
+    All,
+    Only(Vec<String>),
+}
+
+impl AppScope {
+    pub fn allows(&self, app_id: &str) -> bool {
+        match self {
+            AppScope::All => true,
+            AppScope::Only(apps) => apps.iter().any(|a| a == app_id),
+        }
+    }
+}
+
+/// An API key as configured: `name:role+role:key[:app+app]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiKey {
     pub name: String,
     pub roles: Vec<Role>,
     pub key: Secret,
+    pub apps: AppScope,
 }
 
 /// Why a presented key does not open an endpoint.
@@ -51,7 +70,15 @@ pub enum Denied {
 struct KeyEntry {
     name: String,
     roles: Vec<Role>,
+    apps: AppScope,
     digest: [u8; 32],
+}
+
+/// A key that opened an endpoint: its name and the apps it acts on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Grant<'a> {
+    pub name: &'a str,
+    pub apps: &'a AppScope,
 }
 
 /// The configured API keys, ready for lookup.
@@ -67,21 +94,25 @@ impl KeyRing {
                 .map(|k| KeyEntry {
                     name: k.name.clone(),
                     roles: k.roles.clone(),
+                    apps: k.apps.clone(),
                     digest: Sha256::digest(k.key.expose().as_bytes()).into(),
                 })
                 .collect(),
         }
     }
 
-    /// The name of the key `presented`, if it is a configured key with `role`.
-    pub fn authorize(&self, presented: Option<&str>, role: Role) -> Result<&str, Denied> {
+    /// The key `presented`, if it is a configured key with `role`.
+    pub fn authorize(&self, presented: Option<&str>, role: Role) -> Result<Grant<'_>, Denied> {
         let entry = presented
             .and_then(|p| self.find(p))
             .ok_or(Denied::UnknownKey)?;
         if !entry.roles.contains(&role) {
             return Err(Denied::MissingRole(role));
         }
-        Ok(&entry.name)
+        Ok(Grant {
+            name: &entry.name,
+            apps: &entry.apps,
+        })
     }
 
     fn find(&self, presented: &str) -> Option<&KeyEntry> {
@@ -105,16 +136,20 @@ mod tests {
             name: "shop".into(),
             roles: vec![Role::Send],
             key: Secret::new("0123456789abcdef"),
+            apps: AppScope::Only(vec!["wxa".into()]),
         }])
     }
 
     #[test]
     fn a_key_opens_only_its_roles() {
         let ring = ring();
-        assert_eq!(
-            ring.authorize(Some("0123456789abcdef"), Role::Send),
-            Ok("shop")
-        );
+        let grant = ring
+            .authorize(Some("0123456789abcdef"), Role::Send)
+            .unwrap();
+        assert_eq!(grant.name, "shop");
+        assert!(grant.apps.allows("wxa"));
+        assert!(!grant.apps.allows("wxb"));
+        assert!(AppScope::All.allows("wxb"));
         assert_eq!(
             ring.authorize(Some("0123456789abcdef"), Role::Admin),
             Err(Denied::MissingRole(Role::Admin))

@@ -5,5 +5,5 @@
 mod keys;
 mod session;
 
-pub use keys::{ApiKey, Denied, KeyRing, Role};
+pub use keys::{ApiKey, AppScope, Denied, Grant, KeyRing, Role};
 pub use session::{SessionClaims, SessionError, SessionKey};

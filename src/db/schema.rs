@@ -102,6 +102,8 @@ diesel::table! {
         finished_at -> Nullable<Timestamp>,
         credential_issued_at -> Nullable<Timestamp>,
         young_retries -> Int4,
+        wakes -> Int4,
+        public_id -> Text,
     }
 }
 

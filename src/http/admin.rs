@@ -42,14 +42,14 @@ pub(crate) struct AppQuery {
         (status = 503, description = "unavailable: the database does not answer", body = ErrorBody)
     ))]
 pub(crate) async fn quota(
-    _auth: Authorized<AdminRole>,
+    auth: Authorized<AdminRole>,
     state: web::Data<AppState>,
     openid: web::Path<String>,
     query: web::Query<AppQuery>,
 ) -> Result<HttpResponse, ApiError> {
     let openid = openid.into_inner();
     check_openid(&openid)?;
-    let app_id = state.resolve_app(query.app_id.as_deref())?;
+    let app_id = auth.app(&state, query.app_id.as_deref())?;
     let quota = state
         .db
         .run(move |conn| ledger::quota(conn, &app_id, &openid, crate::time::now()))
@@ -81,7 +81,7 @@ pub(crate) struct UsersQuery {
         (status = 503, description = "unavailable: the database does not answer", body = ErrorBody)
     ))]
 pub(crate) async fn users(
-    _auth: Authorized<AdminRole>,
+    auth: Authorized<AdminRole>,
     state: web::Data<AppState>,
     query: web::Query<UsersQuery>,
 ) -> Result<HttpResponse, ApiError> {
@@ -90,7 +90,7 @@ pub(crate) async fn users(
         limit,
         cursor,
     } = query.into_inner();
-    let app_id = state.resolve_app(app_id.as_deref())?;
+    let app_id = auth.app(&state, app_id.as_deref())?;
     let limit = limit.unwrap_or(DEFAULT_PAGE);
     if !(1..=MAX_PAGE).contains(&limit) {
         return Err(ApiError::invalid_request(format!(
@@ -119,11 +119,11 @@ pub(crate) async fn users(
         (status = 503, description = "unavailable: the database does not answer", body = ErrorBody)
     ))]
 pub(crate) async fn stats(
-    _auth: Authorized<AdminRole>,
+    auth: Authorized<AdminRole>,
     state: web::Data<AppState>,
     query: web::Query<AppQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    let app_id = state.resolve_app(query.app_id.as_deref())?;
+    let app_id = auth.app(&state, query.app_id.as_deref())?;
     let stats = state
         .db
         .run(move |conn| crate::stats::app_stats(conn, &app_id, crate::time::now()))
@@ -151,14 +151,14 @@ pub(crate) struct MessagesQuery {
         (status = 503, description = "unavailable: the database does not answer", body = ErrorBody)
     ))]
 pub(crate) async fn user_messages(
-    _auth: Authorized<AdminRole>,
+    auth: Authorized<AdminRole>,
     state: web::Data<AppState>,
     openid: web::Path<String>,
     query: web::Query<MessagesQuery>,
 ) -> Result<HttpResponse, ApiError> {
     let openid = openid.into_inner();
     check_openid(&openid)?;
-    let app_id = state.resolve_app(query.app_id.as_deref())?;
+    let app_id = auth.app(&state, query.app_id.as_deref())?;
     let limit = query.limit.unwrap_or(20);
     if !(1..=100).contains(&limit) {
         return Err(ApiError::invalid_request("limit must be 1..=100"));
@@ -199,11 +199,11 @@ pub(crate) struct AppsBody {
         (status = 503, description = "unavailable: the database does not answer", body = ErrorBody)
     ))]
 pub(crate) async fn apps(
-    _auth: Authorized<AdminRole>,
+    auth: Authorized<AdminRole>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let mut apps = Vec::new();
-    for app in &state.settings.apps {
+    for app in state.settings.apps.iter().filter(|a| auth.sees(&a.app_id)) {
         let stored = state.tokens.stored(&app.app_id).await?;
         apps.push(AppView {
             app_id: app.app_id.clone(),
@@ -236,11 +236,11 @@ pub(crate) struct TemplatesBody {
         (status = 503, description = "unavailable", body = ErrorBody)
     ))]
 pub(crate) async fn list_templates(
-    _auth: Authorized<AdminRole>,
+    auth: Authorized<AdminRole>,
     state: web::Data<AppState>,
     query: web::Query<AppQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    let app_id = state.resolve_app(query.app_id.as_deref())?;
+    let app_id = auth.app(&state, query.app_id.as_deref())?;
     let id = app_id.clone();
     let registered = state
         .db
@@ -284,13 +284,13 @@ fn template_id(path: &str) -> Result<String, ApiError> {
         (status = 503, description = "unavailable", body = ErrorBody)
     ))]
 pub(crate) async fn register_template(
-    _auth: Authorized<AdminRole>,
+    auth: Authorized<AdminRole>,
     state: web::Data<AppState>,
     path: web::Path<String>,
     query: web::Query<AppQuery>,
 ) -> Result<HttpResponse, ApiError> {
     let template_id = template_id(&path)?;
-    let app_id = state.resolve_app(query.app_id.as_deref())?;
+    let app_id = auth.app(&state, query.app_id.as_deref())?;
     let (a, t) = (app_id.clone(), template_id.clone());
     state
         .db
@@ -317,13 +317,13 @@ pub(crate) async fn register_template(
         (status = 503, description = "unavailable", body = ErrorBody)
     ))]
 pub(crate) async fn unregister_template(
-    _auth: Authorized<AdminRole>,
+    auth: Authorized<AdminRole>,
     state: web::Data<AppState>,
     path: web::Path<String>,
     query: web::Query<AppQuery>,
 ) -> Result<HttpResponse, ApiError> {
     let template_id = template_id(&path)?;
-    let app_id = state.resolve_app(query.app_id.as_deref())?;
+    let app_id = auth.app(&state, query.app_id.as_deref())?;
     let (a, t) = (app_id.clone(), template_id.clone());
     let removed = state
         .db

@@ -85,7 +85,7 @@ fn parse(body: serde_json::Value) -> Result<Vec<ServerCredential>, ApiError> {
         (status = 503, description = "unavailable: the database does not answer", body = ErrorBody)
     ))]
 pub(crate) async fn register(
-    _auth: Authorized<SendRole>,
+    auth: Authorized<SendRole>,
     state: web::Data<AppState>,
     body: web::Json<serde_json::Value>,
 ) -> Result<HttpResponse, ApiError> {
@@ -95,7 +95,7 @@ pub(crate) async fn register(
     for item in items {
         check_openid(&item.openid)?;
         reports.push(Report {
-            app_id: state.resolve_app(item.app_id.as_deref())?,
+            app_id: auth.app(&state, item.app_id.as_deref())?,
             openid: item.openid,
             items: vec![Item::Token {
                 kind: match item.kind {

@@ -14,7 +14,7 @@ use ipnet::IpNet;
 
 use super::error::ApiError;
 use super::AppState;
-use crate::auth::{Denied, Role, SessionClaims};
+use crate::auth::{AppScope, Denied, Role, SessionClaims};
 
 /// The token of an `Authorization: Bearer …` header, if there is one.
 fn bearer(req: &HttpRequest) -> Option<&str> {
@@ -54,7 +54,32 @@ impl RequiredRole for TokenRole {
 /// key's rate limit, or from an address past its failed authentications).
 pub struct Authorized<R> {
     pub key_name: String,
+    /// The apps the key acts on: check every app a request names with [`Self::app`].
+    pub apps: AppScope,
     role: PhantomData<R>,
+}
+
+impl<R> Authorized<R> {
+    /// The app the request is about ([`AppState::resolve_app`]), if this key may act
+    /// on it: 403 `forbidden` for an app outside the key's scope.
+    pub fn app(&self, state: &AppState, app_id: Option<&str>) -> Result<String, ApiError> {
+        let app = state.resolve_app(app_id)?;
+        if self.apps.allows(&app) {
+            Ok(app)
+        } else {
+            Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                format!("this key does not act on app {app:?}"),
+            ))
+        }
+    }
+
+    /// Whether this key may see a stored thing of `app_id` (a message): callers
+    /// answer 404 when not, so its existence is not revealed.
+    pub fn sees(&self, app_id: &str) -> bool {
+        self.apps.allows(app_id)
+    }
 }
 
 impl<R: RequiredRole> FromRequest for Authorized<R> {
@@ -62,16 +87,17 @@ impl<R: RequiredRole> FromRequest for Authorized<R> {
     type Future = Ready<Result<Self, ApiError>>;
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
-        ready(authorize(req, R::ROLE).map(|key_name| Authorized {
+        ready(authorize(req, R::ROLE).map(|(key_name, apps)| Authorized {
             key_name,
+            apps,
             role: PhantomData,
         }))
     }
 }
 
-fn authorize(req: &HttpRequest, role: Role) -> Result<String, ApiError> {
+fn authorize(req: &HttpRequest, role: Role) -> Result<(String, AppScope), ApiError> {
     let state = state(req)?;
-    let name = at_the_door(state, req, "api_key", || {
+    let grant = at_the_door(state, req, "api_key", || {
         state
             .keys
             .authorize(bearer(req), role)
@@ -80,8 +106,8 @@ fn authorize(req: &HttpRequest, role: Role) -> Result<String, ApiError> {
                 Denied::MissingRole(role) => ApiError::forbidden(role.name()),
             })
     })?;
-    state.limits.key(name)?;
-    Ok(name.to_string())
+    state.limits.key(grant.name)?;
+    Ok((grant.name.to_string(), grant.apps.clone()))
 }
 
 /// Failed authentication is limited per client address ([`client_ip`],

@@ -65,9 +65,13 @@ fn invalid(message: impl Into<String>) -> ApiError {
 
 /// Everything WeChat would refuse as the caller's mistake whatever the credential,
 /// refused here before a use is spent.
-fn validate(state: &AppState, m: MessageIn) -> Result<NewMessage, ApiError> {
+fn validate(
+    state: &AppState,
+    auth: &Authorized<SendRole>,
+    m: MessageIn,
+) -> Result<NewMessage, ApiError> {
     check_openid(&m.openid)?;
-    let app_id = state.resolve_app(m.app_id.as_deref())?;
+    let app_id = auth.app(state, m.app_id.as_deref())?;
     if !ledger::is_valid_value(&m.template_id) {
         return Err(invalid(
             "template_id must be 1..128 printable ASCII characters",
@@ -193,7 +197,7 @@ pub(crate) async fn create(
 ) -> Result<HttpResponse, ApiError> {
     let wait = wait_for(&query)?;
     let idempotency = idempotency_key(&req, &auth.key_name)?;
-    let mut message = validate(&state, body.into_inner())?;
+    let mut message = validate(&state, &auth, body.into_inner())?;
     let configured = state.settings.subscription_templates.clone();
     let (app_id, template_id) = (message.app_id.clone(), message.template_id.clone());
     message.channel = state
@@ -250,14 +254,17 @@ pub(crate) async fn create(
         (status = 503, description = "unavailable: the database does not answer", body = ErrorBody)
     ))]
 pub(crate) async fn get(
-    _auth: Authorized<SendRole>,
+    auth: Authorized<SendRole>,
     state: web::Data<AppState>,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let id: i64 = id
-        .parse()
-        .map_err(|_| ApiError::not_found("no such message"))?;
-    let view = load(&state, id).await?;
+    let id = id.into_inner();
+    let apps = auth.apps;
+    let view = state
+        .db
+        .run(move |c| outbox::view_public(c, &id, |app| apps.allows(app)))
+        .await?
+        .ok_or_else(|| ApiError::not_found("no such message"))?;
     Ok(HttpResponse::Ok().json(view))
 }
 

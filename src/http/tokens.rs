@@ -67,10 +67,11 @@ fn body(token: &CurrentToken) -> TokenBody {
         (status = 503, description = "wechat_unavailable or unavailable", body = ErrorBody)
     ))]
 pub(crate) async fn current(
-    _auth: Authorized<TokenRole>,
+    auth: Authorized<TokenRole>,
     state: web::Data<AppState>,
     app_id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
+    let app_id = auth.app(&state, Some(&app_id))?;
     let token = state.tokens.current(&app_id).await?;
     Ok(HttpResponse::Ok().json(body(&token)))
 }
@@ -96,11 +97,12 @@ pub(crate) struct RefreshBody {
         (status = 503, description = "wechat_unavailable or unavailable", body = ErrorBody)
     ))]
 pub(crate) async fn refresh(
-    _auth: Authorized<TokenRole>,
+    auth: Authorized<TokenRole>,
     state: web::Data<AppState>,
     app_id: web::Path<String>,
     req: web::Json<RefreshBody>,
 ) -> Result<HttpResponse, ApiError> {
+    let app_id = auth.app(&state, Some(&app_id))?;
     let (token, refreshed) = state
         .tokens
         .compare_and_refresh(&app_id, &req.stale_token)

@@ -161,6 +161,7 @@ pub fn submit(
     // Serialising plain strings and maps cannot fail.
     let request = serde_json::to_vec(msg).unwrap_or_default();
     let row = NewMessageRow {
+        public_id: new_public_id(),
         app_id: msg.app_id.clone(),
         openid: msg.openid.clone(),
         template_id: msg.template_id.clone(),
@@ -184,6 +185,14 @@ pub fn submit(
         Inserted::New(id) | Inserted::Existing(id) => Submitted::Message(id),
         Inserted::Mismatch => Submitted::Mismatch,
     })
+}
+
+/// A message's id in the API: "msg_" and 128 random bits in hex. Random rather than
+/// the row's sequence number, so a key cannot count other apps' messages between two
+/// of its own, nor guess another message's id.
+fn new_public_id() -> String {
+    let bits: u128 = rand::random();
+    format!("msg_{bits:032x}")
 }
 
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -257,7 +266,7 @@ impl MessageView {
             _ => None,
         };
         Ok(MessageView {
-            id: row.id.to_string(),
+            id: row.public_id.clone(),
             channel,
             status,
             error,
@@ -285,6 +294,19 @@ pub fn view(conn: &mut DbConn, id: i64) -> DbResult<Option<MessageView>> {
     store::load(conn, id)?
         .map(|(row, attempts)| MessageView::new(row, attempts))
         .transpose()
+}
+
+/// The message resource by its API id, if it exists and `visible` admits its app
+/// (an invisible one is reported as absent: its existence is not revealed).
+pub fn view_public(
+    conn: &mut DbConn,
+    public_id: &str,
+    visible: impl Fn(&str) -> bool,
+) -> DbResult<Option<MessageView>> {
+    match store::find_public(conn, public_id)? {
+        Some((id, app_id)) if visible(&app_id) => view(conn, id),
+        _ => Ok(None),
+    }
 }
 
 /// A user's latest messages, newest first.

@@ -147,6 +147,9 @@ pub struct Settlement {
     pub ambiguous: bool,
     /// Pause the app's sending until then (45009).
     pub pause_until: Option<DateTime<Utc>>,
+    /// The message waits for the user to report a credential: if one was reported
+    /// since the message was leased (its `wakes` moved), it is due at once instead.
+    pub awaits_report: bool,
 }
 
 impl Settlement {
@@ -161,6 +164,7 @@ impl Settlement {
             retries,
             ambiguous,
             pause_until: None,
+            awaits_report: false,
         }
     }
 
@@ -243,7 +247,10 @@ pub fn no_token(
 /// message's `await_until`, otherwise `no_quota`.
 pub fn no_credential(msg: &MessageRow, now: DateTime<Utc>) -> Settlement {
     match msg.await_until.map(|t| t.and_utc()).filter(|t| *t > now) {
-        Some(until) => Settlement::let_go(CredentialFate::Keep, until),
+        Some(until) => Settlement {
+            awaits_report: true,
+            ..Settlement::let_go(CredentialFate::Keep, until)
+        },
         None => Settlement {
             error: Some(MessageError {
                 code: MessageErrorCode::NoQuota,
@@ -472,6 +479,8 @@ mod tests {
             finished_at: None,
             credential_issued_at: Some(t),
             young_retries: 0,
+            wakes: 0,
+            public_id: "msg_test".into(),
         }
     }
 

@@ -1,6 +1,7 @@
 //! The outbox tables: messages, their attempts, paused apps.
 
 use chrono::{DateTime, NaiveDateTime, Utc};
+use diesel::dsl::case_when;
 use diesel::prelude::*;
 use diesel::sql_types::{Text, Timestamp};
 
@@ -46,6 +47,11 @@ pub struct MessageRow {
     pub credential_issued_at: Option<NaiveDateTime>,
     /// Young-credential (41028) retries of this message, whatever credential.
     pub young_retries: i32,
+    /// Credential reports for the user since the message was created; see
+    /// [`wake_waiting_many`].
+    pub wakes: i32,
+    /// The message's id in the API (random; see the migration).
+    pub public_id: String,
 }
 
 impl MessageRow {
@@ -102,6 +108,7 @@ pub struct AttemptRow {
 #[derive(Debug, Insertable)]
 #[diesel(table_name = messages)]
 pub struct NewMessageRow {
+    pub public_id: String,
     pub app_id: String,
     pub openid: String,
     pub template_id: String,
@@ -213,6 +220,16 @@ pub fn load(conn: &mut DbConn, id: i64) -> DbResult<Option<(MessageRow, Vec<Atte
             .load(c)?;
         Ok(Some((row, attempts)))
     })
+}
+
+/// The internal id and app of the message with API id `public_id`.
+pub fn find_public(conn: &mut DbConn, public_id: &str) -> DbResult<Option<(i64, String)>> {
+    use messages::dsl as m;
+    Ok(dispatch!(conn, |c| m::messages
+        .filter(m::public_id.eq(public_id))
+        .select((m::id, m::app_id))
+        .first(c)
+        .optional())?)
 }
 
 /// A user's most recent messages, newest first (with their attempts).
@@ -383,6 +400,16 @@ pub fn settle(
         if changed == 0 {
             return Err(DbError::Query(diesel::result::Error::RollbackTransaction));
         }
+        if s.awaits_report {
+            // A report since the lease (see `wake_waiting_many`): due now, not later.
+            dispatch!(conn, |c| diesel::update(
+                m::messages
+                    .filter(m::id.eq(msg.id))
+                    .filter(m::wakes.ne(msg.wakes))
+            )
+            .set(m::next_attempt_at.eq(now_db))
+            .execute(c))?;
+        }
         if !keep && !final_status {
             dispatch!(conn, |c| diesel::update(
                 m::messages.filter(m::id.eq(msg.id))
@@ -441,6 +468,11 @@ pub fn settle(
 }
 
 /// Users reported credentials: their messages waiting for one are due now.
+///
+/// Every such message's `wakes` moves, including one a sender has leased and is
+/// about to settle as "wait" because it found nothing: [`settle`] then makes it due
+/// at once. Both statements write the message row, so whichever commits second sees
+/// the other (a wake is never lost between a sender's look and its settlement).
 pub fn wake_waiting_many(
     conn: &mut DbConn,
     app_id: &str,
@@ -449,15 +481,19 @@ pub fn wake_waiting_many(
 ) -> DbResult<usize> {
     use messages::dsl as m;
     let now_db = to_db(now);
+    let due_now = case_when(
+        m::next_attempt_at.gt(now_db),
+        now_db.into_sql::<Timestamp>(),
+    )
+    .otherwise(m::next_attempt_at);
     Ok(dispatch!(conn, |c| diesel::update(
         m::messages
             .filter(m::app_id.eq(app_id))
             .filter(m::openid.eq_any(openids))
             .filter(m::status.eq(Status::Queued.as_str()))
             .filter(m::credential_id.is_null())
-            .filter(m::next_attempt_at.gt(now_db))
     )
-    .set(m::next_attempt_at.eq(now_db))
+    .set((m::wakes.eq(m::wakes + 1), m::next_attempt_at.eq(due_now)))
     .execute(c))?)
 }
 

@@ -12,7 +12,7 @@ use diesel::prelude::*;
 // Every path into the crate that the tests use is written here, once; the test
 // modules import these from `crate::helpers`. When an item moves in src/, only
 // this block follows it.
-pub use formid_ledger::auth::{ApiKey, Role, SessionKey};
+pub use formid_ledger::auth::{ApiKey, AppScope, Role, SessionKey};
 pub use formid_ledger::db::{schema, Db, DbConn};
 pub use formid_ledger::dispatch;
 pub use formid_ledger::housekeeping::{purge, Purged};
@@ -145,6 +145,7 @@ pub fn test_settings(db: &TestDb) -> Settings {
         name: name.into(),
         roles: roles.to_vec(),
         key: Secret::new(key),
+        apps: AppScope::All,
     };
     Settings {
         bind: "127.0.0.1:0".into(),

@@ -1,0 +1,2 @@
+DROP INDEX messages_public_id;
+ALTER TABLE messages DROP COLUMN public_id;
