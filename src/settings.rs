@@ -165,6 +165,8 @@ pub struct Settings {
     /// Templates sent with subscribe-send in every app (more can be registered per
     /// app through the admin API).
     pub subscription_templates: Vec<String>,
+    /// How often each app's template list is read from WeChat again.
+    pub template_refresh: Duration,
     /// Rate limits (0: unlimited).
     pub limits: Limits,
     /// Peers whose `X-Forwarded-For` is believed (reverse proxies); empty: nobody's.
@@ -204,6 +206,7 @@ impl Default for Settings {
             purge_interval: Duration::from_secs(600),
             retention: Retention::default(),
             subscription_templates: Vec::new(),
+            template_refresh: Duration::from_secs(3600),
             limits: Limits::default(),
             trusted_proxies: Vec::new(),
         }
@@ -353,6 +356,7 @@ settings! {
     // The contract keeps idempotency keys at least 24 h.
     idempotency_retention_s => |s, v| s.retention.idempotency_keys = secs(v, 86_400, u32::MAX)?;
     subscription_templates => |s, v| s.subscription_templates = template_ids(v)?;
+    template_refresh_s => |s, v| s.template_refresh = secs(v, 1, 86_400)?;
     rate_session_per_min => |s, v| s.limits.per_session_per_minute = int(v, 0, 1_000_000)?;
     rate_ip_per_min => |s, v| s.limits.per_ip_per_minute = int(v, 0, 10_000_000)?;
     rate_login_ip_per_min => |s, v| s.limits.login_per_ip_per_minute = int(v, 0, 1_000_000)?;

@@ -20,6 +20,7 @@ use crate::settings::{Retention, Settings};
 use crate::sim::{SimConfig, Simulator};
 use crate::tokens::{TokenError, TokenManager};
 use crate::wechat::client::WechatClient;
+use crate::wechat::wire::PrivateTemplate;
 
 /// The app sandbox mode serves, backed by the built-in simulator.
 pub const SANDBOX_APP: &str = "wxsandbox";
@@ -250,6 +251,19 @@ impl Application {
                 }
             }
         });
+        crate::outbox::templates::spawn_refresher(
+            self.db.clone(),
+            self.state.wechat.clone(),
+            self.tokens.clone(),
+            self.state
+                .settings
+                .apps
+                .iter()
+                .map(|a| a.app_id.clone())
+                .collect(),
+            self.state.settings.template_refresh,
+            self.stop.subscribe(),
+        );
         crate::housekeeping::spawn(
             self.db.clone(),
             self.retention.clone(),
@@ -350,9 +364,35 @@ fn sandbox(
     });
     let simulator = Simulator::new(SimConfig {
         apps: vec![(SANDBOX_APP.to_string(), secret)],
+        subscription_templates: sandbox_templates(),
         ..SimConfig::default()
     });
     Ok(Some(Sandbox { simulator, api_key }))
+}
+
+/// The sandbox app's subscription templates, as its simulated WeChat lists them.
+fn sandbox_templates() -> Vec<PrivateTemplate> {
+    let template = |id: &str, title: &str, content: &str, example: &str| PrivateTemplate {
+        pri_tmpl_id: id.into(),
+        title: title.into(),
+        content: content.into(),
+        example: example.into(),
+        kind: 2,
+    };
+    vec![
+        template(
+            "TPL_SHIPPED",
+            "发货通知",
+            "物品名称:{{thing1.DATA}}\n发货时间:{{time2.DATA}}\n",
+            "物品名称:咖啡\n发货时间:2026年12月1日 15:01\n",
+        ),
+        template(
+            "TPL_PROMO",
+            "活动提醒",
+            "活动名称:{{thing1.DATA}}\n开始时间:{{date2.DATA}}\n",
+            "活动名称:双十二\n开始时间:2026年12月12日\n",
+        ),
+    ]
 }
 
 /// `bytes` random bytes, base64url.

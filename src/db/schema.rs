@@ -134,6 +134,17 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    wechat_templates (app_id, template_id) {
+        app_id -> Text,
+        template_id -> Text,
+        title -> Text,
+        keys -> Text,
+        kind -> Int4,
+        fetched_at -> Timestamp,
+    }
+}
+
 diesel::joinable!(message_attempts -> messages (message_id));
 
 diesel::allow_tables_to_appear_in_same_query!(
@@ -147,4 +158,5 @@ diesel::allow_tables_to_appear_in_same_query!(
     service_secrets,
     subscription_results,
     subscription_templates,
+    wechat_templates,
 );

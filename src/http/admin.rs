@@ -217,10 +217,31 @@ pub(crate) async fn apps(
 #[derive(Debug, serde::Serialize, utoipa::ToSchema)]
 pub(crate) struct TemplatesBody {
     app_id: String,
+    /// Every subscription template of the app, from whichever source knows it.
+    templates: Vec<TemplateView>,
     /// From LEDGER_SUBSCRIPTION_TEMPLATES, for every app.
     configured: Vec<String>,
     /// Registered for this app through this API.
     registered: Vec<String>,
+}
+
+/// One subscription template: where the ledger knows it from and, when WeChat
+/// listed it, its title and data keys.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub(crate) struct TemplateView {
+    template_id: String,
+    /// `wechat` (getPrivateTemplateList), `configured` or `registered`; a template
+    /// WeChat lists is shown as `wechat` whatever else names it.
+    source: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    title: Option<String>,
+    /// The data keys a message of it may use (WeChat's list only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    keys: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    #[serde(with = "crate::time::rfc3339::option")]
+    fetched_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 #[utoipa::path(get, path = "/v1/admin/subscription-templates", tag = "admin",
@@ -242,13 +263,43 @@ pub(crate) async fn list_templates(
 ) -> Result<HttpResponse, ApiError> {
     let app_id = auth.app(&state, query.app_id.as_deref())?;
     let id = app_id.clone();
-    let registered = state
+    let (listed, registered) = state
         .db
-        .run(move |c| outbox::templates::registered(c, &id))
+        .run(move |c| {
+            Ok((
+                outbox::templates::listed(c, &id)?,
+                outbox::templates::registered(c, &id)?,
+            ))
+        })
         .await?;
+    let configured = state.settings.subscription_templates.clone();
+    let mut templates: Vec<TemplateView> = listed
+        .into_iter()
+        .map(|t| TemplateView {
+            template_id: t.template_id,
+            source: "wechat",
+            title: Some(t.title),
+            keys: Some(t.keys),
+            fetched_at: Some(t.fetched_at),
+        })
+        .collect();
+    let others = (configured.iter().map(|t| (t, "configured")))
+        .chain(registered.iter().map(|t| (t, "registered")));
+    for (template_id, source) in others {
+        if !templates.iter().any(|t| &t.template_id == template_id) {
+            templates.push(TemplateView {
+                template_id: template_id.clone(),
+                source,
+                title: None,
+                keys: None,
+                fetched_at: None,
+            });
+        }
+    }
     Ok(HttpResponse::Ok().json(TemplatesBody {
         app_id,
-        configured: state.settings.subscription_templates.clone(),
+        templates,
+        configured,
         registered,
     }))
 }

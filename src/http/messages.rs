@@ -200,10 +200,25 @@ pub(crate) async fn create(
     let mut message = validate(&state, &auth, body.into_inner())?;
     let configured = state.settings.subscription_templates.clone();
     let (app_id, template_id) = (message.app_id.clone(), message.template_id.clone());
-    message.channel = state
+    let template = state
         .db
-        .run(move |c| templates::channel_of(c, &configured, &app_id, &template_id))
+        .run(move |c| templates::lookup(c, &configured, &app_id, &template_id))
         .await?;
+    message.channel = template.channel;
+    if let Some(keys) = &template.keys {
+        // WeChat listed the template: its data takes only the template's keys.
+        if let Some(key) = message.content.data.keys().find(|k| !keys.contains(k)) {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "data_invalid",
+                format!(
+                    "data key {key:?} is not a key of template {:?} (its keys: {})",
+                    message.template_id,
+                    keys.join(", ")
+                ),
+            ));
+        }
+    }
     if message.channel == Channel::Subscription {
         // WeChat would answer 47003; refuse before a subscription is spent.
         if let Some(field) = subscribe_data::first_invalid(&message.content.data) {

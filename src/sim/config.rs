@@ -5,6 +5,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::secret::Secret;
+use crate::wechat::wire::PrivateTemplate;
 
 /// Start-up settings. Durations accept sub-second values so tests can expire
 /// tokens, credentials and codes in seconds.
@@ -30,6 +31,10 @@ pub struct SimConfig {
     pub pages: Option<Vec<String>>,
     /// Allowed template ids; `None` = any. Else unknown → 40037.
     pub templates: Option<Vec<String>>,
+    /// The subscription templates every app has, as getPrivateTemplateList lists
+    /// them; a subscribe send of one of them with a `data` key its content does
+    /// not name → 47003.
+    pub subscription_templates: Vec<PrivateTemplate>,
     /// Life of a form_id and a prepay_id (WeChat: 7 days).
     pub form_id_life: Duration,
     /// Life of a `wx.login()` code (WeChat: 5 min).
@@ -58,6 +63,7 @@ impl Default for SimConfig {
             prepay_activation_delay: Duration::ZERO,
             pages: None,
             templates: None,
+            subscription_templates: Vec::new(),
             form_id_life: Duration::from_secs(7 * 24 * 3600),
             code_life: Duration::from_secs(300),
             login_rate_per_minute: 100,

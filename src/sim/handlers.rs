@@ -34,6 +34,7 @@ pub(super) fn config(cfg: &mut web::ServiceConfig, sim: &Simulator) {
         .service(wx("/sns/jscode2session").route(web::get().to(code_to_session)))
         .service(wx("/cgi-bin/message/wxopen/template/send").route(web::post().to(send_template)))
         .service(wx("/cgi-bin/message/subscribe/send").route(web::post().to(send_subscribe)))
+        .service(wx("/wxaapi/newtmpl/gettemplate").route(web::get().to(private_templates)))
         .service(control("/sim/apps").route(web::post().to(add_app)))
         .service(control("/sim/codes").route(web::post().to(mint_code)))
         .service(control("/sim/form-ids").route(web::post().to(mint_form_ids)))
@@ -122,6 +123,11 @@ async fn send_subscribe(sim: web::Data<Simulator>, req: HttpRequest, bytes: Byte
         },
     )
     .await
+}
+
+async fn private_templates(sim: web::Data<Simulator>, req: HttpRequest) -> HttpResponse {
+    let token = query::<TokenParam>(&req).access_token;
+    answer(&sim, Call::Templates { token }).await
 }
 
 async fn answer(sim: &Simulator, call: Call) -> HttpResponse {

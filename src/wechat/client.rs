@@ -22,8 +22,9 @@ use serde::de::DeserializeOwned;
 
 use super::errcode::{classify, ErrorClass};
 use super::wire::{
-    ApiStatus, Code2SessionQuery, Code2SessionResponse, StableTokenRequest, SubscribeMessage,
-    SubscribeSendResponse, TemplateMessage, TokenQuery, TokenResponse,
+    ApiStatus, Code2SessionQuery, Code2SessionResponse, PrivateTemplate, PrivateTemplateList,
+    StableTokenRequest, SubscribeMessage, SubscribeSendResponse, TemplateMessage, TokenQuery,
+    TokenResponse,
 };
 use crate::secret::Secret;
 
@@ -231,6 +232,22 @@ impl WechatClient {
             .call("subscribe_send", req, Effect::Delivers, &[token.expose()])
             .await?;
         Ok(res.msgid)
+    }
+
+    /// `GET /wxaapi/newtmpl/gettemplate` (getPrivateTemplateList): the app's
+    /// subscription templates.
+    pub async fn private_templates(
+        &self,
+        token: &Secret,
+    ) -> Result<Vec<PrivateTemplate>, WechatError> {
+        let req = self
+            .http
+            .get(self.url("/wxaapi/newtmpl/gettemplate"))
+            .query(&[("access_token", token.expose())]);
+        let res: PrivateTemplateList = self
+            .call("gettemplate", req, Effect::Repeatable, &[token.expose()])
+            .await?;
+        Ok(res.data)
     }
 
     fn url(&self, path: &str) -> String {

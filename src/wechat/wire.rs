@@ -121,6 +121,55 @@ pub struct SubscribeMessage {
     pub lang: Option<String>,
 }
 
+/// Success of `GET /wxaapi/newtmpl/gettemplate` (getPrivateTemplateList): the
+/// app's subscription templates.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrivateTemplateList {
+    #[serde(default)]
+    pub errcode: i64,
+    #[serde(default)]
+    pub errmsg: String,
+    #[serde(default)]
+    pub data: Vec<PrivateTemplate>,
+}
+
+/// One template of the app, as WeChat lists it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrivateTemplate {
+    #[serde(rename = "priTmplId")]
+    pub pri_tmpl_id: String,
+    #[serde(default)]
+    pub title: String,
+    /// One line per key: `物品名称:{{thing1.DATA}}`.
+    #[serde(default)]
+    pub content: String,
+    #[serde(default)]
+    pub example: String,
+    /// 2: one-time, 3: long-term.
+    #[serde(default, rename = "type")]
+    pub kind: i64,
+}
+
+impl PrivateTemplate {
+    /// The `data` keys a send of this template uses, in the template's order: each
+    /// `{{KEY.DATA}}` of `content`.
+    pub fn keys(&self) -> Vec<String> {
+        let mut keys = Vec::new();
+        let mut rest = self.content.as_str();
+        while let Some(start) = rest.find("{{") {
+            rest = &rest[start + 2..];
+            let Some(end) = rest.find("}}") else { break };
+            if let Some(key) = rest[..end].strip_suffix(".DATA") {
+                if !key.is_empty() && !keys.iter().any(|k| k == key) {
+                    keys.push(key.to_string());
+                }
+            }
+            rest = &rest[end + 2..];
+        }
+        keys
+    }
+}
+
 /// Success of `POST /cgi-bin/message/subscribe/send`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SubscribeSendResponse {
@@ -130,4 +179,30 @@ pub struct SubscribeSendResponse {
     pub errmsg: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub msgid: Option<i64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// WeChat's own example answer of getPrivateTemplateList (WECHAT.md §7).
+    #[test]
+    fn template_keys_come_from_its_content() {
+        let list: PrivateTemplateList = serde_json::from_str(
+            r#"{"errcode": 0, "errmsg": "ok", "data": [{"priTmplId": "9Aw5ZV1j9xdWTFEkqCpZ7mIBbSC34khK55OtzUPl0rU",
+                "title": "报名结果通知", "content": "物品名称:{{thing1.DATA}}\n发货时间:{{time2.DATA}}\n",
+                "example": "物品名称:咖啡\n发货时间:2019年10月1日 15:01\n", "type": 2}]}"#,
+        )
+        .unwrap();
+        let t = &list.data[0];
+        assert_eq!(t.pri_tmpl_id, "9Aw5ZV1j9xdWTFEkqCpZ7mIBbSC34khK55OtzUPl0rU");
+        assert_eq!(t.kind, 2);
+        assert_eq!(t.keys(), ["thing1", "time2"]);
+        let odd = PrivateTemplate {
+            content: "a:{{thing1.DATA}} {{thing1.DATA}} {{broken} {{x}} {{.DATA}} {{date3.DATA"
+                .into(),
+            ..PrivateTemplate::default()
+        };
+        assert_eq!(odd.keys(), ["thing1"]);
+    }
 }

@@ -643,3 +643,64 @@ async fn concurrent_sends_to_one_user_answer_43108_when_enabled() {
         .await
         .expect("sequential send");
 }
+
+/// getPrivateTemplateList lists the configured templates, as WeChat's example answer
+/// is shaped (WECHAT.md §7), and a subscribe send of a listed template with a key its
+/// content does not name is 47003 naming the key, grant untouched.
+#[tokio::test]
+async fn the_template_list_and_its_keys() {
+    let listed = crate::helpers::PrivateTemplate {
+        pri_tmpl_id: "TPL_SHIPPED".into(),
+        title: "发货通知".into(),
+        content: "物品名称:{{thing1.DATA}}\n发货时间:{{time2.DATA}}\n".into(),
+        example: String::new(),
+        kind: 2,
+    };
+    let h = start(SimConfig {
+        subscription_templates: vec![listed.clone()],
+        ..config()
+    });
+    let token = h.token().await;
+    assert_eq!(
+        h.wx.private_templates(&token).await.expect("list"),
+        [listed]
+    );
+    let raw = get_json(
+        &reqwest::Client::new(),
+        &format!(
+            "{}/wxaapi/newtmpl/gettemplate?access_token={}",
+            h.base,
+            token.expose()
+        ),
+        None,
+    )
+    .await;
+    assert_eq!(raw["data"][0]["priTmplId"], "TPL_SHIPPED", "{raw}");
+    let err =
+        h.wx.private_templates(&Secret::new("not-a-token"))
+            .await
+            .expect_err("bad token");
+    assert_eq!(err.errcode, Some(40014));
+
+    h.sim.mint_form_ids(APP, "o-alice", 1).expect("known user");
+    h.control(
+        "/sim/subscriptions",
+        json!({"appid": APP, "openid": "o-alice", "template_id": "TPL_SHIPPED"}),
+    )
+    .await;
+    // `subscribe()` sends thing1 and date2: date2 is not a key of the listed template.
+    let err =
+        h.wx.send_subscribe(&token, &subscribe("o-alice", "已发货"))
+            .await
+            .expect_err("date2");
+    assert_wx(&err, ErrorClass::Caller, Some(47003));
+    assert!(err.message.contains("data.date2.value"), "{err}");
+    let mut ok = subscribe("o-alice", "已发货");
+    ok.data = data(&[("thing1", "已发货"), ("time2", "15:01")]);
+    assert!(h
+        .wx
+        .send_subscribe(&token, &ok)
+        .await
+        .expect("its own keys")
+        .is_some());
+}

@@ -190,3 +190,68 @@ backend_app_tests! {
         }));
     }
 }
+
+/// getPrivateTemplateList as the simulated WeChat answers it for every app.
+fn listed_template(id: &str) -> helpers::PrivateTemplate {
+    helpers::PrivateTemplate {
+        pri_tmpl_id: id.into(),
+        title: "发货通知".into(),
+        content: "物品名称:{{thing1.DATA}}\n发货时间:{{time2.DATA}}\n".into(),
+        example: "物品名称:咖啡\n发货时间:2026年12月1日 15:01\n".into(),
+        kind: 2,
+    }
+}
+
+const LISTED: &str = "TPL_LISTED_BY_WECHAT";
+
+async fn listed_templates(app: &TestApp) -> Value {
+    let (status, body) = app
+        .get("/v1/admin/subscription-templates", Some(KEY_ADMIN))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+backend_app_tests! {
+    /// Contract v2, "Templates from WeChat": a template WeChat lists needs no
+    /// registration, and its data may use only its own keys (400 data_invalid naming
+    /// the key, nothing spent); a failed list keeps the last one.
+    async fn templates_come_from_wechat_with_their_keys(tdb) {
+        let sim = helpers::TestSim::spawn_with(|c| c.subscription_templates = vec![listed_template(LISTED)]);
+        let app = TestApp::start(std::sync::Arc::new(tdb), sim, |s| {
+            s.template_refresh = Duration::from_secs(1);
+        })
+        .await;
+        let listed = helpers::eventually(Duration::from_secs(10), || async {
+            listed_templates(&app).await["templates"].as_array().is_some_and(|t| !t.is_empty())
+        });
+        assert!(listed.await, "the list was read from WeChat at start");
+        let body = listed_templates(&app).await;
+        let t = &body["templates"][0];
+        assert_eq!((t["template_id"].as_str(), t["source"].as_str(), t["title"].as_str()), (Some(LISTED), Some("wechat"), Some("发货通知")), "{body}");
+        assert_eq!(t["keys"], json!(["thing1", "time2"]));
+        // A key the template does not have: refused before anything is spent.
+        let session = app.login("u1").await;
+        app.sim.sim.grant_subscriptions(APP, "u1", LISTED, 1).unwrap();
+        report(&app, &session, json!({"subscriptions": [{"template_id": LISTED, "result": "accept"}]})).await;
+        let bad = json!({"openid": "u1", "template_id": LISTED, "data": {"thing1": {"value": "Coffee"}, "date9": {"value": "2026-12-01"}}});
+        let (status, res) = app.post("/v1/messages", Some(KEY_SEND), &bad).await;
+        assert_eq!((status, res["error"]["code"].as_str()), (400, Some("data_invalid")), "{res}");
+        assert!(res["error"]["message"].as_str().unwrap().contains("date9"), "{res}");
+        let (_, q) = app.get("/v1/admin/users/u1/quota", Some(KEY_ADMIN)).await;
+        assert_eq!(q["subscriptions"][LISTED], 1, "nothing spent: {q}");
+        // Its own keys: sent by subscribe-send with the user's grant, no registration.
+        let good = json!({"openid": "u1", "template_id": LISTED, "data": {"thing1": {"value": "Coffee"}, "time2": {"value": "15:01"}}});
+        let m = send_and_wait(&app, good).await;
+        assert_eq!((m["status"].as_str(), m["channel"].as_str()), (Some("sent"), Some("subscription")), "{m}");
+        assert_eq!(app.sim.sim.deliveries().len(), 1);
+        // WeChat failing the list: the last list stays (after at least two failed reads).
+        app.sim.sim.set_faults(helpers::Faults { send: helpers::FaultSet { busy: 1.0, ..Default::default() }, ..Default::default() }).unwrap();
+        let failed_twice = helpers::eventually(Duration::from_secs(130), || async {
+            app.sim.sim.stats().count("gettemplate", "injected_busy") >= 2
+        });
+        assert!(failed_twice.await);
+        let body = listed_templates(&app).await;
+        assert_eq!(body["templates"][0]["template_id"], LISTED, "{body}");
+    }
+}

@@ -51,6 +51,10 @@ pub(crate) enum Call {
         token: String,
         msg: Result<SubscribeMessage, ApiStatus>,
     },
+    /// getPrivateTemplateList.
+    Templates {
+        token: String,
+    },
 }
 
 impl Call {
@@ -61,6 +65,7 @@ impl Call {
             Call::Login(_) => "jscode2session",
             Call::Template { .. } => "template_send",
             Call::Subscribe { .. } => "subscribe_send",
+            Call::Templates { .. } => "gettemplate",
         }
     }
 
@@ -68,7 +73,9 @@ impl Call {
         match self {
             Call::ClassicToken(_) | Call::StableToken(_) => &faults.token,
             Call::Login(_) => &faults.login,
-            Call::Template { .. } | Call::Subscribe { .. } => &faults.send,
+            // Faults of the send API reach the template list too: the ledger must
+            // keep its last list when WeChat fails.
+            Call::Template { .. } | Call::Subscribe { .. } | Call::Templates { .. } => &faults.send,
         }
     }
 
@@ -257,6 +264,7 @@ impl State {
             Call::Subscribe { token, msg } => {
                 encode(msg.and_then(|m| self.send_subscribe(&token, &m, now)))
             }
+            Call::Templates { token } => encode(self.private_templates(&token, now)),
         };
         if drop {
             for d in &mut self.record.deliveries[delivered_before..] {

@@ -8,7 +8,9 @@ use chrono::Utc;
 use super::{random_string, user_app, wx, App, SimError, State, HEX, LOWER_ALNUM};
 use crate::sim::record::{Delivery, MessageKind};
 use crate::wechat::subscribe_data;
-use crate::wechat::wire::{ApiStatus, SubscribeMessage, SubscribeSendResponse, TemplateMessage};
+use crate::wechat::wire::{
+    ApiStatus, PrivateTemplateList, SubscribeMessage, SubscribeSendResponse, TemplateMessage,
+};
 
 /// The most credentials or grants one control call may mint.
 const MAX_MINT: u32 = 10_000;
@@ -92,6 +94,16 @@ impl State {
             page: msg.page.as_deref(),
             touser: &msg.touser,
         };
+        // A listed template takes only the keys of its content.
+        let unlisted_key = self
+            .cfg
+            .subscription_templates
+            .iter()
+            .find(|t| t.pri_tmpl_id == msg.template_id)
+            .and_then(|t| {
+                let keys = t.keys();
+                msg.data.keys().find(|k| !keys.contains(k)).cloned()
+            });
         let app = self.sender(&target, now)?;
         if msg
             .miniprogram_state
@@ -109,6 +121,9 @@ impl State {
         }
         if let Some(field) = subscribe_data::first_invalid(&msg.data) {
             return Err(wx(47003, &format!("argument invalid! {field}")));
+        }
+        if let Some(key) = unlisted_key {
+            return Err(wx(47003, &format!("argument invalid! data.{key}.value")));
         }
         let grants = app
             .grants
@@ -144,6 +159,24 @@ impl State {
 
     /// The checks every send makes before looking at the credential, in WeChat's
     /// order of concerns: token, account quota, template, page, user.
+    /// getPrivateTemplateList: the configured subscription templates, for any app
+    /// with a valid token.
+    pub(super) fn private_templates(
+        &mut self,
+        token: &str,
+        now: Instant,
+    ) -> Result<PrivateTemplateList, ApiStatus> {
+        let appid = self.tokens.check(token, now)?;
+        if !self.apps.contains_key(appid) {
+            return Err(wx(40001, "invalid credential"));
+        }
+        Ok(PrivateTemplateList {
+            errcode: 0,
+            errmsg: "ok".into(),
+            data: self.cfg.subscription_templates.clone(),
+        })
+    }
+
     fn sender(&mut self, t: &Target<'_>, now: Instant) -> Result<&mut App, ApiStatus> {
         let appid = self.tokens.check(t.token, now)?;
         let app = self
