@@ -257,7 +257,10 @@ pub fn recent_for_user(
 }
 
 /// Leases the message that is due first and not leased (or whose lease ran out: its
-/// worker died). PostgreSQL: SKIP LOCKED, so instances take different messages.
+/// worker died), of a user who has no other message leased: one send at a time per
+/// (app, openid), on every instance (the partial unique index
+/// `messages_one_leased_per_user` settles a race between two instances; the loser
+/// looks again). PostgreSQL: SKIP LOCKED, so instances take different messages.
 pub fn lease_next(
     conn: &mut DbConn,
     owner: &str,
@@ -272,23 +275,35 @@ pub fn lease_next(
         conn,
         &format!(
             "UPDATE messages SET lease_owner = $1, lease_until = $2 \
-             WHERE id = (SELECT id FROM messages \
+             WHERE id = (SELECT id FROM messages m \
                WHERE status IN ('queued', 'sending') AND next_attempt_at <= $3 \
                  AND (lease_until IS NULL OR lease_until < $3) \
                  AND app_id NOT IN (SELECT app_id FROM app_pauses WHERE until > $3) \
+                 AND NOT EXISTS (SELECT 1 FROM messages o \
+                   WHERE o.app_id = m.app_id AND o.openid = m.openid \
+                     AND o.lease_owner IS NOT NULL AND o.id <> m.id) \
                ORDER BY next_attempt_at LIMIT 1{lock}) \
              RETURNING *"
         ),
     );
-    let row = single_write(conn, |conn| {
-        dispatch!(conn, |c| diesel::sql_query(&sql)
-            .bind::<Text, _>(owner)
-            .bind::<Timestamp, _>(to_db(until))
-            .bind::<Timestamp, _>(to_db(now))
-            .get_result::<MessageRow>(c)
-            .optional())
-    })?;
-    Ok(row)
+    for _ in 0..3 {
+        let leased: DbResult<Option<MessageRow>> = single_write(conn, |conn| {
+            Ok(dispatch!(conn, |c| diesel::sql_query(&sql)
+                .bind::<Text, _>(owner)
+                .bind::<Timestamp, _>(to_db(until))
+                .bind::<Timestamp, _>(to_db(now))
+                .get_result::<MessageRow>(c)
+                .optional())?)
+        });
+        match leased {
+            Err(DbError::Query(diesel::result::Error::DatabaseError(
+                diesel::result::DatabaseErrorKind::UniqueViolation,
+                _,
+            ))) => continue,
+            other => return other,
+        }
+    }
+    Ok(None)
 }
 
 /// Claims a use of the user's credential for the message and marks the call in

@@ -457,6 +457,44 @@ backend_app_tests! {
     }
 }
 
+backend_app_tests! {
+    /// Contract v2, send policy: at most one send in flight per (app, openid), on any
+    /// number of instances. The simulated WeChat answers 43108 to a send that
+    /// overlaps another to the same user (and holds each send 30 ms): with two
+    /// instances of 4 workers each and 30 messages for one user, its record must show
+    /// no 43108 and 30 deliveries.
+    async fn one_send_at_a_time_per_user_across_instances(tdb) {
+        let tdb = Arc::new(tdb);
+        let sim = TestSim::spawn();
+        sim.sim.set_faults(Faults {
+            reject_concurrent_sends: true,
+            send: FaultSet { latency_ms: Some(helpers::Latency::Fixed(30)), ..FaultSet::default() },
+            ..Faults::default()
+        }).unwrap();
+        let a = TestApp::start(tdb.clone(), sim.clone(), quick).await;
+        let b = TestApp::start(tdb.clone(), sim.clone(), quick).await;
+        forms(&a, "busy-user", 30).await;
+        forms(&a, "other-user", 10).await;
+        let mut ids = Vec::new();
+        for i in 0..40 {
+            let (app, openid) = match i % 4 {
+                3 => (&b, "other-user"),
+                n if n % 2 == 0 => (&a, "busy-user"),
+                _ => (&b, "busy-user"),
+            };
+            let m = post_message(app, json!({"openid": openid, "template_id": "TPL"})).await;
+            ids.push(m["id"].as_str().unwrap().to_string());
+        }
+        for id in &ids {
+            let m = final_state(&a, id).await;
+            assert_eq!(m["status"], "sent", "{m}");
+        }
+        let stats = a.sim.sim.stats();
+        assert_eq!(stats.count("template_send", "43108"), 0, "{:?}", stats.calls);
+        assert_eq!(a.sim.sim.deliveries().len(), 40);
+    }
+}
+
 /// 200 concurrent messages for one user holding 50 credentials, on 3 instances
 /// sharing one PostgreSQL: exactly 50 sent, each credential once at WeChat.
 #[actix_web::test]

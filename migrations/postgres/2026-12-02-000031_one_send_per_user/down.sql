@@ -1,0 +1,1 @@
+DROP INDEX messages_one_leased_per_user;
