@@ -421,6 +421,7 @@ async fn roles_by_endpoint_matrix() {
             Value::Null,
             "admin",
         ),
+        ("GET", "/v1/admin/webhooks".into(), Value::Null, "admin"),
         (
             "GET",
             format!("/v1/apps/{APP}/access-token"),

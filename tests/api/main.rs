@@ -17,3 +17,4 @@ mod sending;
 mod sim_wechat;
 mod subscriptions;
 mod tokens;
+mod webhooks;
