@@ -571,3 +571,43 @@ async fn kill_mid_delivery(tdb: TestDb) {
         assert!(!log.contains(secret), "{name} shows the secret");
     }
 }
+
+/// Webhook events delivered per second by one instance to a local receiver that
+/// answers at once (the measurement; not a check). Run with
+/// `cargo test --test api webhook_throughput -- --ignored --nocapture`.
+async fn throughput(tdb: TestDb) {
+    const N: usize = 2000;
+    let receiver = Receiver::start(0);
+    let app = TestApp::spawn_with(tdb, quick).await;
+    register(&app, "backend", &receiver.url).await;
+    let started = std::time::Instant::now();
+    enqueue(&app.db, N);
+    let queued = started.elapsed();
+    assert!(
+        eventually(Duration::from_secs(600), || async {
+            receiver.ids().len() >= N
+        })
+        .await
+    );
+    let took = started.elapsed();
+    println!(
+        "webhook throughput: {N} events queued in {queued:?}, all received after {took:?}: {:.0} events/s",
+        N as f64 / took.as_secs_f64()
+    );
+}
+
+mod webhook_throughput {
+    use super::*;
+
+    #[ignore = "a measurement, not a check"]
+    #[actix_web::test]
+    async fn sqlite() {
+        throughput(TestDb::sqlite()).await
+    }
+
+    #[ignore = "a measurement, not a check"]
+    #[actix_web::test]
+    async fn postgres() {
+        throughput(TestDb::postgres()).await
+    }
+}
