@@ -25,6 +25,8 @@ pub struct Purged {
     pub messages: u64,
     pub idempotency_keys: u64,
     pub app_pauses: u64,
+    /// Webhook deliveries delivered or failed, after the message retention.
+    pub webhook_deliveries: u64,
 }
 
 fn before(now: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
@@ -65,6 +67,14 @@ pub fn purge(
             dry_run,
         )?,
         app_pauses: ended_pauses(conn, now, dry_run)?,
+        webhook_deliveries: purge_where(
+            conn,
+            "webhook_deliveries",
+            "status IN ('delivered', 'failed') AND created_at < $1",
+            before(now, retention.messages),
+            BATCH,
+            dry_run,
+        )?,
     })
 }
 

@@ -17,6 +17,7 @@ pub mod startup;
 pub mod stats;
 pub mod time;
 pub mod tokens;
+pub mod webhooks;
 pub mod wechat;
 
 #[cfg(test)]

@@ -25,6 +25,7 @@ pub struct Metrics {
     pub wechat_seconds: HistogramVec,
     pub token_refreshes: IntCounterVec,
     pub token_forced_refreshes: IntCounterVec,
+    pub webhook_deliveries: IntCounterVec,
     pub queue_depth: IntGauge,
     pub db_connections: IntGauge,
     pub db_idle_connections: IntGauge,
@@ -144,6 +145,14 @@ impl Metrics {
                  throttled (the stale token is younger than LEDGER_TOKEN_FORCE_INTERVAL_S: \
                  handed out again), not_current (already replaced), failed",
                 &["app_id", "result"],
+            ),
+            webhook_deliveries: counter(
+                &r,
+                "webhook_deliveries_total",
+                "Webhook delivery attempts by outcome: delivered (2xx), retry (anything else, \
+                 retried later), failed (retried for the whole window: kept for a manual \
+                 retry), lease_lost (this instance was too slow; another delivered)",
+                &["outcome"],
             ),
             queue_depth: gauge(
                 &r,

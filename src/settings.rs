@@ -171,6 +171,8 @@ pub struct Settings {
     pub limits: Limits,
     /// Peers whose `X-Forwarded-For` is believed (reverse proxies); empty: nobody's.
     pub trusted_proxies: Vec<IpNet>,
+    /// Webhook deliveries: SSRF guard, timeout, backoff and retry window.
+    pub webhooks: crate::webhooks::Config,
 }
 
 impl Default for Settings {
@@ -209,6 +211,7 @@ impl Default for Settings {
             template_refresh: Duration::from_secs(3600),
             limits: Limits::default(),
             trusted_proxies: Vec::new(),
+            webhooks: crate::webhooks::Config::default(),
         }
     }
 }
@@ -365,6 +368,11 @@ settings! {
     rate_key_per_s => |s, v| s.limits.per_key_per_second = int(v, 0, 10_000_000)?;
     rate_auth_fail_per_min => |s, v| s.limits.auth_failures_per_minute = int(v, 0, 1_000_000)?;
     max_waiters_per_key => |s, v| s.limits.max_waiters_per_key = int(v, 0, 1_000_000)?;
+    webhook_allow_private => |s, v| s.webhooks.allow_private = boolean(v)?;
+    webhook_timeout_s => |s, v| s.webhooks.timeout = secs(v, 1, 60)?;
+    webhook_backoff_base_ms => |s, v| s.webhooks.backoff_base = Duration::from_millis(int(v, 1, 3_600_000)?.into());
+    webhook_retry_window_s => |s, v| s.webhooks.retry_window = secs(v, 1, 30 * 86_400)?;
+    webhook_workers => |s, v| s.webhooks.workers = int(v, 1, 64)? as usize;
 }
 
 /// `LEDGER_*` variables that are not settings of the service: the file of settings,

@@ -19,6 +19,7 @@ use crate::secret::Secret;
 use crate::settings::{Retention, Settings};
 use crate::sim::{SimConfig, Simulator};
 use crate::tokens::{TokenError, TokenManager};
+use crate::webhooks::Deliverer;
 use crate::wechat::client::WechatClient;
 use crate::wechat::wire::PrivateTemplate;
 
@@ -50,6 +51,8 @@ pub enum StartupError {
     Wechat(String),
     #[error(transparent)]
     Tokens(#[from] TokenError),
+    #[error("cannot make the webhook client: {0}")]
+    Webhooks(String),
 }
 
 /// What sandbox mode set up, for the start-up banner.
@@ -68,6 +71,7 @@ pub struct Application {
     sandbox: Option<Sandbox>,
     tokens: Arc<TokenManager>,
     sender: Arc<Sender>,
+    webhooks: Arc<Deliverer>,
     shutdown_timeout: Duration,
     purge_interval: Duration,
     retention: Retention,
@@ -150,6 +154,10 @@ impl Application {
             metrics.clone(),
         ));
 
+        let webhooks = Arc::new(
+            Deliverer::new(db.clone(), settings.webhooks.clone(), metrics.clone())
+                .map_err(StartupError::Webhooks)?,
+        );
         let state = web::Data::new(AppState::new(
             db.clone(),
             settings.clone(),
@@ -158,6 +166,7 @@ impl Application {
             tokens.clone(),
             sender.clone(),
             metrics.clone(),
+            webhooks.clone(),
         ));
         let simulator = sandbox.as_ref().map(|s| s.simulator.clone());
         let shared = state.clone();
@@ -200,6 +209,7 @@ impl Application {
             sandbox,
             tokens,
             sender,
+            webhooks,
             shutdown_timeout: settings.shutdown_timeout,
             purge_interval: settings.purge_interval,
             retention: settings.retention.clone(),
@@ -240,7 +250,8 @@ impl Application {
     /// another instance picks those messages up at once.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         self.tokens.spawn_refreshers(self.stop.subscribe());
-        let workers = self.sender.spawn(self.stop.subscribe());
+        let mut workers = self.sender.spawn(self.stop.subscribe());
+        workers.extend(self.webhooks.spawn(self.stop.subscribe()));
         let (state, mut stop) = (self.state.clone(), self.stop.subscribe());
         tokio::spawn(async move {
             // Rate-limit buckets of clients gone quiet are forgotten.
@@ -295,6 +306,11 @@ impl Application {
             Ok(n) if n > 0 => log::info!("handed back {n} message leases"),
             Ok(_) => {}
             Err(e) => log::warn!("could not hand back message leases: {e}"),
+        }
+        match self.webhooks.release_leases().await {
+            Ok(n) if n > 0 => log::info!("handed back {n} webhook delivery leases"),
+            Ok(_) => {}
+            Err(e) => log::warn!("could not hand back webhook delivery leases: {e}"),
         }
         result
     }

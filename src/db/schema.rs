@@ -135,6 +135,42 @@ diesel::table! {
 }
 
 diesel::table! {
+    webhook_deliveries (id) {
+        id -> Int8,
+        kind -> Text,
+        webhook -> Nullable<Text>,
+        url -> Nullable<Text>,
+        event_id -> Nullable<Text>,
+        event_type -> Nullable<Text>,
+        app_id -> Text,
+        content_type -> Text,
+        body -> Text,
+        status -> Text,
+        attempts -> Int4,
+        last_error -> Nullable<Text>,
+        next_attempt_at -> Timestamp,
+        retry_from -> Timestamp,
+        lease_owner -> Nullable<Text>,
+        lease_until -> Nullable<Timestamp>,
+        created_at -> Timestamp,
+        updated_at -> Timestamp,
+        delivered_at -> Nullable<Timestamp>,
+    }
+}
+
+diesel::table! {
+    webhooks (name) {
+        name -> Text,
+        url -> Text,
+        events -> Text,
+        app_ids -> Nullable<Text>,
+        secret -> Text,
+        created_at -> Timestamp,
+        updated_at -> Timestamp,
+    }
+}
+
+diesel::table! {
     wechat_templates (app_id, template_id) {
         app_id -> Text,
         template_id -> Text,
@@ -158,5 +194,7 @@ diesel::allow_tables_to_appear_in_same_query!(
     service_secrets,
     subscription_results,
     subscription_templates,
+    webhook_deliveries,
+    webhooks,
     wechat_templates,
 );

@@ -13,6 +13,7 @@ pub mod limits;
 pub mod messages;
 pub mod openapi;
 pub mod tokens;
+pub mod webhooks;
 
 use std::sync::Arc;
 
@@ -26,6 +27,7 @@ use crate::outbox::Sender;
 use crate::reporting::Reporting;
 use crate::settings::Settings;
 use crate::tokens::TokenManager;
+use crate::webhooks::Deliverer;
 use crate::wechat::client::WechatClient;
 use error::ApiError;
 
@@ -45,9 +47,12 @@ pub struct AppState {
     pub metrics: Arc<crate::metrics::Metrics>,
     pub limits: limits::RateLimits,
     pub reporting: Reporting,
+    pub webhooks: Arc<Deliverer>,
 }
 
 impl AppState {
+    // Everything a handler reaches, built once by `startup`: a parameter each.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         db: Db,
         settings: Arc<Settings>,
@@ -56,6 +61,7 @@ impl AppState {
         tokens: Arc<TokenManager>,
         sender: Arc<Sender>,
         metrics: Arc<crate::metrics::Metrics>,
+        webhooks: Arc<Deliverer>,
     ) -> Self {
         let rules = Rules {
             prepay_id_uses: settings.prepay_id_uses,
@@ -76,6 +82,7 @@ impl AppState {
             tokens,
             sender,
             metrics,
+            webhooks,
         }
     }
 
@@ -141,6 +148,7 @@ pub fn config(cfg: &mut web::ServiceConfig) {
     .configure(messages::config)
     .configure(openapi::config)
     .configure(admin::config)
+    .configure(webhooks::config)
     .configure(admin_page::config)
     .configure(api_docs::config)
     .default_service(web::to(not_found));

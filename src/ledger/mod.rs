@@ -10,7 +10,8 @@ mod record;
 
 pub use claim::{claim, invalidate, release, release_id, Pick, Use};
 pub use query::{
-    purge, purge_results, quota, stats, users, KindQuota, Quota, Stats, UserPage, UserSummary,
+    live_grants, purge, purge_results, quota, stats, users, KindQuota, Quota, Stats, UserPage,
+    UserSummary,
 };
 pub use record::{record, record_group, Item, RecordOutcome, RejectReason, Rejection, Report};
 

@@ -22,6 +22,27 @@ macro_rules! live {
     };
 }
 
+/// Live subscriptions (grants) the user holds for the template.
+pub fn live_grants(
+    conn: &mut DbConn,
+    app_id: &str,
+    openid: &str,
+    template_id: &str,
+    now: DateTime<Utc>,
+) -> DbResult<i64> {
+    let now = to_db(now);
+    Ok(dispatch!(conn, |conn| live!(
+        c::credentials
+            .filter(c::app_id.eq(app_id))
+            .filter(c::openid.eq(openid))
+            .filter(c::kind.eq(Kind::Subscription.as_str()))
+            .filter(c::template_id.eq(template_id)),
+        now
+    )
+    .count()
+    .get_result(conn))?)
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct KindQuota {
     pub credentials: u32,

@@ -12,6 +12,7 @@ use crate::db::{native_sql, single_write, write_tx, DbConn, DbError, DbResult};
 use crate::dispatch;
 use crate::ledger::{self, Kind};
 use crate::time::to_db;
+use crate::webhooks::{self, EventType};
 
 #[derive(Debug, Clone, Queryable, QueryableByName, Selectable)]
 #[diesel(table_name = messages)]
@@ -461,6 +462,16 @@ pub fn settle(
                 }
             }
         }
+        if final_status {
+            finished_event(conn, msg)?;
+        }
+        let grant_gone = matches!(
+            s.credential,
+            CredentialFate::Spent | CredentialFate::Invalidate(_)
+        );
+        if grant_gone && msg.credential_kind()? == Some(Kind::Subscription) {
+            exhausted_event(conn, msg, now)?;
+        }
         if let Some(until) = s.pause_until {
             let until = to_db(until);
             dispatch!(conn, |c| diesel::insert_into(p::app_pauses)
@@ -480,6 +491,48 @@ pub fn settle(
         DbError::Query(diesel::result::Error::RollbackTransaction) => Ok(false),
         e => Err(e),
     })
+}
+
+/// `message.finished` with the message resource as it now stands (in the settling
+/// transaction: the event exists exactly when the final status does).
+fn finished_event(conn: &mut DbConn, msg: &MessageRow) -> DbResult<()> {
+    if !webhooks::wanted(conn, &msg.app_id, EventType::MessageFinished)? {
+        return Ok(());
+    }
+    let id = msg.id;
+    let Some(view) = super::view(conn, id)? else {
+        return Ok(());
+    };
+    let data = serde_json::to_value(&view)
+        .map_err(|e| DbError::Corrupt(format!("message {id} does not serialise: {e}")))?;
+    webhooks::enqueue(conn, &view.app_id, EventType::MessageFinished, &data)?;
+    Ok(())
+}
+
+/// `subscription.exhausted` if the subscription this message spent (or found
+/// invalid) was the user's last grant of the template: none live, and no other
+/// message holds one (it would come back if that message let go of it).
+fn exhausted_event(conn: &mut DbConn, msg: &MessageRow, now: DateTime<Utc>) -> DbResult<()> {
+    use messages::dsl as m;
+    if !webhooks::wanted(conn, &msg.app_id, EventType::SubscriptionExhausted)? {
+        return Ok(());
+    }
+    if ledger::live_grants(conn, &msg.app_id, &msg.openid, &msg.template_id, now)? > 0 {
+        return Ok(());
+    }
+    let held: i64 = dispatch!(conn, |c| m::messages
+        .filter(m::app_id.eq(&msg.app_id))
+        .filter(m::openid.eq(&msg.openid))
+        .filter(m::template_id.eq(&msg.template_id))
+        .filter(m::credential_kind.eq(Kind::Subscription.as_str()))
+        .filter(m::status.eq_any([Status::Queued.as_str(), Status::Sending.as_str()]))
+        .filter(m::id.ne(msg.id))
+        .count()
+        .get_result(c))?;
+    if held == 0 {
+        webhooks::subscription_exhausted(conn, &msg.app_id, &msg.openid, &msg.template_id)?;
+    }
+    Ok(())
 }
 
 /// Users reported credentials: their messages waiting for one are due now.

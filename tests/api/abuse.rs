@@ -40,6 +40,7 @@ async fn two_scoped_apps(tdb: helpers::TestDb) -> TestApp {
         };
         s.api_keys.push(scoped("shop", KEY_SHOP, APP));
         s.api_keys.push(scoped("other", KEY_OTHER, OTHER_APP));
+        s.webhooks.allow_private = true;
     })
     .await
 }
@@ -103,6 +104,35 @@ backend_app_tests! {
         // Numbers, the old sequential ids, find nothing, even for a key of every app.
         let (status, _) = app.get("/v1/messages/1", Some(KEY_ALL)).await;
         assert_eq!(status, 404);
+        // Webhooks: a scoped key's webhook hears its apps only; it cannot name another
+        // app, see or change a webhook of every app.
+        let put = |key: &'static str, name: &'static str, body: Value| {
+            let req = app.http.put(app.url(&format!("/v1/admin/webhooks/{name}"))).bearer_auth(key).json(&body);
+            async move { helpers::read(req.send().await.unwrap()).await }
+        };
+        let hook = |apps: Option<&str>| {
+            let mut body = json!({"url": "http://127.0.0.1:9/hook", "events": ["message.finished"]});
+            if let Some(app_id) = apps {
+                body["app_ids"] = json!([app_id]);
+            }
+            body
+        };
+        let (status, body) = put(KEY_SHOP, "shop-hook", hook(None)).await;
+        assert_eq!((status, body["app_ids"].clone()), (200, json!([APP])), "{body}");
+        let (status, body) = put(KEY_SHOP, "sneaky", hook(Some(OTHER_APP))).await;
+        assert_eq!((status, code(&body)), (403, Some("forbidden")), "{body}");
+        assert_eq!(put(KEY_ALL, "everything", hook(None)).await.0, 200);
+        let (status, body) = put(KEY_SHOP, "everything", hook(Some(APP))).await;
+        assert_eq!((status, code(&body)), (403, Some("forbidden")), "an all-apps webhook is not the shop's to take over: {body}");
+        let (_, list) = app.get("/v1/admin/webhooks", Some(KEY_SHOP)).await;
+        let names: Vec<&str> = list["webhooks"].as_array().unwrap().iter().map(|w| w["name"].as_str().unwrap()).collect();
+        assert_eq!(names, ["shop-hook"], "{list}");
+        let (status, _) = app.get("/v1/admin/webhooks/everything/deliveries", Some(KEY_SHOP)).await;
+        assert_eq!(status, 404);
+        let res = app.http.delete(app.url("/v1/admin/webhooks/everything")).bearer_auth(KEY_SHOP).send().await.unwrap();
+        assert_eq!(res.status().as_u16(), 404);
+        let (_, list) = app.get("/v1/admin/webhooks", Some(KEY_ALL)).await;
+        assert_eq!(list["webhooks"].as_array().unwrap().len(), 2, "{list}");
     }
 
     async fn clients_and_keys_are_rate_limited(tdb) {
@@ -511,6 +541,7 @@ async fn roles_by_endpoint_matrix() {
             Value::Null,
             "admin",
         ),
+        ("GET", "/v1/admin/webhooks".into(), Value::Null, "admin"),
         (
             "GET",
             format!("/v1/apps/{APP}/access-token"),

@@ -24,6 +24,7 @@ pub use formid_ledger::sim::{
     self, FaultSet, Faults, Latency, MessageKind, SimConfig, Simulator, TokenApi as SimTokenApi,
 };
 pub use formid_ledger::startup::{Application, StartupError};
+pub use formid_ledger::webhooks;
 pub use formid_ledger::wechat::wire::PrivateTemplate;
 pub use formid_ledger::wechat::{
     DataValue, ErrorClass, SubscribeMessage, TemplateMessage, WechatClient, WechatError,

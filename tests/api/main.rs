@@ -18,3 +18,4 @@ mod sending;
 mod sim_wechat;
 mod subscriptions;
 mod tokens;
+mod webhooks;
