@@ -16,4 +16,5 @@ mod openapi;
 mod sending;
 mod sim_wechat;
 mod subscriptions;
+mod tls;
 mod tokens;
