@@ -5,12 +5,14 @@
 
 pub mod schema;
 
+use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use diesel::connection::{AnsiTransactionManager, SimpleConnection, TransactionManager};
 use diesel::prelude::*;
-use diesel::r2d2::{ConnectionManager, CustomizeConnection, Pool, PooledConnection};
+use diesel::r2d2::{CustomizeConnection, ManageConnection, Pool, PooledConnection, R2D2Connection};
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 
 use crate::secret::Secret;
@@ -26,7 +28,8 @@ const MIGRATION_LOCK: i64 = 0x666f_726d_6964; // "formid"
 pub enum DatabaseUrl {
     /// `sqlite://PATH` (relative paths are relative to the working directory).
     Sqlite(PathBuf),
-    /// `postgres://…` or `postgresql://…`, passed to libpq as is.
+    /// `postgres://…` or `postgresql://…`, passed to libpq as is (so `sslmode`,
+    /// `sslrootcert` and every other libpq parameter work).
     Postgres(Secret),
 }
 
@@ -114,11 +117,144 @@ impl CustomizeConnection<DbConn, diesel::r2d2::Error> for ConnectionSetup {
     }
 }
 
+/// Opens connections of the URL's backend. diesel's `ConnectionManager<DbConn>` (the
+/// `MultiConnection` derive) tries each backend in turn and reports only "Invalid
+/// connection url for multiconnection", hiding libpq's reason: a wrong password, a
+/// server certificate that does not verify. This one keeps the reason (with the
+/// URL's secrets redacted by the callers).
+pub struct Manager {
+    url: String,
+    backend: Backend,
+}
+
+impl ManageConnection for Manager {
+    type Connection = DbConn;
+    type Error = diesel::r2d2::Error;
+
+    fn connect(&self) -> Result<DbConn, Self::Error> {
+        match self.backend {
+            Backend::Postgres => PgConnection::establish(&self.url).map(DbConn::Pg),
+            Backend::Sqlite => SqliteConnection::establish(&self.url).map(DbConn::Sqlite),
+        }
+        .map_err(diesel::r2d2::Error::ConnectionError)
+    }
+
+    fn is_valid(&self, conn: &mut DbConn) -> Result<(), Self::Error> {
+        conn.ping().map_err(diesel::r2d2::Error::QueryError)
+    }
+
+    fn has_broken(&self, conn: &mut DbConn) -> bool {
+        std::thread::panicking() || conn.is_broken()
+    }
+}
+
+/// The parts of a PostgreSQL URL that must not reach a log: the password of its user
+/// part and the values of its `password` and `sslpassword` parameters, as written and
+/// percent-decoded. libpq quotes a malformed URL whole, or its bad token, in its error
+/// messages ("invalid percent-encoded token: …", "unexpected character … in URI: …"),
+/// and r2d2 logs every failed connection, so each such message passes through
+/// [`Redactions::apply`]. The URL is scanned leniently by hand: a URL parser would
+/// reject exactly the malformed URLs whose passwords libpq echoes.
+#[derive(Clone, Default)]
+struct Redactions(Arc<[String]>);
+
+impl Redactions {
+    fn of(url: &str) -> Redactions {
+        let mut found: Vec<&str> = Vec::new();
+        let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+        let (before_query, query) = rest.split_once('?').unwrap_or((rest, ""));
+        // The user part ends at the last '@' before the query; with none there, a raw
+        // '?' in the password split it, and the last '@' of all is the one.
+        let scope = if before_query.contains('@') {
+            before_query
+        } else {
+            rest
+        };
+        if let Some((userinfo, _)) = scope.rsplit_once('@') {
+            if let Some((_, password)) = userinfo.split_once(':') {
+                found.push(password);
+            }
+        }
+        for pair in query.split('&') {
+            if let Some((key, value)) = pair.split_once('=') {
+                if key == "password" || key == "sslpassword" {
+                    found.push(value);
+                }
+            }
+        }
+        let mut all: Vec<String> = found
+            .iter()
+            .flat_map(|raw| [raw.to_string(), percent_decoded(raw)])
+            .filter(|s| !s.is_empty())
+            .collect();
+        // Longest first, so a password containing another is replaced whole.
+        all.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        all.dedup();
+        Redactions(all.into())
+    }
+
+    /// `text` with every secret replaced (and libpq's trailing newline trimmed).
+    fn apply(&self, mut text: String) -> String {
+        for secret in self.0.iter() {
+            if text.contains(secret.as_str()) {
+                text = text.replace(secret.as_str(), "[redacted]");
+            }
+        }
+        text.truncate(text.trim_end().len());
+        text
+    }
+}
+
+impl fmt::Debug for Redactions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Redactions({} redacted)", self.0.len())
+    }
+}
+
+/// `%XX` decoded; anything else (a bad escape included) kept as it is.
+fn percent_decoded(raw: &str) -> String {
+    let bytes = raw.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// r2d2 logs each failed connection attempt; this logs it with the URL's secrets
+/// redacted (r2d2's own handler would print libpq's message as is).
+#[derive(Debug)]
+struct LogRedacted(Redactions);
+
+impl diesel::r2d2::HandleError<diesel::r2d2::Error> for LogRedacted {
+    fn handle_error(&self, error: diesel::r2d2::Error) {
+        log::error!(
+            "database connection failed: {}",
+            self.0.apply(error.to_string())
+        );
+    }
+}
+
 /// The pool, shared by every request and background task of one instance.
 #[derive(Clone)]
 pub struct Db {
-    pool: Pool<ConnectionManager<DbConn>>,
+    pool: Pool<Manager>,
     backend: Backend,
+    redactions: Redactions,
 }
 
 impl Db {
@@ -126,21 +262,33 @@ impl Db {
     /// Does not connect
     /// eagerly beyond one connection, so a down database is reported at once.
     pub fn connect(url: &DatabaseUrl, max_size: u32) -> DbResult<Db> {
-        let (conn_url, backend) = match url {
+        let (conn_url, backend, redactions) = match url {
             DatabaseUrl::Sqlite(path) => {
                 owner_only_sqlite_file(path)?;
-                (format!("sqlite://{}", path.display()), Backend::Sqlite)
+                let url = format!("sqlite://{}", path.display());
+                (url, Backend::Sqlite, Redactions::default())
             }
-            DatabaseUrl::Postgres(url) => (url.expose().to_string(), Backend::Postgres),
+            DatabaseUrl::Postgres(url) => {
+                let url = url.expose();
+                (url.to_string(), Backend::Postgres, Redactions::of(url))
+            }
         };
         let pool = Pool::builder()
             .max_size(max_size)
             .min_idle(Some(1))
             .connection_timeout(Duration::from_secs(5))
             .connection_customizer(Box::new(ConnectionSetup))
-            .build(ConnectionManager::<DbConn>::new(conn_url))
-            .map_err(|e| DbError::Unavailable(e.to_string()))?;
-        Ok(Db { pool, backend })
+            .error_handler(Box::new(LogRedacted(redactions.clone())))
+            .build(Manager {
+                url: conn_url,
+                backend,
+            })
+            .map_err(|e| DbError::Unavailable(redactions.apply(e.to_string())))?;
+        Ok(Db {
+            pool,
+            backend,
+            redactions,
+        })
     }
 
     /// (open connections, idle connections) of this pool.
@@ -154,10 +302,10 @@ impl Db {
     }
 
     /// A connection for synchronous code (CLI, tests, background threads).
-    pub fn get(&self) -> DbResult<PooledConnection<ConnectionManager<DbConn>>> {
+    pub fn get(&self) -> DbResult<PooledConnection<Manager>> {
         self.pool
             .get()
-            .map_err(|e| DbError::Unavailable(e.to_string()))
+            .map_err(|e| DbError::Unavailable(self.redactions.apply(e.to_string())))
     }
 
     /// Runs `f` with a pooled connection on the blocking thread pool, never on an
@@ -432,6 +580,55 @@ pub fn purge_keyed(
         total += n as u64;
         if n < batch as usize {
             return Ok(total);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redactions_cover_the_password_as_written_and_decoded() {
+        let r = Redactions::of(
+            "postgres://ledger:pa%2Fss@db.example:5432/ledger?sslmode=require&sslpassword=keypass",
+        );
+        let message = r.apply("\"postgres://ledger:pa%2Fss@db.example\" pa/ss keypass".into());
+        assert_eq!(
+            message,
+            "\"postgres://ledger:[redacted]@db.example\" [redacted] [redacted]"
+        );
+        // Raw delimiters in a password (malformed, and so echoed by libpq).
+        let r = Redactions::of("postgres://ledger:a/b?c@db.example/ledger");
+        assert_eq!(r.apply("x a/b?c y".into()), "x [redacted] y");
+        let r = Redactions::of("postgresql://ledger@db.example/ledger?password=p%41ss");
+        assert_eq!(r.apply("p%41ss pAss".into()), "[redacted] [redacted]");
+        // No password: the user and host stay readable.
+        let r = Redactions::of("postgres://ledger@db.example/ledger?sslmode=verify-full");
+        assert_eq!(r.apply("ledger@db.example".into()), "ledger@db.example");
+    }
+
+    /// libpq quotes these URLs (whole, or the bad token) in its error message.
+    #[test]
+    fn a_malformed_url_fails_without_its_password() {
+        for (url, secret, says) in [
+            (
+                "postgres://ledger:se%zzcret@127.0.0.1:1/ledger",
+                "se%zzcret",
+                "percent-encoded",
+            ),
+            (
+                "postgres://ledger:s3cret@[::1]x:1/ledger",
+                "s3cret",
+                "unexpected character",
+            ),
+        ] {
+            let url = DatabaseUrl::parse(url).unwrap();
+            let error = Db::connect(&url, 1).err().expect("a malformed URL fails");
+            let error = error.to_string();
+            assert!(error.contains(says), "{error}");
+            assert!(error.contains("[redacted]"), "{error}");
+            assert!(!error.contains(secret), "{error}");
         }
     }
 }

@@ -17,5 +17,6 @@ mod outbox;
 mod sending;
 mod sim_wechat;
 mod subscriptions;
+mod tls;
 mod tokens;
 mod webhooks;
