@@ -283,7 +283,8 @@ backend_app_tests! {
         let id = m["id"].as_str().unwrap().to_string();
         {
             let mut conn = app.db.get().unwrap();
-            let view = helpers::outbox::view(&mut conn, id.parse().unwrap()).unwrap().unwrap();
+            let (row_id, _) = helpers::outbox::store::find_public(&mut conn, &id).unwrap().unwrap();
+            let view = helpers::outbox::view(&mut conn, row_id).unwrap().unwrap();
             webhooks::enqueue(&mut conn, APP, webhooks::EventType::MessageDelivery,
                 &serde_json::to_value(view).unwrap()).unwrap();
         }
