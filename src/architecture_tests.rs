@@ -22,8 +22,10 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "db",
             "wechat",
             "metrics",
+            "push",
         ],
     ),
+    ("push", &["ledger", "outbox", "db", "wechat"]),
     ("reporting", &["ledger", "outbox", "db", "metrics"]),
     ("outbox", &["ledger", "tokens", "wechat", "db", "metrics"]),
     ("tokens", &["wechat", "db", "settings", "metrics"]),
@@ -44,6 +46,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
 const FORBIDDEN_CRATES: &[(&str, &[&str])] = &[
     ("ledger", &["actix_web", "reqwest"]),
     ("reporting", &["actix_web", "reqwest"]),
+    ("push", &["actix_web", "reqwest"]),
     ("outbox", &["actix_web"]),
     ("auth", &["actix_web", "diesel"]),
     ("wechat", &["diesel", "actix_web"]),

@@ -37,6 +37,8 @@ diesel::table! {
         invalid_reason -> Nullable<Text>,
         created_at -> Timestamp,
         updated_at -> Timestamp,
+        reported_at -> Nullable<Timestamp>,
+        pushed_at -> Nullable<Timestamp>,
     }
 }
 
@@ -102,6 +104,16 @@ diesel::table! {
         finished_at -> Nullable<Timestamp>,
         credential_issued_at -> Nullable<Timestamp>,
         young_retries -> Int4,
+        wechat_msgid -> Nullable<Text>,
+        delivery -> Nullable<Text>,
+    }
+}
+
+diesel::table! {
+    push_receipts (app_id, identity) {
+        app_id -> Text,
+        identity -> Text,
+        received_at -> Timestamp,
     }
 }
 
@@ -142,6 +154,7 @@ diesel::allow_tables_to_appear_in_same_query!(
     jobs,
     message_attempts,
     messages,
+    push_receipts,
     service_secrets,
     subscription_results,
     subscription_templates,

@@ -12,6 +12,7 @@ pub mod health;
 pub mod limits;
 pub mod messages;
 pub mod openapi;
+pub mod push;
 pub mod tokens;
 
 use std::sync::Arc;
@@ -139,6 +140,7 @@ pub fn config(cfg: &mut web::ServiceConfig) {
     .configure(client::config)
     .configure(tokens::config)
     .configure(messages::config)
+    .configure(push::config)
     .configure(openapi::config)
     .configure(admin::config)
     .configure(admin_page::config)

@@ -147,6 +147,9 @@ pub struct Settlement {
     pub ambiguous: bool,
     /// Pause the app's sending until then (45009).
     pub pause_until: Option<DateTime<Utc>>,
+    /// The `msgid` WeChat returned for an accepted subscribe send (its sent event
+    /// names the message by it).
+    pub wechat_msgid: Option<String>,
 }
 
 impl Settlement {
@@ -161,6 +164,7 @@ impl Settlement {
             retries,
             ambiguous,
             pause_until: None,
+            wechat_msgid: None,
         }
     }
 
@@ -472,6 +476,8 @@ mod tests {
             finished_at: None,
             credential_issued_at: Some(t),
             young_retries: 0,
+            wechat_msgid: None,
+            delivery: None,
         }
     }
 

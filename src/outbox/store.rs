@@ -46,6 +46,10 @@ pub struct MessageRow {
     pub credential_issued_at: Option<NaiveDateTime>,
     /// Young-credential (41028) retries of this message, whatever credential.
     pub young_retries: i32,
+    /// The msgid subscribe/send returned.
+    pub wechat_msgid: Option<String>,
+    /// WeChat's sent event, as the JSON of a [`DeliveryView`](super::DeliveryView).
+    pub delivery: Option<String>,
 }
 
 impl MessageRow {
@@ -382,6 +386,13 @@ pub fn settle(
         .execute(c))?;
         if changed == 0 {
             return Err(DbError::Query(diesel::result::Error::RollbackTransaction));
+        }
+        if let Some(msgid) = &s.wechat_msgid {
+            dispatch!(conn, |c| diesel::update(
+                m::messages.filter(m::id.eq(msg.id))
+            )
+            .set(m::wechat_msgid.eq(msgid))
+            .execute(c))?;
         }
         if !keep && !final_status {
             dispatch!(conn, |c| diesel::update(

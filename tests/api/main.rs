@@ -13,6 +13,7 @@ mod crash;
 mod housekeeping;
 mod ledger;
 mod openapi;
+mod push;
 mod sending;
 mod sim_wechat;
 mod subscriptions;
