@@ -14,6 +14,7 @@ mod housekeeping;
 mod ledger;
 mod openapi;
 mod push;
+mod push_peer;
 mod sending;
 mod sim_wechat;
 mod subscriptions;
