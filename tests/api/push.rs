@@ -396,3 +396,43 @@ backend_app_tests! {
         assert_eq!(stats["messages_24h"]["failed"], 0, "{stats}");
     }
 }
+
+backend_app_tests! {
+    /// The merge rule under concurrency: 12 client accepts and 8 pushed accepts for
+    /// one user and template, all at once, are 12 grants (each push matched one
+    /// client accept, whichever came first), 8 of them confirmed, counted 12 times.
+    async fn the_merge_rule_holds_under_concurrency(tdb) {
+        let app = spawn(tdb, true).await;
+        let app = &app;
+        let session = app.login("u1").await;
+        let clients = (0..12).map(|_| report_accept(app, &session, 1));
+        let pushes = (0..8).map(|_| {
+            let s = safe(&popup("u1", &[(SUB, "accept")]), &now_ts(), APP);
+            async move { ok(app, &s).await }
+        });
+        futures_util::future::join(
+            futures_util::future::join_all(clients),
+            futures_util::future::join_all(pushes),
+        )
+        .await;
+        let q = quota(&app, "u1").await;
+        assert_eq!(q["subscriptions"], json!({SUB: 12}), "{q}");
+        assert_eq!(q["subscriptions_confirmed"], json!({SUB: 8}), "{q}");
+        assert_eq!(q["subscription_results"], json!({SUB: {"accept": 12}}), "{q}");
+        assert_eq!(app.credential_count(), 12);
+    }
+
+    /// Applied pushes are remembered as long as idempotency keys, then purged.
+    async fn push_receipts_are_purged_with_the_idempotency_keys(tdb) {
+        let app = spawn(tdb, true).await;
+        ok(&app, &safe(&popup("u1", &[(SUB, "accept")]), &now_ts(), APP)).await;
+        let mut conn = app.db.get().unwrap();
+        let retention = helpers::Retention::default();
+        let now = chrono::Utc::now();
+        let kept = helpers::purge(&mut conn, &retention, now, false).unwrap();
+        assert_eq!(kept.push_receipts, 0);
+        let later = now + chrono::TimeDelta::hours(25);
+        let purged = helpers::purge(&mut conn, &retention, later, false).unwrap();
+        assert_eq!(purged.push_receipts, 1);
+    }
+}
