@@ -415,7 +415,7 @@ backend_app_tests! {
             futures_util::future::join_all(pushes),
         )
         .await;
-        let q = quota(&app, "u1").await;
+        let q = quota(app, "u1").await;
         assert_eq!(q["subscriptions"], json!({SUB: 12}), "{q}");
         assert_eq!(q["subscriptions_confirmed"], json!({SUB: 8}), "{q}");
         assert_eq!(q["subscription_results"], json!({SUB: {"accept": 12}}), "{q}");
