@@ -25,8 +25,8 @@ pub struct Purged {
     pub messages: u64,
     pub idempotency_keys: u64,
     pub app_pauses: u64,
-    /// Applied pushes remembered against WeChat's retries (seconds apart), kept
-    /// as long as idempotency keys.
+    /// Applied pushes remembered against WeChat's retries (seconds apart), and
+    /// sent events that matched no message, kept as long as idempotency keys.
     pub push_receipts: u64,
 }
 
@@ -72,6 +72,14 @@ pub fn purge(
             conn,
             "push_receipts",
             "app_id, identity",
+            "received_at < $1",
+            before(now, retention.idempotency_keys),
+            BATCH,
+            dry_run,
+        )? + purge_keyed(
+            conn,
+            "unmatched_sent_events",
+            "app_id, msgid",
             "received_at < $1",
             before(now, retention.idempotency_keys),
             BATCH,

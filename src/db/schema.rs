@@ -110,6 +110,17 @@ diesel::table! {
 }
 
 diesel::table! {
+    unmatched_sent_events (app_id, msgid) {
+        app_id -> Text,
+        msgid -> Text,
+        openid -> Text,
+        template_id -> Text,
+        delivery -> Text,
+        received_at -> Timestamp,
+    }
+}
+
+diesel::table! {
     push_receipts (app_id, identity) {
         app_id -> Text,
         identity -> Text,
@@ -158,4 +169,5 @@ diesel::allow_tables_to_appear_in_same_query!(
     service_secrets,
     subscription_results,
     subscription_templates,
+    unmatched_sent_events,
 );

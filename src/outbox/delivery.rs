@@ -88,13 +88,7 @@ pub enum Delivered {
 pub fn apply_sent(conn: &mut DbConn, e: &SentEvent<'_>, now: DateTime<Utc>) -> DbResult<Delivered> {
     use messages::dsl as m;
     let now_db = to_db(now);
-    let view = super::DeliveryView {
-        status: e.status,
-        error_status: e.error_status.to_string(),
-        at: now,
-    };
-    let json = serde_json::to_string(&view)
-        .map_err(|e| crate::db::DbError::Corrupt(format!("delivery does not serialise: {e}")))?;
+    let json = delivery_json(e.status, e.error_status, now)?;
     let delivery = (m::delivery.eq(Some(json)), m::updated_at.eq(now_db));
     let known: Option<i64> = dispatch!(conn, |c| m::messages
         .filter(m::app_id.eq(e.app_id))
@@ -140,21 +134,135 @@ pub fn apply_sent(conn: &mut DbConn, e: &SentEvent<'_>, now: DateTime<Utc>) -> D
         .get_result(c)
         .optional())?;
     let Some(Id { id }) = found else {
+        // Kept for the settlement of the send it reports, which it may have
+        // overtaken (see `claim_pending`).
+        use crate::db::schema::unmatched_sent_events::dsl as u;
+        let json = delivery_json(e.status, e.error_status, now)?;
+        dispatch!(conn, |c| diesel::insert_into(u::unmatched_sent_events)
+            .values((
+                u::app_id.eq(e.app_id),
+                u::msgid.eq(e.msgid),
+                u::openid.eq(e.openid),
+                u::template_id.eq(e.template_id),
+                u::delivery.eq(&json),
+                u::received_at.eq(now_db),
+            ))
+            .on_conflict_do_nothing()
+            .execute(c))?;
         return Ok(Delivered::Unmatched);
     };
+    resolve(
+        conn,
+        id,
+        e.msgid,
+        delivery_json(e.status, e.error_status, now)?,
+        now,
+    )?;
+    Ok(Delivered::Resolved(id))
+}
+
+fn delivery_json(
+    status: DeliveryStatus,
+    error_status: &str,
+    at: DateTime<Utc>,
+) -> DbResult<String> {
+    let view = super::DeliveryView {
+        status,
+        error_status: error_status.to_string(),
+        at,
+    };
+    serde_json::to_string(&view)
+        .map_err(|e| crate::db::DbError::Corrupt(format!("delivery does not serialise: {e}")))
+}
+
+/// An outcome_unknown message proven sent by a sent event.
+fn resolve(
+    conn: &mut DbConn,
+    id: i64,
+    msgid: &str,
+    delivery: String,
+    now: DateTime<Utc>,
+) -> DbResult<()> {
+    use messages::dsl as m;
     dispatch!(conn, |c| diesel::update(
         m::messages
             .filter(m::id.eq(id))
             .filter(m::status.eq(Status::Failed.as_str()))
     )
     .set((
-        delivery,
+        m::delivery.eq(Some(delivery)),
+        m::updated_at.eq(to_db(now)),
         m::status.eq(Status::Sent.as_str()),
-        m::wechat_msgid.eq(e.msgid),
+        m::wechat_msgid.eq(msgid),
         m::error_code.eq(None::<String>),
         m::wechat_errcode.eq(None::<i32>),
         m::error_message.eq(None::<String>),
     ))
     .execute(c))?;
-    Ok(Delivered::Resolved(id))
+    Ok(())
+}
+
+/// What a settling send took from the sent events that came before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pending {
+    None,
+    /// Its own event (by msgid): the message has its delivery.
+    Delivery,
+    /// An outcome_unknown subscribe send proven sent by an earlier event.
+    Resolved,
+}
+
+/// Called in the transaction that settles message `id` (after its row is
+/// written, under the user's lock): a sent event that overtook the settlement is
+/// applied now. `msgid`: the one WeChat answered; `outcome_unknown`: the send ended
+/// outcome_unknown with a subscription.
+#[allow(clippy::too_many_arguments)]
+pub fn claim_pending(
+    conn: &mut DbConn,
+    id: i64,
+    app_id: &str,
+    openid: &str,
+    template_id: &str,
+    msgid: Option<&str>,
+    outcome_unknown: bool,
+    now: DateTime<Utc>,
+) -> DbResult<Pending> {
+    use crate::db::schema::unmatched_sent_events::dsl as u;
+    use messages::dsl as m;
+    let found: Option<(String, String)> = match (msgid, outcome_unknown) {
+        (Some(msgid), _) => dispatch!(conn, |c| u::unmatched_sent_events
+            .filter(u::app_id.eq(app_id))
+            .filter(u::msgid.eq(msgid))
+            .select((u::msgid, u::delivery))
+            .first(c)
+            .optional())?,
+        (None, true) => dispatch!(conn, |c| u::unmatched_sent_events
+            .filter(u::app_id.eq(app_id))
+            .filter(u::openid.eq(openid))
+            .filter(u::template_id.eq(template_id))
+            .filter(u::received_at.ge(to_db(now - AMBIGUITY_WINDOW)))
+            .order((u::received_at, u::msgid))
+            .select((u::msgid, u::delivery))
+            .first(c)
+            .optional())?,
+        (None, false) => None,
+    };
+    let Some((event_msgid, delivery)) = found else {
+        return Ok(Pending::None);
+    };
+    dispatch!(conn, |c| diesel::delete(
+        u::unmatched_sent_events
+            .filter(u::app_id.eq(app_id))
+            .filter(u::msgid.eq(&event_msgid))
+    )
+    .execute(c))?;
+    if msgid.is_some() {
+        dispatch!(conn, |c| diesel::update(m::messages.filter(m::id.eq(id)))
+            .set(m::delivery.eq(Some(delivery)))
+            .execute(c))?;
+        Ok(Pending::Delivery)
+    } else {
+        resolve(conn, id, &event_msgid, delivery, now)?;
+        Ok(Pending::Resolved)
+    }
 }

@@ -359,7 +359,17 @@ pub fn settle(
     use message_attempts::dsl as a;
     use messages::dsl as m;
     let now_db = to_db(now);
+    // A sent event may have overtaken this settlement (see `delivery`): under the
+    // user's lock (the push takes it first too), claim it after the row is written.
+    let subscribed = msg.credential_kind.as_deref() == Some(Kind::Subscription.as_str());
+    let outcome_unknown = subscribed
+        && s.error.as_ref().map(|e| e.code)
+            == Some(super::settle::MessageErrorCode::OutcomeUnknown);
+    let pending = s.wechat_msgid.is_some() || outcome_unknown;
     write_tx(conn, |conn| {
+        if pending {
+            ledger::lock_user(conn, &msg.app_id, &msg.openid)?;
+        }
         let keep = s.credential == CredentialFate::Keep;
         let final_status = s.status.is_final();
         let error = s.error.as_ref();
@@ -428,6 +438,24 @@ pub fn settle(
                 CredentialFate::Invalidate(reason) => {
                     ledger::invalidate(conn, credential_id, reason, now)?;
                 }
+            }
+        }
+        if pending {
+            let claimed = super::delivery::claim_pending(
+                conn,
+                msg.id,
+                &msg.app_id,
+                &msg.openid,
+                &msg.template_id,
+                s.wechat_msgid.as_deref(),
+                outcome_unknown,
+                now,
+            )?;
+            if claimed == super::delivery::Pending::Resolved {
+                log::info!(
+                    "message {}: an earlier sent event proves the ambiguous send was accepted; sent",
+                    msg.id
+                );
             }
         }
         if let Some(until) = s.pause_until {

@@ -21,7 +21,8 @@ pub use formid_ledger::outbox;
 pub use formid_ledger::secret::Secret;
 pub use formid_ledger::settings::{App, DatabaseUrl, PushApp, Retention, Settings, TokenApi};
 pub use formid_ledger::sim::{
-    self, FaultSet, Faults, Latency, MessageKind, SimConfig, Simulator, TokenApi as SimTokenApi,
+    self, FaultSet, Faults, Latency, MessageKind, PushTarget, SimConfig, Simulator,
+    TokenApi as SimTokenApi,
 };
 pub use formid_ledger::startup::{Application, StartupError};
 pub use formid_ledger::wechat::push_crypto::{self, PushKey};

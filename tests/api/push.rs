@@ -436,3 +436,104 @@ backend_app_tests! {
         assert_eq!(purged.push_receipts, 1);
     }
 }
+
+backend_app_tests! {
+    /// The simulator as WeChat's pusher (safe mode): a grant it mints arrives as a
+    /// confirmed grant, a subscribe delivery as the message's `delivery`.
+    async fn the_simulator_pushes_grants_and_deliveries(tdb) {
+        let app = spawn(tdb, true).await;
+        app.sim.sim.set_push_target(APP, helpers::PushTarget {
+            url: app.url(PATH),
+            token: TOKEN.into(),
+            encoding_aes_key: Some(KEY.into()),
+        });
+        app.sim.sim.grant_subscriptions(APP, "u1", SUB, 2).unwrap();
+        let confirmed = helpers::eventually(Duration::from_secs(10), || async {
+            quota(&app, "u1").await["subscriptions_confirmed"] == json!({SUB: 2})
+        })
+        .await;
+        assert!(confirmed, "{}", quota(&app, "u1").await);
+        let m = send(&app, "u1").await;
+        assert_eq!(m["status"], "sent", "{m}");
+        let id = m["id"].as_str().unwrap().to_string();
+        let delivered = helpers::eventually(Duration::from_secs(10), || async {
+            app.get(&format!("/v1/messages/{id}"), Some(KEY_SEND)).await.1["delivery"]["status"] == "delivered"
+        })
+        .await;
+        assert!(delivered);
+        assert_eq!(app.sim.sim.pushes_answered(), 3);
+    }
+}
+
+/// The sandbox wires the simulator's pusher to itself: a minted grant shows up
+/// confirmed with no setup.
+#[actix_web::test]
+async fn the_sandbox_pushes_to_itself() {
+    let db = helpers::TestDb::sqlite();
+    let settings = helpers::Settings {
+        database_url: db.url(),
+        db_pool_size: 2,
+        ..helpers::Settings::default()
+    };
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let app = helpers::Application::build(settings, listener)
+        .await
+        .expect("sandbox");
+    let sandbox = app.sandbox().expect("sandbox mode");
+    let (sim, key) = (
+        sandbox.simulator.clone(),
+        sandbox.api_key.clone().expect("generated key"),
+    );
+    let base = format!("http://127.0.0.1:{}", app.port());
+    actix_web::rt::spawn(app.run_until_stopped());
+    let http = reqwest::Client::new();
+    helpers::wait_up(&http, &format!("{base}/healthz")).await;
+    sim.grant_subscriptions("wxsandbox", "o-demo", "TPL_SHIPPED", 1)
+        .unwrap();
+    let url = format!("{base}/v1/admin/users/o-demo/quota");
+    let confirmed = helpers::eventually(Duration::from_secs(10), || async {
+        helpers::get_json(&http, &url, Some(key.expose())).await["subscriptions_confirmed"]
+            == json!({"TPL_SHIPPED": 1})
+    })
+    .await;
+    assert!(
+        confirmed,
+        "{}",
+        helpers::get_json(&http, &url, Some(key.expose())).await
+    );
+}
+
+/// The simulator's first subscribe delivery answers this msgid (its msgids are a
+/// base plus the delivery's sequence number).
+const FIRST_MSGID: &str = "3000000001";
+
+backend_app_tests! {
+    /// A sent event can overtake the settlement of the send it reports: it is kept
+    /// and the settlement takes it (by msgid), so the delivery is not lost.
+    async fn a_sent_event_that_overtakes_its_send_is_kept_for_it(tdb) {
+        let app = spawn(tdb, true).await;
+        app.sim.sim.grant_subscriptions(APP, "u1", SUB, 1).unwrap();
+        ok(&app, &safe(&popup("u1", &[(SUB, "accept")]), &now_ts(), APP)).await;
+        ok(&app, &safe(&sent("u1", SUB, FIRST_MSGID, "0", "success"), &now_ts(), APP)).await;
+        let m = send(&app, "u1").await;
+        assert_eq!((m["status"].as_str(), m["wechat_msgid"].as_str()), (Some("sent"), Some(FIRST_MSGID)), "{m}");
+        assert_eq!(m["delivery"]["status"], "delivered", "{m}");
+    }
+
+    /// The same for an ambiguous send: the event that came first settles the
+    /// outcome_unknown as it is written.
+    async fn an_earlier_sent_event_resolves_the_outcome_unknown_it_reports(tdb) {
+        let app = spawn(tdb, true).await;
+        app.sim.sim.grant_subscriptions(APP, "u1", SUB, 1).unwrap();
+        ok(&app, &safe(&popup("u1", &[(SUB, "accept")]), &now_ts(), APP)).await;
+        ok(&app, &safe(&sent("u1", SUB, FIRST_MSGID, "0", "success"), &now_ts(), APP)).await;
+        app.sim.sim.set_faults(Faults { send: FaultSet { drop_after_read: 1.0, ..FaultSet::default() }, ..Faults::default() }).unwrap();
+        let m = send(&app, "u1").await;
+        let id = m["id"].as_str().unwrap();
+        let (_, m) = app.get(&format!("/v1/messages/{id}"), Some(KEY_SEND)).await;
+        assert_eq!((m["status"].as_str(), m["wechat_msgid"].as_str()), (Some("sent"), Some(FIRST_MSGID)), "{m}");
+        assert_eq!(m["delivery"]["status"], "delivered", "{m}");
+        assert_eq!(app.sim.sim.deliveries().len(), 1);
+        assert_eq!(quota(&app, "u1").await["subscriptions"], json!({}));
+    }
+}

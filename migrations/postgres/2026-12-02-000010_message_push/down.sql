@@ -1,3 +1,4 @@
+DROP TABLE unmatched_sent_events;
 DROP TABLE push_receipts;
 DROP INDEX messages_wechat_msgid;
 ALTER TABLE messages DROP COLUMN delivery;

@@ -22,3 +22,17 @@ CREATE TABLE push_receipts (
     PRIMARY KEY (app_id, identity)
 );
 CREATE INDEX push_receipts_received_at ON push_receipts (received_at);
+
+-- Sent events that named no message yet: the push can overtake the sender's
+-- settlement of the very send it reports. Settling that send takes its event.
+CREATE TABLE unmatched_sent_events (
+    app_id      TEXT      NOT NULL,
+    msgid       TEXT      NOT NULL,
+    openid      TEXT      NOT NULL,
+    template_id TEXT      NOT NULL,
+    delivery    TEXT      NOT NULL,
+    received_at TIMESTAMP NOT NULL,
+    PRIMARY KEY (app_id, msgid)
+);
+CREATE INDEX unmatched_sent_events_user ON unmatched_sent_events (app_id, openid, template_id, received_at);
+CREATE INDEX unmatched_sent_events_received_at ON unmatched_sent_events (received_at);
