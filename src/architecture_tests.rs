@@ -23,8 +23,10 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "wechat",
             "metrics",
             "webhooks",
+            "push",
         ],
     ),
+    ("push", &["ledger", "outbox", "webhooks", "db", "wechat"]),
     ("reporting", &["ledger", "outbox", "db", "metrics"]),
     (
         "outbox",
@@ -49,6 +51,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
 const FORBIDDEN_CRATES: &[(&str, &[&str])] = &[
     ("ledger", &["actix_web", "reqwest"]),
     ("reporting", &["actix_web", "reqwest"]),
+    ("push", &["actix_web", "reqwest"]),
     ("outbox", &["actix_web"]),
     ("webhooks", &["actix_web"]),
     ("auth", &["actix_web", "diesel"]),

@@ -8,7 +8,7 @@ use diesel::prelude::*;
 use serde::Serialize;
 
 use crate::db::schema::jobs::dsl as j;
-use crate::db::{purge_where, single_write, Db, DbConn, DbResult};
+use crate::db::{purge_keyed, purge_where, single_write, Db, DbConn, DbResult};
 use crate::dispatch;
 use crate::ledger;
 use crate::settings::Retention;
@@ -27,6 +27,9 @@ pub struct Purged {
     pub app_pauses: u64,
     /// Webhook deliveries delivered or failed, after the message retention.
     pub webhook_deliveries: u64,
+    /// Applied pushes remembered against WeChat's retries (seconds apart), and
+    /// sent events that matched no message, kept as long as idempotency keys.
+    pub push_receipts: u64,
 }
 
 fn before(now: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
@@ -72,6 +75,23 @@ pub fn purge(
             "webhook_deliveries",
             "status IN ('delivered', 'failed') AND created_at < $1",
             before(now, retention.messages),
+            BATCH,
+            dry_run,
+        )?,
+        push_receipts: purge_keyed(
+            conn,
+            "push_receipts",
+            "app_id, identity",
+            "received_at < $1",
+            before(now, retention.idempotency_keys),
+            BATCH,
+            dry_run,
+        )? + purge_keyed(
+            conn,
+            "unmatched_sent_events",
+            "app_id, msgid",
+            "received_at < $1",
+            before(now, retention.idempotency_keys),
             BATCH,
             dry_run,
         )?,
@@ -160,11 +180,12 @@ pub fn spawn(
                 .await;
             match run {
                 Ok(Some(p)) => log::info!(
-                    "housekeeping: purged {} credentials, {} subscription results, {} messages, {} idempotency keys",
+                    "housekeeping: purged {} credentials, {} subscription results, {} messages, {} idempotency keys, {} push receipts",
                     p.credentials,
                     p.subscription_results,
                     p.messages,
-                    p.idempotency_keys
+                    p.idempotency_keys,
+                    p.push_receipts
                 ),
                 Ok(None) => {}
                 Err(e) => log::warn!("housekeeping: {e}"),

@@ -9,6 +9,7 @@ pub mod http;
 pub mod ledger;
 pub mod metrics;
 pub mod outbox;
+pub mod push;
 pub mod reporting;
 pub mod secret;
 pub mod settings;

@@ -40,6 +40,17 @@ pub struct App {
     pub secret: Secret,
 }
 
+/// An app's WeChat message push (`LEDGER_PUSH`): the Token and, for the
+/// compatible and safe modes, the EncodingAESKey entered in the mini-program console.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PushApp {
+    pub app_id: String,
+    /// 3..32 letters or digits.
+    pub token: Secret,
+    /// Exactly 43 base64 characters; None: plaintext mode only.
+    pub encoding_aes_key: Option<Secret>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TokenApi {
     Classic,
@@ -173,6 +184,8 @@ pub struct Settings {
     pub trusted_proxies: Vec<IpNet>,
     /// Webhook deliveries: SSRF guard, timeout, backoff and retry window.
     pub webhooks: crate::webhooks::Config,
+    /// Apps whose WeChat message push this service receives.
+    pub push: Vec<PushApp>,
 }
 
 impl Default for Settings {
@@ -212,6 +225,7 @@ impl Default for Settings {
             limits: Limits::default(),
             trusted_proxies: Vec::new(),
             webhooks: crate::webhooks::Config::default(),
+            push: Vec::new(),
         }
     }
 }
@@ -295,7 +309,20 @@ impl Settings {
                 "apps are configured but no API key is: nobody could send, read quotas or fetch tokens",
             ));
         }
+        if !self.apps.is_empty() {
+            if let Some(n) = self.push.iter().position(|p| self.app(&p.app_id).is_none()) {
+                return Err(SettingsError::new(
+                    "push",
+                    format!("entry {}: the appid is not one of LEDGER_APPS", n + 1),
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// The app's message-push configuration, if it has one.
+    pub fn push_app(&self, app_id: &str) -> Option<&PushApp> {
+        self.push.iter().find(|p| p.app_id == app_id)
     }
 
     pub fn app(&self, app_id: &str) -> Option<&App> {
@@ -373,6 +400,7 @@ settings! {
     webhook_backoff_base_ms => |s, v| s.webhooks.backoff_base = Duration::from_millis(int(v, 1, 3_600_000)?.into());
     webhook_retry_window_s => |s, v| s.webhooks.retry_window = secs(v, 1, 30 * 86_400)?;
     webhook_workers => |s, v| s.webhooks.workers = int(v, 1, 64)? as usize;
+    push => |s, v| s.push = parse_push(v)?;
 }
 
 /// `LEDGER_*` variables that are not settings of the service: the file of settings,
@@ -544,6 +572,50 @@ pub fn parse_apps(raw: &str) -> Result<Vec<App>, String> {
     Ok(apps)
 }
 
+/// `appid:token[:encoding_aes_key][,…]`: the token 3..32 letters or digits, the key
+/// exactly 43 base64 characters. Errors name an entry by its position and never
+/// quote a token or a key.
+pub fn parse_push(raw: &str) -> Result<Vec<PushApp>, String> {
+    let mut push: Vec<PushApp> = Vec::new();
+    for (n, entry) in entries(raw) {
+        let mut parts = entry.split(':');
+        let (Some(app_id), Some(token), key, None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(format!(
+                "entry {n}: expected appid:token[:encoding_aes_key][,…]"
+            ));
+        };
+        if !is_plain_token(app_id) || app_id.len() > 64 {
+            return Err(format!(
+                "entry {n}: the appid must be 1..64 printable characters without ',' or ':'"
+            ));
+        }
+        if !(3..=32).contains(&token.len()) || !token.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            return Err(format!(
+                "entry {n}: the token must be 3..32 letters or digits"
+            ));
+        }
+        let base64 = |b: u8| b.is_ascii_alphanumeric() || b == b'+' || b == b'/';
+        if let Some(key) = key {
+            if key.len() != 43 || !key.bytes().all(base64) {
+                return Err(format!(
+                    "entry {n}: the EncodingAESKey must be exactly 43 characters of A-Z a-z 0-9 + /"
+                ));
+            }
+        }
+        if push.iter().any(|p| p.app_id == app_id) {
+            return Err(format!("entry {n}: the appid is listed twice"));
+        }
+        push.push(PushApp {
+            app_id: app_id.into(),
+            token: Secret::new(token),
+            encoding_aes_key: key.map(Secret::new),
+        });
+    }
+    Ok(push)
+}
+
 /// The non-empty entries of a comma-separated list, numbered from 1.
 fn entries(raw: &str) -> impl Iterator<Item = (usize, &str)> {
     raw.split(',')
@@ -620,6 +692,52 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn push_entries_are_checked_and_errors_never_echo_the_key() {
+        const KEY: &str = "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG";
+        let push = parse_push(&format!("wxa:tok3n, wxb:spamtest:{KEY}")).unwrap();
+        assert_eq!(push.len(), 2);
+        assert_eq!(push[0].token.expose(), "tok3n");
+        assert!(push[0].encoding_aes_key.is_none());
+        assert_eq!(
+            push[1].encoding_aes_key.as_ref().map(|k| k.expose()),
+            Some(KEY)
+        );
+        let short_key = &KEY[..42];
+        let bad_key = KEY.replace('a', "-");
+        for bad in [
+            "wxa".to_string(),
+            "wxa:to".to_string(),
+            format!("wxa:{}", "t".repeat(33)),
+            "wxa:tok-en".to_string(),
+            format!("wxa:token:{short_key}"),
+            format!("wxa:token:{bad_key}"),
+            format!("wxa:token:{KEY}:more"),
+            format!("wxa:token:{KEY},wxa:other"),
+        ] {
+            let e = parse_push(&bad).unwrap_err();
+            assert!(!e.contains(short_key) && !e.contains("bcdefghij"), "{e}");
+            assert!(!e.contains("token:") && !e.contains("tok-en"), "{e}");
+        }
+        // Through the settings: the push app must be a configured one.
+        let e = Settings::from_sources(
+            None,
+            &env(&[
+                ("LEDGER_APPS", "wxa:secret"),
+                ("LEDGER_API_KEYS", "k:send:0123456789abcdef0"),
+                ("LEDGER_PUSH", "wxb:token"),
+            ]),
+        )
+        .unwrap_err();
+        assert_eq!(e.name, "LEDGER_PUSH");
+        let e = Settings::from_sources(
+            None,
+            &env(&[("LEDGER_PUSH", &format!("wxa:token:{short_key}"))]),
+        )
+        .unwrap_err();
+        assert!(!e.to_string().contains(short_key), "{e}");
     }
 
     #[test]

@@ -383,6 +383,36 @@ fn sandbox(
         subscription_templates: sandbox_templates(),
         ..SimConfig::default()
     });
+    // The simulator pushes to this very service, as WeChat would to the push URL
+    // entered in the console: safe mode with a generated Token and EncodingAESKey
+    // (or the ones LEDGER_PUSH gives for the sandbox app).
+    if settings.push_app(SANDBOX_APP).is_none() {
+        let token: String = random_secret(24)
+            .chars()
+            .filter(char::is_ascii_alphanumeric)
+            .take(24)
+            .collect();
+        let raw: Vec<u8> = (0..32).map(|_| rand::random::<u8>()).collect();
+        let key = base64::engine::general_purpose::STANDARD_NO_PAD.encode(raw);
+        settings.push.push(crate::settings::PushApp {
+            app_id: SANDBOX_APP.into(),
+            token: Secret::new(token),
+            encoding_aes_key: Some(Secret::new(key)),
+        });
+    }
+    if let Some(push) = settings.push_app(SANDBOX_APP) {
+        simulator.set_push_target(
+            SANDBOX_APP,
+            crate::sim::PushTarget {
+                url: format!("{}/v1/wechat/push/{SANDBOX_APP}", settings.wechat_api_base),
+                token: push.token.expose().to_string(),
+                encoding_aes_key: push
+                    .encoding_aes_key
+                    .as_ref()
+                    .map(|k| k.expose().to_string()),
+            },
+        );
+    }
     Ok(Some(Sandbox { simulator, api_key }))
 }
 

@@ -37,6 +37,8 @@ diesel::table! {
         invalid_reason -> Nullable<Text>,
         created_at -> Timestamp,
         updated_at -> Timestamp,
+        reported_at -> Nullable<Timestamp>,
+        pushed_at -> Nullable<Timestamp>,
     }
 }
 
@@ -104,6 +106,27 @@ diesel::table! {
         young_retries -> Int4,
         wakes -> Int4,
         public_id -> Text,
+        wechat_msgid -> Nullable<Text>,
+        delivery -> Nullable<Text>,
+    }
+}
+
+diesel::table! {
+    unmatched_sent_events (app_id, msgid) {
+        app_id -> Text,
+        msgid -> Text,
+        openid -> Text,
+        template_id -> Text,
+        delivery -> Text,
+        received_at -> Timestamp,
+    }
+}
+
+diesel::table! {
+    push_receipts (app_id, identity) {
+        app_id -> Text,
+        identity -> Text,
+        received_at -> Timestamp,
     }
 }
 
@@ -191,10 +214,12 @@ diesel::allow_tables_to_appear_in_same_query!(
     jobs,
     message_attempts,
     messages,
+    push_receipts,
     service_secrets,
     subscription_results,
     subscription_templates,
     webhook_deliveries,
     webhooks,
     wechat_templates,
+    unmatched_sent_events,
 );

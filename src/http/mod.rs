@@ -12,6 +12,7 @@ pub mod health;
 pub mod limits;
 pub mod messages;
 pub mod openapi;
+pub mod push;
 pub mod tokens;
 pub mod webhooks;
 
@@ -146,6 +147,7 @@ pub fn config(cfg: &mut web::ServiceConfig) {
     .configure(client::config)
     .configure(tokens::config)
     .configure(messages::config)
+    .configure(push::config)
     .configure(openapi::config)
     .configure(admin::config)
     .configure(webhooks::config)

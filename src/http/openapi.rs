@@ -43,6 +43,8 @@ impl Modify for Security {
         super::client::report,
         super::messages::create,
         super::messages::get,
+        super::push::verify_url,
+        super::push::receive,
         super::tokens::current,
         super::tokens::refresh,
         super::admin::quota,

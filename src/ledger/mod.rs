@@ -5,10 +5,12 @@
 //! user without rewriting a query.
 
 mod claim;
+mod grants;
 mod query;
 mod record;
 
 pub use claim::{claim, invalidate, release, release_id, Pick, Use};
+pub use grants::{lock_user, record_pushed, PushedResults, MERGE_WINDOW};
 pub use query::{
     live_grants, purge, purge_results, quota, stats, users, KindQuota, Quota, Stats, UserPage,
     UserSummary,
@@ -147,6 +149,10 @@ pub(crate) struct CredentialRow {
     created_at: NaiveDateTime,
     #[allow(dead_code)]
     updated_at: NaiveDateTime,
+    #[allow(dead_code)]
+    reported_at: Option<NaiveDateTime>,
+    #[allow(dead_code)]
+    pushed_at: Option<NaiveDateTime>,
 }
 
 impl TryFrom<CredentialRow> for Credential {

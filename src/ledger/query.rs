@@ -71,6 +71,9 @@ pub struct Quota {
     pub by_kind: BTreeMap<Kind, KindQuota>,
     /// Template id → sends left.
     pub subscriptions: BTreeMap<String, u32>,
+    /// Template id → live grants WeChat itself pushed (message push), merged or not
+    /// with a client report.
+    pub subscriptions_confirmed: BTreeMap<String, u32>,
     /// Template id → result (`accept`, `reject`, `ban`, `filter`) → times reported.
     pub subscription_results: BTreeMap<String, BTreeMap<String, u64>>,
     pub expiring_within_24h: u32,
@@ -79,14 +82,26 @@ pub struct Quota {
 /// The user's live credentials, summed up. A user never seen has zeros.
 pub fn quota(conn: &mut DbConn, app_id: &str, openid: &str, now: DateTime<Utc>) -> DbResult<Quota> {
     let now_db = to_db(now);
-    type Row = (String, Option<String>, i32, Option<NaiveDateTime>);
+    type Row = (
+        String,
+        Option<String>,
+        i32,
+        Option<NaiveDateTime>,
+        Option<NaiveDateTime>,
+    );
     let rows: Vec<Row> = dispatch!(conn, |conn| live!(
         c::credentials
             .filter(c::app_id.eq(app_id))
             .filter(c::openid.eq(openid)),
         now_db
     )
-    .select((c::kind, c::template_id, c::uses_left, c::expires_at))
+    .select((
+        c::kind,
+        c::template_id,
+        c::uses_left,
+        c::expires_at,
+        c::pushed_at
+    ))
     .load(conn))?;
 
     let soon = now + TimeDelta::hours(24);
@@ -99,6 +114,7 @@ pub fn quota(conn: &mut DbConn, app_id: &str, openid: &str, now: DateTime<Utc>) 
             .map(|k| (k, KindQuota::default()))
             .collect(),
         subscriptions: BTreeMap::new(),
+        subscriptions_confirmed: BTreeMap::new(),
         subscription_results: BTreeMap::new(),
         expiring_within_24h: 0,
     };
@@ -124,15 +140,19 @@ pub fn quota(conn: &mut DbConn, app_id: &str, openid: &str, now: DateTime<Utc>) 
                 .insert(result, u64::try_from(n).unwrap_or(0));
         }
     }
-    for (kind, template_id, uses_left, expires_at) in rows {
+    for (kind, template_id, uses_left, expires_at, pushed_at) in rows {
         let expires_at = expires_at.map(|t| t.and_utc());
         let uses = u32::try_from(uses_left).unwrap_or(0);
         match Kind::from_db(&kind)? {
             Kind::Subscription => {
-                *quota
-                    .subscriptions
-                    .entry(template_id.unwrap_or_default())
-                    .or_default() += uses;
+                let template_id = template_id.unwrap_or_default();
+                if pushed_at.is_some() {
+                    *quota
+                        .subscriptions_confirmed
+                        .entry(template_id.clone())
+                        .or_default() += uses;
+                }
+                *quota.subscriptions.entry(template_id).or_default() += uses;
             }
             kind => {
                 quota.sendable += uses;

@@ -94,6 +94,8 @@ struct NewCredential<'a> {
     expires_at: Option<chrono::NaiveDateTime>,
     created_at: chrono::NaiveDateTime,
     updated_at: chrono::NaiveDateTime,
+    reported_at: Option<chrono::NaiveDateTime>,
+    pushed_at: Option<chrono::NaiveDateTime>,
 }
 
 /// A valid item, ready to store unless it is a duplicate or over the cap.
@@ -308,7 +310,7 @@ fn admit<'a>(
 
 /// PostgreSQL: serialises reports of these users (sorted), so the per-user cap holds
 /// under concurrency. SQLite's write transaction already serialises everything.
-fn lock_users(conn: &mut DbConn, users: &[(&str, &str)]) -> DbResult<()> {
+pub(super) fn lock_users(conn: &mut DbConn, users: &[(&str, &str)]) -> DbResult<()> {
     if let DbConn::Pg(pg) = conn {
         for (app_id, openid) in users {
             diesel::sql_query(
@@ -322,7 +324,7 @@ fn lock_users(conn: &mut DbConn, users: &[(&str, &str)]) -> DbResult<()> {
     Ok(())
 }
 
-fn count_results(
+pub(super) fn count_results(
     conn: &mut DbConn,
     app_id: &str,
     openid: &str,
@@ -446,6 +448,16 @@ fn store_user(
                 continue;
             }
         }
+        if let (Kind::Subscription, Some(template_id)) = (cand.kind, cand.template_id) {
+            // The merge rule: WeChat pushed this grant already; it is one grant.
+            if super::grants::match_reported(conn, app_id, openid, template_id, now)? {
+                // The push counted this accept in the results: once per grant.
+                let once = Results::from([((template_id, "accept"), -1)]);
+                count_results(conn, app_id, openid, &once, now)?;
+                outcome.accepted += 1;
+                continue;
+            }
+        }
         if room <= 0 {
             outcome.rejected.push(Rejection {
                 value: cand
@@ -470,6 +482,8 @@ fn store_user(
             expires_at: cand.expires_at.map(to_db),
             created_at: now_db,
             updated_at: now_db,
+            reported_at: (cand.kind == Kind::Subscription).then_some(now_db),
+            pushed_at: None,
         });
     }
     if rows.is_empty() {

@@ -8,6 +8,7 @@
 //! probed with the same value (WeChat's 41029 then proves delivery), anything else
 //! is recorded as `outcome_unknown` rather than sent again.
 
+pub mod delivery;
 pub mod policy;
 pub mod sender;
 pub mod settle;
@@ -209,6 +210,17 @@ pub struct CredentialRef {
     pub id: i64,
 }
 
+/// WeChat's sent event for the message (message push).
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct DeliveryView {
+    pub status: delivery::DeliveryStatus,
+    /// WeChat's `ErrorStatus` (`success`, `fail:user refuse to accept the msg`, …).
+    pub error_status: String,
+    /// When the ledger received the sent event.
+    #[serde(serialize_with = "crate::time::rfc3339::serialize")]
+    pub at: DateTime<Utc>,
+}
+
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct AttemptView {
     #[serde(with = "crate::time::rfc3339")]
@@ -232,6 +244,12 @@ pub struct MessageView {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub credential: Option<CredentialRef>,
     pub attempts: Vec<AttemptView>,
+    /// The `msgid` WeChat returned for a subscribe send.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wechat_msgid: Option<String>,
+    /// WeChat's sent event, when it pushed one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delivery: Option<DeliveryView>,
     #[serde(with = "crate::time::rfc3339")]
     pub created_at: DateTime<Utc>,
     #[serde(
@@ -265,8 +283,16 @@ impl MessageView {
             }),
             _ => None,
         };
+        let delivery = row
+            .delivery
+            .as_deref()
+            .map(serde_json::from_str::<DeliveryView>)
+            .transpose()
+            .map_err(|e| DbError::Corrupt(format!("message {}: stored delivery: {e}", row.id)))?;
         Ok(MessageView {
             id: row.public_id.clone(),
+            wechat_msgid: row.wechat_msgid.clone(),
+            delivery,
             channel,
             status,
             error,

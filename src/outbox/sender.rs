@@ -161,10 +161,14 @@ impl Sender {
             return Ok(());
         };
         let kind = msg.credential_kind()?;
-        let result = self
+        let sent = self
             .send_with_fresh_token(&msg, kind, &content, token)
             .await;
-        let settlement = settle::outcome(&msg, &result, &self.config.policy, crate::time::now())?;
+        let msgid = sent.as_ref().ok().copied().flatten();
+        let result = sent.map(|_| ());
+        let mut settlement =
+            settle::outcome(&msg, &result, &self.config.policy, crate::time::now())?;
+        settlement.wechat_msgid = msgid.map(|id| id.to_string());
         self.settle(&msg, settlement).await
     }
 
@@ -205,7 +209,7 @@ impl Sender {
         kind: Option<Kind>,
         content: &Content,
         mut token: Secret,
-    ) -> Result<(), WechatError> {
+    ) -> Result<Option<i64>, WechatError> {
         let mut refreshes = 0;
         loop {
             let result = self.send(msg, kind, content.clone(), &token).await;
@@ -232,7 +236,7 @@ impl Sender {
         kind: Option<Kind>,
         content: Content,
         token: &Secret,
-    ) -> Result<(), WechatError> {
+    ) -> Result<Option<i64>, WechatError> {
         if kind == Some(Kind::Subscription) {
             let body = SubscribeMessage {
                 touser: msg.openid.clone(),
@@ -242,7 +246,7 @@ impl Sender {
                 miniprogram_state: content.miniprogram_state,
                 lang: content.lang,
             };
-            self.wechat.send_subscribe(token, &body).await.map(|_| ())
+            self.wechat.send_subscribe(token, &body).await
         } else {
             let body = TemplateMessage {
                 touser: msg.openid.clone(),
@@ -252,7 +256,7 @@ impl Sender {
                 data: content.data,
                 emphasis_keyword: content.emphasis_keyword,
             };
-            self.wechat.send_template(token, &body).await
+            self.wechat.send_template(token, &body).await.map(|()| None)
         }
     }
 

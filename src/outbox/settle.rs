@@ -150,6 +150,9 @@ pub struct Settlement {
     /// The message waits for the user to report a credential: if one was reported
     /// since the message was leased (its `wakes` moved), it is due at once instead.
     pub awaits_report: bool,
+    /// The `msgid` WeChat returned for an accepted subscribe send (its sent event
+    /// names the message by it).
+    pub wechat_msgid: Option<String>,
 }
 
 impl Settlement {
@@ -165,6 +168,7 @@ impl Settlement {
             ambiguous,
             pause_until: None,
             awaits_report: false,
+            wechat_msgid: None,
         }
     }
 
@@ -481,6 +485,8 @@ mod tests {
             young_retries: 0,
             wakes: 0,
             public_id: "msg_test".into(),
+            wechat_msgid: None,
+            delivery: None,
         }
     }
 

@@ -53,6 +53,10 @@ pub struct MessageRow {
     pub wakes: i32,
     /// The message's id in the API (random; see the migration).
     pub public_id: String,
+    /// The msgid subscribe/send returned.
+    pub wechat_msgid: Option<String>,
+    /// WeChat's sent event, as the JSON of a [`DeliveryView`](super::DeliveryView).
+    pub delivery: Option<String>,
 }
 
 impl MessageRow {
@@ -388,7 +392,17 @@ pub fn settle(
     use message_attempts::dsl as a;
     use messages::dsl as m;
     let now_db = to_db(now);
+    // A sent event may have overtaken this settlement (see `delivery`): under the
+    // user's lock (the push takes it first too), claim it after the row is written.
+    let subscribed = msg.credential_kind.as_deref() == Some(Kind::Subscription.as_str());
+    let outcome_unknown = subscribed
+        && s.error.as_ref().map(|e| e.code)
+            == Some(super::settle::MessageErrorCode::OutcomeUnknown);
+    let pending = s.wechat_msgid.is_some() || outcome_unknown;
     write_tx(conn, |conn| {
+        if pending {
+            ledger::lock_user(conn, &msg.app_id, &msg.openid)?;
+        }
         let keep = s.credential == CredentialFate::Keep;
         let final_status = s.status.is_final();
         let error = s.error.as_ref();
@@ -415,6 +429,13 @@ pub fn settle(
         .execute(c))?;
         if changed == 0 {
             return Err(DbError::Query(diesel::result::Error::RollbackTransaction));
+        }
+        if let Some(msgid) = &s.wechat_msgid {
+            dispatch!(conn, |c| diesel::update(
+                m::messages.filter(m::id.eq(msg.id))
+            )
+            .set(m::wechat_msgid.eq(msgid))
+            .execute(c))?;
         }
         if s.awaits_report {
             // A report since the lease (see `wake_waiting_many`): due now, not later.
@@ -462,6 +483,27 @@ pub fn settle(
                 }
             }
         }
+        if pending {
+            let claimed = super::delivery::claim_pending(
+                conn,
+                msg.id,
+                &msg.app_id,
+                &msg.openid,
+                &msg.template_id,
+                s.wechat_msgid.as_deref(),
+                outcome_unknown,
+                now,
+            )?;
+            if claimed == super::delivery::Pending::Resolved {
+                log::info!(
+                    "message {}: an earlier sent event proves the ambiguous send was accepted; sent",
+                    msg.id
+                );
+            }
+            if claimed != super::delivery::Pending::None {
+                message_event(conn, msg.id, EventType::MessageDelivery)?;
+            }
+        }
         if final_status {
             finished_event(conn, msg)?;
         }
@@ -496,41 +538,66 @@ pub fn settle(
 /// `message.finished` with the message resource as it now stands (in the settling
 /// transaction: the event exists exactly when the final status does).
 fn finished_event(conn: &mut DbConn, msg: &MessageRow) -> DbResult<()> {
-    if !webhooks::wanted(conn, &msg.app_id, EventType::MessageFinished)? {
-        return Ok(());
-    }
-    let id = msg.id;
+    message_event(conn, msg.id, EventType::MessageFinished)
+}
+
+/// Queues webhook event `event` (`message.finished` or `message.delivery`) with the
+/// message resource as it stands in this transaction, if a webhook wants it.
+pub fn message_event(conn: &mut DbConn, id: i64, event: EventType) -> DbResult<()> {
     let Some(view) = super::view(conn, id)? else {
         return Ok(());
     };
+    if !webhooks::wanted(conn, &view.app_id, event)? {
+        return Ok(());
+    }
     let data = serde_json::to_value(&view)
         .map_err(|e| DbError::Corrupt(format!("message {id} does not serialise: {e}")))?;
-    webhooks::enqueue(conn, &view.app_id, EventType::MessageFinished, &data)?;
+    webhooks::enqueue(conn, &view.app_id, event, &data)?;
     Ok(())
 }
 
 /// `subscription.exhausted` if the subscription this message spent (or found
-/// invalid) was the user's last grant of the template: none live, and no other
-/// message holds one (it would come back if that message let go of it).
+/// invalid) was the user's last grant of the template.
 fn exhausted_event(conn: &mut DbConn, msg: &MessageRow, now: DateTime<Utc>) -> DbResult<()> {
+    exhausted_if_last(
+        conn,
+        &msg.app_id,
+        &msg.openid,
+        &msg.template_id,
+        Some(msg.id),
+        now,
+    )
+}
+
+/// Queues `subscription.exhausted` when the user has no live grant of the template
+/// left and no message (but `except`) holds one (it would come back if that message
+/// let go of it).
+pub fn exhausted_if_last(
+    conn: &mut DbConn,
+    app_id: &str,
+    openid: &str,
+    template_id: &str,
+    except: Option<i64>,
+    now: DateTime<Utc>,
+) -> DbResult<()> {
     use messages::dsl as m;
-    if !webhooks::wanted(conn, &msg.app_id, EventType::SubscriptionExhausted)? {
+    if !webhooks::wanted(conn, app_id, EventType::SubscriptionExhausted)? {
         return Ok(());
     }
-    if ledger::live_grants(conn, &msg.app_id, &msg.openid, &msg.template_id, now)? > 0 {
+    if ledger::live_grants(conn, app_id, openid, template_id, now)? > 0 {
         return Ok(());
     }
     let held: i64 = dispatch!(conn, |c| m::messages
-        .filter(m::app_id.eq(&msg.app_id))
-        .filter(m::openid.eq(&msg.openid))
-        .filter(m::template_id.eq(&msg.template_id))
+        .filter(m::app_id.eq(app_id))
+        .filter(m::openid.eq(openid))
+        .filter(m::template_id.eq(template_id))
         .filter(m::credential_kind.eq(Kind::Subscription.as_str()))
         .filter(m::status.eq_any([Status::Queued.as_str(), Status::Sending.as_str()]))
-        .filter(m::id.ne(msg.id))
+        .filter(m::id.ne(except.unwrap_or(0)))
         .count()
         .get_result(c))?;
     if held == 0 {
-        webhooks::subscription_exhausted(conn, &msg.app_id, &msg.openid, &msg.template_id)?;
+        webhooks::subscription_exhausted(conn, app_id, openid, template_id)?;
     }
     Ok(())
 }

@@ -131,7 +131,25 @@ async fn private_templates(sim: web::Data<Simulator>, req: HttpRequest) -> HttpR
 }
 
 async fn answer(sim: &Simulator, call: Call) -> HttpResponse {
-    let answer = sim.lock().call(call, Instant::now());
+    let subscribe = matches!(call, Call::Subscribe { .. });
+    let (answer, delivered) = {
+        let mut state = sim.lock();
+        let before = state.delivery_count();
+        let answer = state.call(call, Instant::now());
+        let delivered = if subscribe {
+            state.deliveries_since(before)
+        } else {
+            Vec::new()
+        };
+        (answer, delivered)
+    };
+    // WeChat pushes the sent event of each accepted subscribe send (when the app
+    // has a push URL), whether or not its answer reached the caller.
+    for d in delivered {
+        if let Some(msgid) = d.msgid {
+            sim.pusher.sent(&d.appid, &d.touser, &d.template_id, msgid);
+        }
+    }
     let _in_flight = answer.in_flight.map(|key| InFlight {
         sim: sim.clone(),
         key,

@@ -58,9 +58,16 @@
 //!
 //! `count` defaults to 1 (at most 10 000). The same operations exist as methods
 //! of [`Simulator`].
+//!
+//! # Message push
+//! With [`Simulator::set_push_target`] the simulator is WeChat's pusher for an app
+//! ([`pusher`]): a popup event per minted grant, a sent event after each subscribe
+//! delivery (also when its answer is dropped), signed and encrypted as WeChat does,
+//! retried when no answer comes within 5 s.
 
 pub mod config;
 mod handlers;
+pub mod pusher;
 pub mod record;
 mod state;
 
@@ -72,6 +79,7 @@ use std::time::{Duration, Instant};
 use actix_web::{web, App, HttpServer};
 
 pub use config::{FaultSet, Faults, Latency, SimConfig};
+pub use pusher::PushTarget;
 pub use record::{Delivery, MessageKind, Stats, TokenApi, TokenFetch};
 pub use state::SimError;
 
@@ -82,6 +90,7 @@ use state::State;
 #[derive(Clone)]
 pub struct Simulator {
     state: Arc<Mutex<State>>,
+    pusher: pusher::Pusher,
 }
 
 impl fmt::Debug for Simulator {
@@ -94,7 +103,21 @@ impl Simulator {
     pub fn new(cfg: SimConfig) -> Self {
         Simulator {
             state: Arc::new(Mutex::new(State::new(cfg))),
+            pusher: pusher::Pusher::default(),
         }
+    }
+
+    /// WeChat's message push for the app: from now on the simulator pushes a popup
+    /// event for each grant it mints and a sent event after each subscribe
+    /// delivery, signed (and, with a key, encrypted) as WeChat does, retried when
+    /// no answer comes within 5 s (3 tries in all).
+    pub fn set_push_target(&self, appid: &str, target: PushTarget) {
+        self.pusher.set_target(appid, target);
+    }
+
+    /// Pushes the target answered with a 2xx.
+    pub fn pushes_answered(&self) -> u64 {
+        self.pusher.answered()
     }
 
     /// Mounts the WeChat and `/sim/...` routes on an app.
@@ -148,8 +171,13 @@ impl Simulator {
         template_id: &str,
         count: u32,
     ) -> Result<u32, SimError> {
-        self.lock()
-            .grant_subscriptions(appid, openid, template_id, count)
+        let left = self
+            .lock()
+            .grant_subscriptions(appid, openid, template_id, count)?;
+        for _ in 0..count {
+            self.pusher.popup(appid, openid, template_id);
+        }
+        Ok(left)
     }
 
     /// Replaces the fault configuration.

@@ -9,6 +9,8 @@
 
 pub mod client;
 pub mod errcode;
+pub mod push;
+pub mod push_crypto;
 pub mod subscribe_data;
 pub mod wire;
 

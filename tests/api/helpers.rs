@@ -19,12 +19,14 @@ pub use formid_ledger::housekeeping::{purge, Purged};
 pub use formid_ledger::ledger;
 pub use formid_ledger::outbox;
 pub use formid_ledger::secret::Secret;
-pub use formid_ledger::settings::{App, DatabaseUrl, Retention, Settings, TokenApi};
+pub use formid_ledger::settings::{App, DatabaseUrl, PushApp, Retention, Settings, TokenApi};
 pub use formid_ledger::sim::{
-    self, FaultSet, Faults, Latency, MessageKind, SimConfig, Simulator, TokenApi as SimTokenApi,
+    self, FaultSet, Faults, Latency, MessageKind, PushTarget, SimConfig, Simulator,
+    TokenApi as SimTokenApi,
 };
 pub use formid_ledger::startup::{Application, StartupError};
 pub use formid_ledger::webhooks;
+pub use formid_ledger::wechat::push_crypto::{self, PushKey};
 pub use formid_ledger::wechat::wire::PrivateTemplate;
 pub use formid_ledger::wechat::{
     DataValue, ErrorClass, SubscribeMessage, TemplateMessage, WechatClient, WechatError,

@@ -45,7 +45,7 @@ backend_tests! {
             .set(m::status.eq("sent"))
             .execute(c))
             .unwrap();
-        let expected = Purged { credentials: 0, subscription_results: 0, messages: 1, idempotency_keys: 2, app_pauses: 0, webhook_deliveries: 0 };
+        let expected = Purged { credentials: 0, subscription_results: 0, messages: 1, idempotency_keys: 2, app_pauses: 0, webhook_deliveries: 0, push_receipts: 0 };
         let retention = Retention::default();
         assert_eq!(purge(&mut conn, &retention, now, true).unwrap(), expected, "dry run");
         assert_eq!(purge(&mut conn, &retention, now, false).unwrap(), expected);

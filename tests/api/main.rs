@@ -14,6 +14,8 @@ mod housekeeping;
 mod ledger;
 mod openapi;
 mod outbox;
+mod push;
+mod push_peer;
 mod sending;
 mod sim_wechat;
 mod subscriptions;

@@ -17,7 +17,7 @@ use sha2::Sha256;
 
 use crate::helpers::{
     self, backend_app_tests, counter, dispatch, eventually, schema, wait_up, webhooks, DatabaseUrl,
-    Settings, TestApp, TestDb, TestSim, APP, APP_SECRET, KEY_ADMIN, KEY_SEND,
+    Faults, Settings, TestApp, TestDb, TestSim, APP, APP_SECRET, KEY_ADMIN, KEY_SEND,
 };
 
 const SUB: &str = "TPL_SHIPPED";
@@ -610,5 +610,63 @@ mod webhook_throughput {
     #[actix_web::test]
     async fn postgres() {
         throughput(TestDb::postgres()).await
+    }
+}
+
+backend_app_tests! {
+    /// WeChat's pushes become webhook events (contract v2): a sent event is
+    /// `message.delivery`; one that proves an `outcome_unknown` send is also a
+    /// `message.finished` with status sent; a change that removes the user's last
+    /// grant of a template is `subscription.exhausted`. Pushes are signed and
+    /// encrypted as WeChat does (tests/api/push.rs).
+    async fn pushes_become_webhook_events(tdb) {
+        use crate::push::{change, now_ts, popup, post, safe, sent};
+        let receiver = Receiver::start(0);
+        let app = TestApp::spawn_with(tdb, |s| {
+            quick(s);
+            s.push = vec![helpers::PushApp {
+                app_id: APP.into(),
+                token: helpers::Secret::new(crate::push::TOKEN),
+                encoding_aes_key: Some(helpers::Secret::new(crate::push::KEY)),
+            }];
+            s.subscription_templates = vec![SUB.into()];
+        })
+        .await;
+        let secret = register(&app, "backend", &receiver.url).await;
+        let pushed = |body: String| {
+            let signed = safe(&body, &now_ts(), APP);
+            let app = &app;
+            async move {
+                let (status, text) = post(app, &signed).await;
+                assert_eq!((status, text.as_str()), (200, "success"));
+            }
+        };
+        // u1: one grant, a send whose answer is lost, then WeChat's sent event.
+        app.sim.sim.grant_subscriptions(APP, "u1", SUB, 1).unwrap();
+        pushed(popup("u1", &[(SUB, "accept")])).await;
+        app.sim.sim.set_faults(Faults { send: helpers::FaultSet { drop_after_read: 1.0, ..Default::default() }, ..Faults::default() }).unwrap();
+        let (status, m) = app.post("/v1/messages?wait=20", Some(KEY_SEND), &json!({"openid": "u1", "template_id": SUB,
+            "data": {"thing1": {"value": "Your parcel left"}}})).await;
+        assert_eq!((status, m["error"]["code"].as_str()), (200, Some("outcome_unknown")), "{m}");
+        app.sim.sim.set_faults(Faults::default()).unwrap();
+        let msgid = app.sim.sim.deliveries()[0].msgid.unwrap().to_string();
+        pushed(sent("u1", SUB, &msgid, "0", "success")).await;
+        // u2: two grants, both removed by the user in settings.
+        app.sim.sim.grant_subscriptions(APP, "u2", SUB, 2).unwrap();
+        pushed(popup("u2", &[(SUB, "accept"), (SUB, "accept")])).await;
+        pushed(change("u2", SUB)).await;
+        // finished (outcome_unknown), exhausted (u1's grant spent), finished (sent),
+        // delivery, exhausted (u2).
+        assert!(receiver.wait_for_ids(5).await, "got {:?}", receiver.got().iter().map(|g| g.json()).collect::<Vec<_>>());
+        let events: Vec<Value> = receiver.got().iter().map(|g| { assert!(signature_valid(&secret, g)); g.json() }).collect();
+        let of = |t: &str| events.iter().filter(|e| e["type"] == t).cloned().collect::<Vec<_>>();
+        let finished: Vec<String> = of("message.finished").iter().map(|e| e["data"]["status"].as_str().unwrap().to_string()).collect();
+        let finished: Vec<&str> = finished.iter().map(String::as_str).collect();
+        assert!(finished.contains(&"failed") && finished.contains(&"sent"), "{events:?}");
+        let delivery = of("message.delivery");
+        assert_eq!(delivery.len(), 1, "{events:?}");
+        assert_eq!((delivery[0]["data"]["id"].as_str(), delivery[0]["data"]["delivery"]["status"].as_str()), (m["id"].as_str(), Some("delivered")));
+        let exhausted: Vec<Value> = of("subscription.exhausted").iter().map(|e| e["data"].clone()).collect();
+        assert!(exhausted.contains(&json!({"openid": "u2", "template_id": SUB})), "{events:?}");
     }
 }

@@ -46,6 +46,19 @@ impl State {
         self.record.deliveries.clone()
     }
 
+    pub(crate) fn delivery_count(&self) -> usize {
+        self.record.deliveries.len()
+    }
+
+    /// Deliveries from the `from`-th on.
+    pub(crate) fn deliveries_since(&self, from: usize) -> Vec<Delivery> {
+        self.record
+            .deliveries
+            .get(from..)
+            .unwrap_or_default()
+            .to_vec()
+    }
+
     pub(crate) fn token_fetches(&self) -> Vec<TokenFetch> {
         self.record.token_fetches.clone()
     }
