@@ -37,6 +37,30 @@ pub struct Applied {
     pub deliveries: u32,
     /// `outcome_unknown` messages the sent events proved sent.
     pub resolved: u32,
+    /// A foreign push was queued for `LEDGER_PUSH_FORWARD`.
+    pub forwarded: bool,
+}
+
+/// [`apply`], and a push that is not a subscribe-message event queued for the
+/// business's own handler (`forward`: URL, Content-Type, body), in the same
+/// transaction: WeChat's retries of it are neither applied nor forwarded again.
+pub fn apply_and_forward(
+    conn: &mut DbConn,
+    app_id: &str,
+    push: &Push,
+    forward: Option<&(String, String, String)>,
+    now: DateTime<Utc>,
+) -> DbResult<Applied> {
+    write_tx(conn, |conn| {
+        let mut applied = apply(conn, app_id, push, now)?;
+        if let (true, false, Some((url, content_type, body))) =
+            (applied.foreign, applied.duplicate, forward)
+        {
+            crate::webhooks::enqueue_forward(conn, app_id, url, content_type, body)?;
+            applied.forwarded = true;
+        }
+        Ok(applied)
+    })
 }
 
 /// The identity WeChat's retries repeat.

@@ -186,6 +186,9 @@ pub struct Settings {
     pub webhooks: crate::webhooks::Config,
     /// Apps whose WeChat message push this service receives.
     pub push: Vec<PushApp>,
+    /// Where pushes that are not subscribe-message events go, per app
+    /// (`LEDGER_PUSH_FORWARD` = `appid=url[,…]`): the business's own push handler.
+    pub push_forward: BTreeMap<String, String>,
 }
 
 impl Default for Settings {
@@ -226,6 +229,7 @@ impl Default for Settings {
             trusted_proxies: Vec::new(),
             webhooks: crate::webhooks::Config::default(),
             push: Vec::new(),
+            push_forward: BTreeMap::new(),
         }
     }
 }
@@ -401,6 +405,7 @@ settings! {
     webhook_retry_window_s => |s, v| s.webhooks.retry_window = secs(v, 1, 30 * 86_400)?;
     webhook_workers => |s, v| s.webhooks.workers = int(v, 1, 64)? as usize;
     push => |s, v| s.push = parse_push(v)?;
+    push_forward => |s, v| s.push_forward = parse_push_forward(v)?;
 }
 
 /// `LEDGER_*` variables that are not settings of the service: the file of settings,
@@ -575,6 +580,29 @@ pub fn parse_apps(raw: &str) -> Result<Vec<App>, String> {
 /// `appid:token[:encoding_aes_key][,…]`: the token 3..32 letters or digits, the key
 /// exactly 43 base64 characters. Errors name an entry by its position and never
 /// quote a token or a key.
+/// `LEDGER_PUSH_FORWARD`: `appid=url[,…]`, http(s) URLs, one per app.
+fn parse_push_forward(raw: &str) -> Result<BTreeMap<String, String>, String> {
+    let mut forward = BTreeMap::new();
+    for (n, entry) in entries(raw) {
+        let Some((app_id, url)) = entry.split_once('=') else {
+            return Err(format!("entry {n}: expected appid=url[,…]"));
+        };
+        let parsed = url::Url::parse(url)
+            .ok()
+            .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
+        if parsed.is_none() {
+            return Err(format!("entry {n}: the URL must be http(s)://host/…"));
+        }
+        if forward
+            .insert(app_id.to_string(), url.to_string())
+            .is_some()
+        {
+            return Err(format!("entry {n}: the appid is listed twice"));
+        }
+    }
+    Ok(forward)
+}
+
 pub fn parse_push(raw: &str) -> Result<Vec<PushApp>, String> {
     let mut push: Vec<PushApp> = Vec::new();
     for (n, entry) in entries(raw) {

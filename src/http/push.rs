@@ -176,18 +176,41 @@ pub(crate) async fn receive(
     let push = Push::parse(&plain)?;
     let app_id = app.app_id.clone();
     let p = push.clone();
+    // Anything that is not a subscribe-message event goes, unchanged (the body as
+    // WeChat sent it, query string and Content-Type), to the business's own handler
+    // through the durable queue, in the transaction that records the push, so a
+    // retry of it is not forwarded twice.
+    let forward = state.settings.push_forward.get(&app_id).map(|url| {
+        let url = match req.query_string() {
+            "" => url.clone(),
+            q => format!("{url}{}{q}", if url.contains('?') { '&' } else { '?' }),
+        };
+        let content_type = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("text/xml")
+            .to_string();
+        (url, content_type, body.to_string())
+    });
     let applied = state
         .db
-        .run(move |c| push::apply(c, &app_id, &p, crate::time::now()))
+        .run(move |c| push::apply_and_forward(c, &app_id, &p, forward.as_ref(), crate::time::now()))
         .await?;
     if applied.foreign {
-        // TODO(issue 12, webhooks branch): hand this push to the durable forward
-        // queue (LEDGER_PUSH_FORWARD) once it is merged; until then it is only logged.
+        if applied.forwarded {
+            state.webhooks.nudge();
+        }
         log::debug!(
-            "push for {}: {} {} not applied (not a subscribe-message event)",
+            "push for {}: {} {} not a subscribe-message event; {}",
             app.app_id,
             push.msg_type,
-            push.event.as_deref().unwrap_or("-")
+            push.event.as_deref().unwrap_or("-"),
+            if applied.forwarded {
+                "forwarded"
+            } else {
+                "no LEDGER_PUSH_FORWARD for the app"
+            }
         );
     } else if applied.duplicate {
         log::debug!("push for {}: a retry of one applied before", app.app_id);

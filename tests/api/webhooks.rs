@@ -670,3 +670,37 @@ backend_app_tests! {
         assert!(exhausted.contains(&json!({"openid": "u2", "template_id": SUB})), "{events:?}");
     }
 }
+
+backend_app_tests! {
+    /// Contract v2: a push that is not a subscribe-message event (here a customer
+    /// message) goes unchanged to the app's LEDGER_PUSH_FORWARD through the durable
+    /// queue; WeChat's retry of it (same MsgId) is not forwarded again.
+    async fn other_pushes_are_forwarded_once(tdb) {
+        use crate::push::{now_ts, post, safe};
+        let receiver = Receiver::start(0);
+        let app = TestApp::spawn_with(tdb, |s| {
+            quick(s);
+            s.push = vec![helpers::PushApp {
+                app_id: APP.into(),
+                token: helpers::Secret::new(crate::push::TOKEN),
+                encoding_aes_key: Some(helpers::Secret::new(crate::push::KEY)),
+            }];
+            s.push_forward = [(APP.to_string(), receiver.url.clone())].into();
+        })
+        .await;
+        let text = "<xml><ToUserName><![CDATA[gh_test]]></ToUserName><FromUserName><![CDATA[u1]]></FromUserName>\
+<CreateTime>1700000000</CreateTime><MsgType><![CDATA[text]]></MsgType><Content><![CDATA[hello]]></Content>\
+<MsgId>23456789012345678</MsgId></xml>";
+        let signed = safe(text, &now_ts(), APP);
+        for _ in 0..2 {
+            let (status, answer) = post(&app, &signed).await;
+            assert_eq!((status, answer.as_str()), (200, "success"));
+        }
+        assert!(eventually(Duration::from_secs(30), || async { !receiver.got().is_empty() }).await);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let got = receiver.got();
+        assert_eq!(got.len(), 1, "forwarded once: {got:?}");
+        assert_eq!(got[0].body, signed.body, "the body exactly as WeChat sent it");
+        assert_eq!(got[0].signature, None);
+    }
+}
