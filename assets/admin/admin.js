@@ -573,13 +573,23 @@
     const results = q.subscription_results && typeof q.subscription_results === 'object'
       ? q.subscription_results : {};
     const count = (t, r) => num((results[t] && results[t][r]) || 0);
+    // Of the grants left, how many WeChat itself pushed (message push); the rest
+    // only the mini-program reported (or "always keep this choice": no popup).
+    const confirmed = q.subscriptions_confirmed && typeof q.subscriptions_confirmed === 'object'
+      ? q.subscriptions_confirmed : {};
     const templates = Array.from(new Set(Object.keys(subs).concat(Object.keys(results)))).sort();
-    replace($('quota-subs'), templates.length
-      ? table(['template', 'sends left', 'accept', 'reject', 'ban', 'filter'],
-        templates.map((t) => [h('span', { class: 'mono', text: t }), num(subs[t] || 0),
-          count(t, 'accept'), count(t, 'reject'), count(t, 'ban'), count(t, 'filter')]),
-        { numeric: [1, 2, 3, 4, 5] })
-      : empty('No subscriptions.'));
+    if (!templates.length) {
+      replace($('quota-subs'), empty('No subscriptions.'));
+    } else {
+      const t = table(['template', 'sends left', 'confirmed by WeChat', 'accept', 'reject', 'ban', 'filter'],
+        templates.map((tpl) => [h('span', { class: 'mono', text: tpl }),
+          h('span', { class: 'sends-left', text: num(subs[tpl] || 0) }),
+          h('span', { class: 'confirmed', text: num(confirmed[tpl] || 0) }),
+          count(tpl, 'accept'), count(tpl, 'reject'), count(tpl, 'ban'), count(tpl, 'filter')]),
+        { numeric: [1, 2, 3, 4, 5, 6] });
+      t.querySelectorAll('tbody tr').forEach((tr, i) => tr.setAttribute('data-template', templates[i]));
+      replace($('quota-subs'), t);
+    }
   }
 
   function renderMessages(messages) {
@@ -587,7 +597,7 @@
       replace($('user-messages'), empty('No messages to this user.'));
       return;
     }
-    replace($('user-messages'), table(['created', 'status', 'template', 'errcode', 'credential', 'id'],
+    replace($('user-messages'), table(['created', 'status', 'template', 'errcode', 'credential', 'delivery', 'id'],
       messages.map((m) => {
         const err = m.error && typeof m.error === 'object' ? m.error : null;
         const errcode = err && err.wechat_errcode !== undefined && err.wechat_errcode !== null
@@ -604,9 +614,18 @@
           m.credential && typeof m.credential === 'object'
             ? h('span', { class: 'mono small', text: `${m.credential.kind} #${m.credential.id}` })
             : h('span', { class: 'muted', text: '–' }),
+          deliveryCell(m.delivery),
           h('span', { class: 'mono small muted', text: String(m.id) }),
         ];
       }), { className: 'messages' }));
+  }
+
+  /** What WeChat's sent event said of a subscribe message (message push). */
+  function deliveryCell(d) {
+    if (!d || typeof d !== 'object') return h('span', { class: 'muted delivery', text: '–' });
+    const known = ['delivered', 'refused', 'failed'].includes(d.status);
+    return h('span', { class: 'badge delivery ' + (d.status === 'delivered' ? 'sent' : known ? 'failed' : 'unknown'),
+      text: known ? d.status : '?', title: d.error_status ? String(d.error_status) : null });
   }
 
   function lastAttemptErrcode(attempts) {

@@ -240,9 +240,17 @@ test('the shapes of the newer endpoints render (answers mocked in the browser)',
       top_errcodes: [{ errcode: 43101, count: 5 }, { errcode: 41028, count: 3 }, { errcode: 40037, count: 1 }],
       messages_per_hour: perHour } });
   });
+  await page.route((u) => /^\/v1\/admin\/users\/[^/]+\/quota$/.test(u.pathname), async (route) => {
+    const res = await route.fetch();
+    const real = await res.json();
+    await route.fulfill({ response: res, json: { ...real,
+      subscriptions: { TPL_SHIPPED: 2 }, subscriptions_confirmed: { TPL_SHIPPED: 1 },
+      subscription_results: { TPL_SHIPPED: { accept: 3 } } } });
+  });
   await page.route((u) => /^\/v1\/admin\/users\/[^/]+\/messages$/.test(u.pathname), fulfill({ messages: [
     { id: '1043', app_id: 'wxsandbox', openid: USER, template_id: 'TPL_<b>ORDER</b>', status: 'sent',
-      credential: { kind: 'form_id', id: 7 }, attempts: [], created_at: new Date(now - 5 * 60e3).toISOString(), finished_at: new Date(now - 5 * 60e3).toISOString() },
+      credential: { kind: 'form_id', id: 7 }, attempts: [],
+      delivery: { status: 'refused', error_status: 'fail:user refuse to accept the msg <b>x</b>', at: new Date(now - 4 * 60e3).toISOString() }, created_at: new Date(now - 5 * 60e3).toISOString(), finished_at: new Date(now - 5 * 60e3).toISOString() },
     { id: '1042', app_id: 'wxsandbox', openid: USER, template_id: 'TPL_SHIPPED', status: 'failed',
       error: { code: 'template_invalid', wechat_errcode: 40037, message: 'template id <invalid>' },
       attempts: [{ at: new Date(now - 65 * 60e3).toISOString(), credential_id: 6, wechat_errcode: 40037, outcome: 'final' }],
@@ -267,8 +275,13 @@ test('the shapes of the newer endpoints render (answers mocked in the browser)',
   await lookUp(USER);
   await expectText('#quota-sendable', '4');
   await page.waitForFunction(() => document.querySelectorAll('#user-messages tbody tr').length === 4);
-  assert.equal(await page.locator('#user-messages tbody tr:first-child .badge').textContent(), 'sent');
+  assert.equal(await page.locator('#user-messages tbody tr:first-child td:nth-child(2) .badge').textContent(), 'sent');
   assert.equal(await page.locator('#user-messages tbody tr:nth-child(2) td:nth-child(4)').textContent(), '40037');
+  // WeChat's word: the delivery of a message, and the grants WeChat confirmed.
+  assert.equal(await page.locator('#user-messages tbody tr:first-child .delivery').textContent(), 'refused');
+  assert.equal(await page.locator('#user-messages tbody tr:nth-child(2) .delivery').textContent(), '–');
+  await expectText('#quota-subs tr[data-template=TPL_SHIPPED] .sends-left', '2');
+  await expectText('#quota-subs tr[data-template=TPL_SHIPPED] .confirmed', '1');
   assert.equal(await page.evaluate(() => document.querySelectorAll('b').length), 0);
   await page.screenshot({ path: path.join(SCREENSHOTS, 'admin-full.png'), fullPage: true });
 
