@@ -40,6 +40,8 @@ pub(super) fn config(cfg: &mut web::ServiceConfig, sim: &Simulator) {
         .service(control("/sim/form-ids").route(web::post().to(mint_form_ids)))
         .service(control("/sim/prepay-ids").route(web::post().to(mint_prepay_ids)))
         .service(control("/sim/subscriptions").route(web::post().to(grant_subscriptions)))
+        .service(control("/sim/subscriptions/off").route(web::post().to(turn_off)))
+        .service(control("/sim/habits").route(web::post().to(set_habits)))
         .service(
             control("/sim/faults")
                 .route(web::post().to(set_faults))
@@ -332,6 +334,39 @@ async fn grant_subscriptions(
         req.count.unwrap_or(1),
     )?;
     Ok(HttpResponse::Ok().json(json!({"grants_left": left})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TurnOffReq {
+    appid: String,
+    openid: String,
+    template_id: String,
+}
+
+async fn turn_off(sim: web::Data<Simulator>, req: web::Json<TurnOffReq>) -> Answer {
+    let voided = sim.turn_off(&req.appid, &req.openid, &req.template_id)?;
+    Ok(HttpResponse::Ok().json(json!({"grants_voided": voided})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HabitsReq {
+    appid: String,
+    openid: String,
+    #[serde(default)]
+    always_keep: bool,
+    #[serde(default)]
+    refuses: bool,
+}
+
+async fn set_habits(sim: web::Data<Simulator>, req: web::Json<HabitsReq>) -> HttpResponse {
+    let habits = super::UserHabits {
+        always_keep: req.always_keep,
+        refuses: req.refuses,
+    };
+    sim.set_habits(&req.appid, &req.openid, habits);
+    HttpResponse::Ok().json(json!({"always_keep": habits.always_keep, "refuses": habits.refuses}))
 }
 
 async fn set_faults(sim: web::Data<Simulator>, req: web::Json<Faults>) -> Answer {

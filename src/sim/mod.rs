@@ -79,7 +79,7 @@ use std::time::{Duration, Instant};
 use actix_web::{web, App, HttpServer};
 
 pub use config::{FaultSet, Faults, Latency, SimConfig};
-pub use pusher::PushTarget;
+pub use pusher::{PushTarget, UserHabits};
 pub use record::{Delivery, MessageKind, Stats, TokenApi, TokenFetch};
 pub use state::SimError;
 
@@ -178,6 +178,20 @@ impl Simulator {
             self.pusher.popup(appid, openid, template_id);
         }
         Ok(left)
+    }
+
+    /// How the user behaves from now on: "always keep this choice" (grants without
+    /// popup events) and refusing messages on the phone (refused sent events).
+    pub fn set_habits(&self, appid: &str, openid: &str, habits: UserHabits) {
+        self.pusher.set_habits(appid, openid, habits);
+    }
+
+    /// The user turns the template off in settings: the grants left are void and
+    /// WeChat pushes a change event (`reject`). Returns the grants voided.
+    pub fn turn_off(&self, appid: &str, openid: &str, template_id: &str) -> Result<u32, SimError> {
+        let voided = self.lock().turn_off(appid, openid, template_id)?;
+        self.pusher.change(appid, openid, template_id);
+        Ok(voided)
     }
 
     /// Replaces the fault configuration.

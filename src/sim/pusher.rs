@@ -34,9 +34,22 @@ impl std::fmt::Debug for PushTarget {
     }
 }
 
+/// How a user behaves in the simulated WeChat client.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UserHabits {
+    /// "Always keep this choice" was ticked: grants are added with no popup, so
+    /// WeChat pushes no popup event for them.
+    pub always_keep: bool,
+    /// The user refuses messages on the phone: sent events say
+    /// `fail:user refuse to accept the msg`.
+    pub refuses: bool,
+}
+
 #[derive(Clone, Default)]
 pub(crate) struct Pusher {
     targets: Arc<Mutex<HashMap<String, PushTarget>>>,
+    /// (appid, openid) of users with habits; everyone else has the defaults.
+    habits: Arc<Mutex<HashMap<(String, String), UserHabits>>>,
     http: reqwest::Client,
     answered: Arc<AtomicU64>,
     last_time: Arc<AtomicI64>,
@@ -48,6 +61,22 @@ impl Pusher {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(appid.to_string(), target);
+    }
+
+    pub(crate) fn set_habits(&self, appid: &str, openid: &str, habits: UserHabits) {
+        self.habits
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert((appid.to_string(), openid.to_string()), habits);
+    }
+
+    fn habits(&self, appid: &str, openid: &str) -> UserHabits {
+        self.habits
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&(appid.to_string(), openid.to_string()))
+            .copied()
+            .unwrap_or_default()
     }
 
     pub(crate) fn answered(&self) -> u64 {
@@ -70,6 +99,9 @@ impl Pusher {
     }
 
     pub(crate) fn popup(&self, appid: &str, openid: &str, template_id: &str) {
+        if self.habits(appid, openid).always_keep {
+            return;
+        }
         let xml = format!(
             "<xml><ToUserName><![CDATA[gh_sim]]></ToUserName><FromUserName><![CDATA[{openid}]]></FromUserName>\
 <CreateTime>{}</CreateTime><MsgType><![CDATA[event]]></MsgType><Event><![CDATA[subscribe_msg_popup_event]]></Event>\
@@ -82,11 +114,28 @@ impl Pusher {
     }
 
     pub(crate) fn sent(&self, appid: &str, openid: &str, template_id: &str, msgid: i64) {
+        let (code, status) = if self.habits(appid, openid).refuses {
+            ("43101", "fail:user refuse to accept the msg")
+        } else {
+            ("0", "success")
+        };
         let xml = format!(
             "<xml><ToUserName><![CDATA[gh_sim]]></ToUserName><FromUserName><![CDATA[{openid}]]></FromUserName>\
 <CreateTime>{}</CreateTime><MsgType><![CDATA[event]]></MsgType><Event><![CDATA[subscribe_msg_sent_event]]></Event>\
 <SubscribeMsgSentEvent><List><TemplateId><![CDATA[{template_id}]]></TemplateId><MsgID>{msgid}</MsgID>\
-<ErrorCode>0</ErrorCode><ErrorStatus><![CDATA[success]]></ErrorStatus></List></SubscribeMsgSentEvent></xml>",
+<ErrorCode>{code}</ErrorCode><ErrorStatus><![CDATA[{status}]]></ErrorStatus></List></SubscribeMsgSentEvent></xml>",
+            self.create_time()
+        );
+        self.push(appid, xml);
+    }
+
+    /// The user turned a template off in settings: a change event with `reject`.
+    pub(crate) fn change(&self, appid: &str, openid: &str, template_id: &str) {
+        let xml = format!(
+            "<xml><ToUserName><![CDATA[gh_sim]]></ToUserName><FromUserName><![CDATA[{openid}]]></FromUserName>\
+<CreateTime>{}</CreateTime><MsgType><![CDATA[event]]></MsgType><Event><![CDATA[subscribe_msg_change_event]]></Event>\
+<SubscribeMsgChangeEvent><List><TemplateId><![CDATA[{template_id}]]></TemplateId>\
+<SubscribeStatusString><![CDATA[reject]]></SubscribeStatusString></List></SubscribeMsgChangeEvent></xml>",
             self.create_time()
         );
         self.push(appid, xml);

@@ -22,7 +22,7 @@ pub use formid_ledger::secret::Secret;
 pub use formid_ledger::settings::{App, DatabaseUrl, PushApp, Retention, Settings, TokenApi};
 pub use formid_ledger::sim::{
     self, FaultSet, Faults, Latency, MessageKind, PushTarget, SimConfig, Simulator,
-    TokenApi as SimTokenApi,
+    TokenApi as SimTokenApi, UserHabits,
 };
 pub use formid_ledger::startup::{Application, StartupError};
 pub use formid_ledger::webhooks;

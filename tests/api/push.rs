@@ -463,6 +463,49 @@ backend_app_tests! {
         assert!(delivered);
         assert_eq!(app.sim.sim.pushes_answered(), 3);
     }
+
+    /// The simulator is told how users behave, and pushes what WeChat would: no
+    /// popup for an "always keep" user (the client's report alone is the grant), a
+    /// change event when a user turns a template off (grants gone on both sides),
+    /// and refused sent events for a user who refuses messages.
+    async fn the_simulator_pushes_what_users_do(tdb) {
+        let app = spawn(tdb, true).await;
+        app.sim.sim.set_push_target(APP, helpers::PushTarget {
+            url: app.url(PATH),
+            token: TOKEN.into(),
+            encoding_aes_key: Some(KEY.into()),
+        });
+        let habits = |always_keep, refuses| helpers::UserHabits { always_keep, refuses };
+        app.sim.sim.set_habits(APP, "keeper", habits(true, false));
+        app.sim.sim.set_habits(APP, "refuser", habits(false, true));
+        for user in ["keeper", "fickle", "refuser"] {
+            app.sim.sim.grant_subscriptions(APP, user, SUB, 1).unwrap();
+        }
+        // Popups of fickle and refuser; none of keeper.
+        let answered = helpers::eventually(Duration::from_secs(10), || async { app.sim.sim.pushes_answered() >= 2 });
+        assert!(answered.await);
+        assert_eq!(quota(&app, "fickle").await["subscriptions_confirmed"], json!({SUB: 1}));
+        let session = app.login("keeper").await;
+        report_accept(&app, &session, 1).await;
+        let q = quota(&app, "keeper").await;
+        assert_eq!((q["subscriptions"].clone(), q["subscriptions_confirmed"].clone()), (json!({SUB: 1}), json!({})), "{q}");
+        // fickle turns the template off: the simulator voids the grant and pushes
+        // the change; the ledger removes it.
+        assert_eq!(app.sim.sim.turn_off(APP, "fickle", SUB).unwrap(), 1);
+        let removed = helpers::eventually(Duration::from_secs(10), || async {
+            quota(&app, "fickle").await["subscriptions"] == json!({})
+        });
+        assert!(removed.await, "{}", quota(&app, "fickle").await);
+        // refuser's message is accepted by WeChat, and refused on the phone.
+        let m = send(&app, "refuser").await;
+        assert_eq!(m["status"], "sent", "{m}");
+        let id = m["id"].as_str().unwrap().to_string();
+        let refused = helpers::eventually(Duration::from_secs(10), || async {
+            app.get(&format!("/v1/messages/{id}"), Some(KEY_SEND)).await.1["delivery"]["status"] == "refused"
+        });
+        assert!(refused.await);
+        assert_eq!(app.sim.sim.pushes_answered(), 4, "2 popups, 1 change, 1 sent event");
+    }
 }
 
 /// The sandbox wires the simulator's pusher to itself: a minted grant shows up
@@ -536,4 +579,55 @@ backend_app_tests! {
         assert_eq!(app.sim.sim.deliveries().len(), 1);
         assert_eq!(quota(&app, "u1").await["subscriptions"], json!({}));
     }
+}
+
+/// WeChat's retry, as the simulator does it: a push that got no answer within 5 s
+/// is sent again with the same body (so the same identity), 3 tries in all. The
+/// receiver here holds its first answer for 6 s.
+#[actix_web::test]
+async fn the_simulator_retries_a_push_that_got_no_answer_in_5_s() {
+    use std::sync::{Arc, Mutex};
+    let bodies: Arc<Mutex<Vec<String>>> = Arc::default();
+    let seen = bodies.clone();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/push", listener.local_addr().unwrap());
+    let server = actix_web::HttpServer::new(move || {
+        let seen = seen.clone();
+        actix_web::App::new().default_service(actix_web::web::to(move |body: String| {
+            let seen = seen.clone();
+            async move {
+                let first = {
+                    let mut seen = seen.lock().unwrap();
+                    seen.push(body);
+                    seen.len() == 1
+                };
+                if first {
+                    tokio::time::sleep(Duration::from_secs(6)).await;
+                }
+                "success"
+            }
+        }))
+    })
+    .workers(1)
+    .listen(listener)
+    .unwrap()
+    .run();
+    actix_web::rt::spawn(server);
+    let sim = helpers::TestSim::spawn();
+    sim.sim.set_push_target(
+        APP,
+        helpers::PushTarget {
+            url,
+            token: TOKEN.into(),
+            encoding_aes_key: Some(KEY.into()),
+        },
+    );
+    sim.sim.grant_subscriptions(APP, "u1", SUB, 1).unwrap();
+    let answered = helpers::eventually(Duration::from_secs(20), || async {
+        sim.sim.pushes_answered() == 1
+    });
+    assert!(answered.await);
+    let bodies = bodies.lock().unwrap().clone();
+    assert_eq!(bodies.len(), 2, "one try, no answer in 5 s, one retry");
+    assert_eq!(bodies[0], bodies[1], "the retry repeats the push");
 }

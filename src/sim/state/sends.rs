@@ -284,6 +284,21 @@ impl State {
         *n = n.saturating_add(count);
         Ok(*n)
     }
+
+    /// The user turned the template off in settings: the grants left are void
+    /// (a send answers 43101). Returns how many there were.
+    pub(crate) fn turn_off(
+        &mut self,
+        appid: &str,
+        openid: &str,
+        template_id: &str,
+    ) -> Result<u32, SimError> {
+        let app = user_app(&mut self.apps, appid, openid)?;
+        Ok(app
+            .grants
+            .remove(&(openid.to_owned(), template_id.to_owned()))
+            .unwrap_or(0))
+    }
 }
 
 fn check_count(count: u32) -> Result<(), SimError> {
