@@ -164,6 +164,10 @@ pub struct Settings {
     pub young_retry: Duration,
     /// Young-credential (41028) retries of one message.
     pub young_max_retries: u32,
+    /// A user gets no two messages of one app closer than this.
+    pub user_min_gap: Duration,
+    /// Messages per user and app per Beijing day (0: no cap).
+    pub user_daily_cap: u32,
     /// Transient failures retried with one credential before a message fails.
     pub send_max_retries: u32,
     /// First backoff after a transient failure (doubles, with jitter, up to 60 s).
@@ -218,6 +222,8 @@ impl Default for Settings {
             young_window: Duration::from_secs(60),
             young_retry: Duration::from_secs(5),
             young_max_retries: 6,
+            user_min_gap: Duration::ZERO,
+            user_daily_cap: 0,
             send_max_retries: 5,
             send_backoff_base: Duration::from_millis(500),
             shutdown_timeout: Duration::from_secs(20),
@@ -371,6 +377,8 @@ settings! {
     user_cap => |s, v| s.user_cap = int(v, 1, 100_000)?;
     subscription_templates_per_user => |s, v| s.subscription_templates_per_user = int(v, 1, crate::ledger::MAX_TEMPLATES_PER_USER)?;
     young_max_retries => |s, v| s.young_max_retries = int(v, 0, 1000)?;
+    user_min_gap_s => |s, v| s.user_min_gap = secs(v, 0, 86_400)?;
+    user_daily_cap => |s, v| s.user_daily_cap = int(v, 0, 10_000)?;
     expiry_margin_s => |s, v| s.expiry_margin = secs(v, 0, 86_400)?;
     http_workers => |s, v| s.http_workers = int(v, 0, 256)? as usize;
     token_refresh_margin_s => |s, v| s.token_refresh_margin = secs(v, 0, 3600)?;

@@ -148,6 +148,8 @@ impl Application {
                     young_max_retries: settings.young_max_retries,
                     max_retries: settings.send_max_retries,
                     backoff_base: settings.send_backoff_base,
+                    user_min_gap: settings.user_min_gap,
+                    user_daily_cap: settings.user_daily_cap,
                     ..Policy::default()
                 },
             },

@@ -108,6 +108,7 @@ diesel::table! {
         public_id -> Text,
         wechat_msgid -> Nullable<Text>,
         delivery -> Nullable<Text>,
+        send_at -> Nullable<Timestamp>,
     }
 }
 

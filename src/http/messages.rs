@@ -52,7 +52,13 @@ pub(crate) struct MessageIn {
     await_credential_s: u32,
     miniprogram_state: Option<String>,
     lang: Option<String>,
+    /// RFC 3339; not sent before then (at most 30 days ahead; a past time: now).
+    #[schema(format = DateTime)]
+    send_at: Option<String>,
 }
+
+/// How far ahead `send_at` may be.
+const MAX_SEND_AHEAD_DAYS: i64 = 30;
 
 #[derive(Debug, Deserialize)]
 pub(crate) struct WaitQuery {
@@ -115,6 +121,22 @@ fn validate(
             return Err(invalid("lang must be zh_CN, en_US, zh_HK or zh_TW"));
         }
     }
+    let send_at = match &m.send_at {
+        None => None,
+        Some(raw) => {
+            let at = chrono::DateTime::parse_from_rfc3339(raw)
+                .map_err(|_| {
+                    invalid("send_at must be an RFC 3339 time, e.g. 2026-12-24T01:00:00Z")
+                })?
+                .with_timezone(&chrono::Utc);
+            if at > crate::time::now() + chrono::TimeDelta::days(MAX_SEND_AHEAD_DAYS) {
+                return Err(invalid(format!(
+                    "send_at must be at most {MAX_SEND_AHEAD_DAYS} days ahead"
+                )));
+            }
+            Some(at)
+        }
+    };
     Ok(NewMessage {
         app_id,
         openid: m.openid,
@@ -140,6 +162,7 @@ fn validate(
             lang: m.lang,
         },
         await_credential_s: m.await_credential_s,
+        send_at,
     })
 }
 

@@ -133,8 +133,11 @@ pub struct NewMessage {
     pub channel: Channel,
     pub page: Option<String>,
     pub content: Content,
-    /// Wait this long for a credential if the user has none now.
+    /// Wait this long for a credential if the user has none now (from `send_at`
+    /// when given).
     pub await_credential_s: u32,
+    /// Not sent before then.
+    pub send_at: Option<DateTime<Utc>>,
 }
 
 /// The `Idempotency-Key` of a request, scoped to the API key that sent it.
@@ -161,6 +164,7 @@ pub fn submit(
 ) -> DbResult<Submitted> {
     // Serialising plain strings and maps cannot fail.
     let request = serde_json::to_vec(msg).unwrap_or_default();
+    let due = msg.send_at.map_or(now, |at| at.max(now));
     let row = NewMessageRow {
         public_id: new_public_id(),
         app_id: msg.app_id.clone(),
@@ -172,10 +176,11 @@ pub fn submit(
             .map_err(|e| DbError::Corrupt(format!("message body does not serialise: {e}")))?,
         status: Status::Queued.as_str(),
         await_until: (msg.await_credential_s > 0)
-            .then(|| to_db(now + chrono::TimeDelta::seconds(msg.await_credential_s.into()))),
-        next_attempt_at: to_db(now),
+            .then(|| to_db(due + chrono::TimeDelta::seconds(msg.await_credential_s.into()))),
+        next_attempt_at: to_db(due),
         created_at: to_db(now),
         updated_at: to_db(now),
+        send_at: msg.send_at.map(to_db),
     };
     let idempotency = idempotency.map(|k| IdempotencyRecord {
         scope: k.scope.clone(),
@@ -250,6 +255,12 @@ pub struct MessageView {
     /// WeChat's sent event, when it pushed one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub delivery: Option<DeliveryView>,
+    /// Not sent before then (when the request gave `send_at`).
+    #[serde(
+        with = "crate::time::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub send_at: Option<DateTime<Utc>>,
     #[serde(with = "crate::time::rfc3339")]
     pub created_at: DateTime<Utc>,
     #[serde(
@@ -308,6 +319,7 @@ impl MessageView {
                 .collect(),
             created_at: row.created_at.and_utc(),
             finished_at: row.finished_at.map(|t| t.and_utc()),
+            send_at: row.send_at.map(|t| t.and_utc()),
             app_id: row.app_id,
             openid: row.openid,
             template_id: row.template_id,

@@ -31,6 +31,11 @@ pub struct Policy {
     pub max_credentials: u32,
     /// Token refreshes within one attempt before it counts as transient.
     pub max_token_refreshes: u32,
+    /// A user gets no two messages of one app closer than this (0: no gap).
+    pub user_min_gap: Duration,
+    /// Messages sent per user and app per Beijing day (0: no cap); past it a
+    /// message waits for the next day.
+    pub user_daily_cap: u32,
 }
 
 impl Default for Policy {
@@ -45,6 +50,8 @@ impl Default for Policy {
             backoff_max: Duration::from_secs(60),
             max_credentials: 5,
             max_token_refreshes: 2,
+            user_min_gap: Duration::ZERO,
+            user_daily_cap: 0,
         }
     }
 }

@@ -130,12 +130,40 @@ impl Sender {
         }
     }
 
+    /// When the send policy (gap between a user's messages, daily cap) lets this
+    /// message go; None: now. Only one message per user is leased at a time, so no
+    /// other send of the user can slip in between this look and the send.
+    async fn held_by_policy(
+        &self,
+        msg: &MessageRow,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> DbResult<Option<chrono::DateTime<chrono::Utc>>> {
+        let policy = &self.config.policy;
+        if policy.user_min_gap.is_zero() && policy.user_daily_cap == 0 {
+            return Ok(None);
+        }
+        let (app_id, openid) = (msg.app_id.clone(), msg.openid.clone());
+        let day_start = settle::beijing_day_start(now);
+        let (last, today) = self
+            .db
+            .run(move |c| store::user_sends(c, &app_id, &openid, day_start))
+            .await?;
+        Ok(settle::policy_hold(policy, last, today, now))
+    }
+
     async fn process(&self, msg: MessageRow) -> DbResult<()> {
         let now = crate::time::now();
         if msg.in_flight {
             // The worker that made this call died (or lost its lease) before it
             // settled: WeChat may have delivered.
             return self.settle(&msg, settle::interrupted(&msg, now)?).await;
+        }
+        if msg.credential_id.is_none() {
+            if let Some(until) = self.held_by_policy(&msg, now).await? {
+                return self
+                    .settle(&msg, settle::held_by_policy(&msg, until)?)
+                    .await;
+            }
         }
         let content = match msg.content() {
             Ok(content) => content,

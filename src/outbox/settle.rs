@@ -266,6 +266,41 @@ pub fn no_credential(msg: &MessageRow, now: DateTime<Utc>) -> Settlement {
     }
 }
 
+/// The send policy (`LEDGER_USER_MIN_GAP_S`, `LEDGER_USER_DAILY_CAP`) holds the
+/// message back until `until`: no call, nothing spent, the message as it is.
+pub fn held_by_policy(msg: &MessageRow, until: DateTime<Utc>) -> DbResult<Settlement> {
+    Ok(Settlement::keep(
+        msg.status()?,
+        until,
+        msg.retries,
+        msg.ambiguous,
+    ))
+}
+
+/// When the send policy lets the user get their next message: `last_sent` is the
+/// user's latest sent message of the app, `sent_today` how many were sent since
+/// Beijing midnight. None: now.
+pub fn policy_hold(
+    policy: &Policy,
+    last_sent: Option<DateTime<Utc>>,
+    sent_today: i64,
+    now: DateTime<Utc>,
+) -> Option<DateTime<Utc>> {
+    let gap = TimeDelta::from_std(policy.user_min_gap).unwrap_or(TimeDelta::MAX);
+    let after_gap = last_sent
+        .filter(|_| !gap.is_zero())
+        .map(|t| t + gap)
+        .filter(|t| *t > now);
+    let capped = policy.user_daily_cap > 0 && sent_today >= i64::from(policy.user_daily_cap);
+    let next_day = capped.then(|| next_beijing_midnight(now));
+    after_gap.max(next_day)
+}
+
+/// Start of the current Beijing day (UTC+8), in UTC.
+pub fn beijing_day_start(now: DateTime<Utc>) -> DateTime<Utc> {
+    next_beijing_midnight(now) - TimeDelta::days(1)
+}
+
 /// The stored body does not parse ([`MessageRow::content`]): the message fails with
 /// `internal` and is never sent (a guess at its data could deliver a wrong message,
 /// and retrying cannot repair a stored body). A held use goes back to the user
@@ -487,6 +522,7 @@ mod tests {
             public_id: "msg_test".into(),
             wechat_msgid: None,
             delivery: None,
+            send_at: None,
         }
     }
 
@@ -766,6 +802,36 @@ mod tests {
         assert_eq!(end(&s), (Status::Failed, CredentialFate::Release));
         assert_eq!(error(&s), Some(("template_invalid", Some(40037))));
         assert_eq!(attempt(&s), Some((Some(40037), "failed")));
+    }
+
+    #[test]
+    fn the_send_policy_holds_by_gap_and_by_beijing_day() {
+        let now = Utc.with_ymd_and_hms(2026, 11, 27, 10, 0, 0).unwrap();
+        let midnight = Utc.with_ymd_and_hms(2026, 11, 27, 16, 0, 0).unwrap();
+        let policy = |gap_s, cap| Policy {
+            user_min_gap: std::time::Duration::from_secs(gap_s),
+            user_daily_cap: cap,
+            ..Policy::default()
+        };
+        let ago = |s| Some(now - TimeDelta::seconds(s));
+        // No policy: never held.
+        assert_eq!(policy_hold(&policy(0, 0), ago(1), 1000, now), None);
+        // Gap of 60 s: 10 s after the last one waits 50 s more; 60 s after, none.
+        assert_eq!(
+            policy_hold(&policy(60, 0), ago(10), 1, now),
+            Some(now + TimeDelta::seconds(50))
+        );
+        assert_eq!(policy_hold(&policy(60, 0), ago(60), 1, now), None);
+        assert_eq!(policy_hold(&policy(60, 0), None, 0, now), None);
+        // Cap of 3 a day: the 3rd sent today holds the next until Beijing midnight.
+        assert_eq!(policy_hold(&policy(0, 3), ago(3600), 2, now), None);
+        assert_eq!(
+            policy_hold(&policy(0, 3), ago(3600), 3, now),
+            Some(midnight)
+        );
+        // Both: the later of the two.
+        assert_eq!(policy_hold(&policy(60, 3), ago(10), 3, now), Some(midnight));
+        assert_eq!(beijing_day_start(now), midnight - TimeDelta::days(1));
     }
 
     #[test]

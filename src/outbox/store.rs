@@ -57,6 +57,8 @@ pub struct MessageRow {
     pub wechat_msgid: Option<String>,
     /// WeChat's sent event, as the JSON of a [`DeliveryView`](super::DeliveryView).
     pub delivery: Option<String>,
+    /// Not sent before then (`send_at` of the request).
+    pub send_at: Option<NaiveDateTime>,
 }
 
 impl MessageRow {
@@ -125,6 +127,7 @@ pub struct NewMessageRow {
     pub next_attempt_at: NaiveDateTime,
     pub created_at: NaiveDateTime,
     pub updated_at: NaiveDateTime,
+    pub send_at: Option<NaiveDateTime>,
 }
 
 /// An `Idempotency-Key` and the hash of the request it came with.
@@ -225,6 +228,29 @@ pub fn load(conn: &mut DbConn, id: i64) -> DbResult<Option<(MessageRow, Vec<Atte
             .load(c)?;
         Ok(Some((row, attempts)))
     })
+}
+
+/// The user's latest sent message of the app (when it finished) and how many were
+/// sent since `day_start`, for the send policy.
+pub fn user_sends(
+    conn: &mut DbConn,
+    app_id: &str,
+    openid: &str,
+    day_start: DateTime<Utc>,
+) -> DbResult<(Option<DateTime<Utc>>, i64)> {
+    use diesel::dsl::max;
+    use messages::dsl as m;
+    let sent = m::messages
+        .filter(m::app_id.eq(app_id))
+        .filter(m::openid.eq(openid))
+        .filter(m::status.eq(Status::Sent.as_str()));
+    let last: Option<NaiveDateTime> =
+        dispatch!(conn, |c| sent.select(max(m::finished_at)).first(c))?;
+    let today: i64 = dispatch!(conn, |c| sent
+        .filter(m::finished_at.ge(to_db(day_start)))
+        .count()
+        .get_result(c))?;
+    Ok((last.map(|t| t.and_utc()), today))
 }
 
 /// The internal id and app of the message with API id `public_id`.

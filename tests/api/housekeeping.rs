@@ -22,6 +22,7 @@ fn message(openid: &str) -> NewMessage {
             lang: None,
         },
         await_credential_s: 0,
+        send_at: None,
     }
 }
 

@@ -35,6 +35,7 @@ fn queue(db: &Db, wait: TimeDelta) -> i64 {
         next_attempt_at: db_time(t0()),
         created_at: db_time(t0()),
         updated_at: db_time(t0()),
+        send_at: None,
     };
     match store::insert(&mut conn, &row, None).unwrap() {
         Inserted::New(id) => id,

@@ -495,6 +495,75 @@ backend_app_tests! {
     }
 }
 
+backend_app_tests! {
+    /// Contract v2, send policy: `send_at` (at most 30 days ahead) holds a message
+    /// until then; the simulator's record shows when WeChat got it. Bad values are
+    /// 400 and store nothing.
+    async fn send_at_holds_a_message_until_then(tdb) {
+        let app = spawn(tdb, |_| {}, |_| {}).await;
+        forms(&app, "u1", 1).await;
+        for bad in ["tomorrow", "2026-13-01T00:00:00Z", &(chrono::Utc::now() + chrono::TimeDelta::days(31)).to_rfc3339()] {
+            let (status, res) = app.post("/v1/messages", Some(KEY_SEND), &json!({"openid": "u1", "template_id": "TPL", "send_at": bad})).await;
+            assert_eq!((status, res["error"]["code"].as_str()), (400, Some("invalid_request")), "{bad}: {res}");
+        }
+        let at = chrono::Utc::now() + chrono::TimeDelta::seconds(2);
+        let m = post_message(&app, json!({"openid": "u1", "template_id": "TPL", "send_at": at.to_rfc3339()})).await;
+        let id = m["id"].as_str().unwrap().to_string();
+        assert_eq!(m["status"], "queued", "{m}");
+        let echoed: chrono::DateTime<chrono::Utc> = m["send_at"].as_str().unwrap().parse().unwrap();
+        assert_eq!(echoed.timestamp_millis(), at.timestamp_millis());
+        let m = final_state(&app, &id).await;
+        assert_eq!(m["status"], "sent", "{m}");
+        let d = app.sim.sim.deliveries();
+        assert_eq!(d.len(), 1, "the bad requests stored nothing");
+        assert!(d[0].at >= at, "WeChat got it at {}, before send_at {at}", d[0].at);
+    }
+
+    /// LEDGER_USER_MIN_GAP_S: a user's messages reach WeChat at least the gap apart
+    /// (the simulator's record); another user is not held by it.
+    async fn the_user_gap_spaces_a_users_messages(tdb) {
+        let app = spawn(tdb, |_| {}, |s| s.user_min_gap = Duration::from_secs(2)).await;
+        forms(&app, "u1", 3).await;
+        forms(&app, "u2", 1).await;
+        let mut ids = Vec::new();
+        for openid in ["u1", "u1", "u1", "u2"] {
+            ids.push(post_message(&app, json!({"openid": openid, "template_id": "TPL"})).await["id"].as_str().unwrap().to_string());
+        }
+        for id in &ids {
+            assert_eq!(final_state(&app, id).await["status"], "sent");
+        }
+        let mut u1: Vec<_> = app.sim.sim.deliveries().into_iter().filter(|d| d.touser == "u1").map(|d| d.at).collect();
+        u1.sort();
+        assert_eq!(u1.len(), 3);
+        for pair in u1.windows(2) {
+            assert!(pair[1] - pair[0] >= chrono::TimeDelta::seconds(2), "{u1:?}");
+        }
+    }
+
+    /// LEDGER_USER_DAILY_CAP: past the cap a single message waits for the next
+    /// Beijing day (queued, nothing spent); another user is not held by it.
+    async fn the_daily_cap_holds_a_users_next_message_until_tomorrow(tdb) {
+        let app = spawn(tdb, |_| {}, |s| s.user_daily_cap = 2).await;
+        forms(&app, "u1", 3).await;
+        forms(&app, "u2", 1).await;
+        let mut ids = Vec::new();
+        for openid in ["u1", "u1", "u1", "u2"] {
+            ids.push(post_message(&app, json!({"openid": openid, "template_id": "TPL"})).await["id"].as_str().unwrap().to_string());
+        }
+        let sent = helpers::eventually(Duration::from_secs(30), || async { app.sim.sim.deliveries().len() == 3 });
+        assert!(sent.await, "{:?}", app.sim.sim.deliveries().len());
+        let mut statuses = Vec::new();
+        for id in &ids {
+            statuses.push(message(&app, id).await["status"].as_str().unwrap().to_string());
+        }
+        statuses.sort();
+        assert_eq!(statuses, ["queued", "sent", "sent", "sent"]);
+        assert_eq!(quota(&app, "u1").await["sendable"], 1, "the held message spent nothing");
+        let u1 = app.sim.sim.deliveries().iter().filter(|d| d.touser == "u1").count();
+        assert_eq!(u1, 2);
+    }
+}
+
 /// 200 concurrent messages for one user holding 50 credentials, on 3 instances
 /// sharing one PostgreSQL: exactly 50 sent, each credential once at WeChat.
 #[actix_web::test]
