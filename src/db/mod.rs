@@ -460,6 +460,16 @@ where
     }
 }
 
+/// The tail of a queue's "take the next due row" subquery: on PostgreSQL
+/// `FOR UPDATE SKIP LOCKED`, so instances take different rows without waiting for
+/// each other; on SQLite nothing (a write transaction is the whole database's).
+pub fn skip_locked(conn: &DbConn) -> &'static str {
+    match conn {
+        DbConn::Pg(_) => " FOR UPDATE SKIP LOCKED",
+        DbConn::Sqlite(_) => "",
+    }
+}
+
 /// Raw SQL is written with PostgreSQL's `$N` parameters; SQLite numbers `$N` by first
 /// appearance, so it gets the positional `?N` instead.
 pub fn native_sql(conn: &DbConn, sql: &str) -> String {

@@ -8,7 +8,7 @@ use diesel::sql_types::{Text, Timestamp};
 use super::settle::{CredentialFate, Settlement};
 use super::{Channel, Content, Status};
 use crate::db::schema::{app_pauses, idempotency_keys, message_attempts, messages};
-use crate::db::{native_sql, single_write, write_tx, DbConn, DbError, DbResult};
+use crate::db::{native_sql, single_write, skip_locked, write_tx, DbConn, DbError, DbResult};
 use crate::dispatch;
 use crate::ledger::{self, Kind};
 use crate::time::to_db;
@@ -298,10 +298,7 @@ pub fn lease_next(
     now: DateTime<Utc>,
     until: DateTime<Utc>,
 ) -> DbResult<Option<MessageRow>> {
-    let lock = match conn {
-        DbConn::Pg(_) => " FOR UPDATE SKIP LOCKED",
-        DbConn::Sqlite(_) => "",
-    };
+    let lock = skip_locked(conn);
     let sql = native_sql(
         conn,
         &format!(

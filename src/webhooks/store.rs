@@ -6,7 +6,7 @@ use diesel::prelude::*;
 use diesel::sql_types::{Text, Timestamp};
 
 use crate::db::schema::{webhook_deliveries, webhooks};
-use crate::db::{native_sql, single_write, write_tx, DbConn, DbResult};
+use crate::db::{native_sql, single_write, skip_locked, write_tx, DbConn, DbResult};
 use crate::dispatch;
 use crate::time::to_db;
 
@@ -140,10 +140,7 @@ pub fn lease_next(
     now: DateTime<Utc>,
     until: DateTime<Utc>,
 ) -> DbResult<Option<DeliveryRow>> {
-    let lock = match conn {
-        DbConn::Pg(_) => " FOR UPDATE SKIP LOCKED",
-        DbConn::Sqlite(_) => "",
-    };
+    let lock = skip_locked(conn);
     let sql = native_sql(
         conn,
         &format!(

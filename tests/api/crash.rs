@@ -3,36 +3,17 @@
 //! same database. The simulator's record is the oracle.
 
 use std::collections::HashMap;
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
 use crate::helpers::{
-    backend_app_tests, eventually, eventually_some, get_json, post_json, wait_up, DatabaseUrl,
-    TestDb, APP, APP_SECRET, KEY_ADMIN, KEY_SEND,
+    backend_app_tests, eventually, eventually_some, free_port, get_json, post_json, wait_up,
+    DatabaseUrl, Proc, TestDb, APP, APP_SECRET, KEY_ADMIN, KEY_SEND,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_formid-ledger");
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A child process killed (SIGKILL) when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn service(db: &DatabaseUrl, sim: &str, port: u16) -> Proc {
     let url = match db {

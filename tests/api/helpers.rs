@@ -386,3 +386,22 @@ pub async fn wait_up(http: &reqwest::Client, url: &str) {
     .await;
     assert!(up, "{url} did not come up");
 }
+
+/// A port nobody listens on now (the OS's pick), for a process the test starts.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A child process killed (SIGKILL) when dropped.
+pub struct Proc(pub std::process::Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

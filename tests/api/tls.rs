@@ -8,7 +8,6 @@
 //! package), or `initdb` on PATH; without them these tests fail, never skip.
 //! As root (CI is), the server runs as the `postgres` user: it refuses root.
 
-use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -19,20 +18,12 @@ use diesel::sql_types::{BigInt, Bool};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 use serde_json::json;
 
-use crate::helpers::{eventually_some, wait_up, APP, APP_SECRET, KEY_ADMIN, KEY_SEND};
+use crate::helpers::{eventually_some, free_port, wait_up, APP, APP_SECRET, KEY_ADMIN, KEY_SEND};
 
 const BIN: &str = env!("CARGO_BIN_EXE_formid-ledger");
 /// The service's role and its password (scram-sha-256 over TLS).
 const ROLE: &str = "ledger";
 const PASSWORD: &str = "tls-Test-pw-7Qx2";
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// The folder of PostgreSQL's server programs; panics (the test fails) without one.
 fn pg_bin() -> PathBuf {

@@ -5,7 +5,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -16,19 +16,12 @@ use serde_json::{json, Value};
 use sha2::Sha256;
 
 use crate::helpers::{
-    self, backend_app_tests, counter, dispatch, eventually, schema, wait_up, webhooks, DatabaseUrl,
-    Faults, Settings, TestApp, TestDb, TestSim, APP, APP_SECRET, KEY_ADMIN, KEY_SEND,
+    self, backend_app_tests, counter, dispatch, eventually, free_port, schema, wait_up, webhooks,
+    DatabaseUrl, Faults, Proc, Settings, TestApp, TestDb, TestSim, APP, APP_SECRET, KEY_ADMIN,
+    KEY_SEND,
 };
 
 const SUB: &str = "TPL_SHIPPED";
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// What the receiver got: the raw body and the signature header.
 #[derive(Debug, Clone)]
@@ -474,16 +467,6 @@ backend_app_tests! {
 
     async fn a_kill_9_of_the_delivering_instance_loses_no_event(tdb) {
         kill_mid_delivery(tdb).await;
-    }
-}
-
-/// A child process killed (SIGKILL) when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 
