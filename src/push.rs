@@ -37,29 +37,46 @@ pub struct Applied {
     pub deliveries: u32,
     /// `outcome_unknown` messages the sent events proved sent.
     pub resolved: u32,
-    /// A foreign push was queued for `LEDGER_PUSH_FORWARD`.
-    pub forwarded: bool,
+}
+
+/// A push that is not a subscribe-message event, to go to the business's own
+/// handler (`LEDGER_PUSH_FORWARD`) as WeChat sent it.
+#[derive(Debug, Clone)]
+pub struct Forward {
+    pub url: String,
+    pub content_type: String,
+    pub body: String,
+    /// Leased by this instance until then (it POSTs at once itself).
+    pub lease: (String, DateTime<Utc>),
 }
 
 /// [`apply`], and a push that is not a subscribe-message event queued for the
-/// business's own handler (`forward`: URL, Content-Type, body), in the same
-/// transaction: WeChat's retries of it are neither applied nor forwarded again.
+/// business's own handler in the same transaction, leased to the caller: WeChat's
+/// retries of it are neither applied nor forwarded again. Returns the forward's
+/// delivery id when one was queued.
 pub fn apply_and_forward(
     conn: &mut DbConn,
     app_id: &str,
     push: &Push,
-    forward: Option<&(String, String, String)>,
+    forward: Option<&Forward>,
     now: DateTime<Utc>,
-) -> DbResult<Applied> {
+) -> DbResult<(Applied, Option<i64>)> {
     write_tx(conn, |conn| {
-        let mut applied = apply(conn, app_id, push, now)?;
-        if let (true, false, Some((url, content_type, body))) =
-            (applied.foreign, applied.duplicate, forward)
-        {
-            crate::webhooks::enqueue_forward(conn, app_id, url, content_type, body)?;
-            applied.forwarded = true;
-        }
-        Ok(applied)
+        let applied = apply(conn, app_id, push, now)?;
+        let queued = match forward {
+            Some(f) if applied.foreign && !applied.duplicate => {
+                Some(crate::webhooks::enqueue_forward_leased(
+                    conn,
+                    app_id,
+                    &f.url,
+                    &f.content_type,
+                    &f.body,
+                    Some((f.lease.0.as_str(), f.lease.1)),
+                )?)
+            }
+            _ => None,
+        };
+        Ok((applied, queued))
     })
 }
 

@@ -177,9 +177,11 @@ pub(crate) async fn receive(
     let app_id = app.app_id.clone();
     let p = push.clone();
     // Anything that is not a subscribe-message event goes, unchanged (the body as
-    // WeChat sent it, query string and Content-Type), to the business's own handler
-    // through the durable queue, in the transaction that records the push, so a
-    // retry of it is not forwarded twice.
+    // WeChat sent it, query string and Content-Type), to the business's own handler:
+    // queued durably in the transaction that records the push (a retry of it is not
+    // forwarded twice) and leased to this instance, which POSTs it at once. WeChat
+    // gets the handler's answer when it comes within FORWARD_WITHIN, otherwise
+    // `success`, and the queue retries it.
     let forward = state.settings.push_forward.get(&app_id).map(|url| {
         let url = match req.query_string() {
             "" => url.clone(),
@@ -191,26 +193,34 @@ pub(crate) async fn receive(
             .and_then(|v| v.to_str().ok())
             .unwrap_or("text/xml")
             .to_string();
-        (url, content_type, body.to_string())
-    });
-    let applied = state
-        .db
-        .run(move |c| push::apply_and_forward(c, &app_id, &p, forward.as_ref(), crate::time::now()))
-        .await?;
-    if applied.foreign {
-        if applied.forwarded {
-            state.webhooks.nudge();
+        let until = crate::time::now()
+            + chrono::TimeDelta::from_std(FORWARD_WITHIN * 2).unwrap_or(chrono::TimeDelta::MAX);
+        push::Forward {
+            url,
+            content_type,
+            body: body.to_string(),
+            lease: (state.webhooks.owner().to_string(), until),
         }
+    });
+    let f = forward.clone();
+    let (applied, queued) = state
+        .db
+        .run(move |c| push::apply_and_forward(c, &app_id, &p, f.as_ref(), crate::time::now()))
+        .await?;
+    if let (Some(id), Some(f)) = (queued, forward) {
+        let answer = state
+            .webhooks
+            .forward_now(id, &f.url, &f.content_type, &f.body, FORWARD_WITHIN)
+            .await?;
+        if let Some((content_type, text)) = answer {
+            return Ok(HttpResponse::Ok().content_type(content_type).body(text));
+        }
+    } else if applied.foreign {
         log::debug!(
-            "push for {}: {} {} not a subscribe-message event; {}",
+            "push for {}: {} {} is not a subscribe-message event; no LEDGER_PUSH_FORWARD for the app",
             app.app_id,
             push.msg_type,
-            push.event.as_deref().unwrap_or("-"),
-            if applied.forwarded {
-                "forwarded"
-            } else {
-                "no LEDGER_PUSH_FORWARD for the app"
-            }
+            push.event.as_deref().unwrap_or("-")
         );
     } else if applied.duplicate {
         log::debug!("push for {}: a retry of one applied before", app.app_id);
@@ -219,6 +229,10 @@ pub(crate) async fn receive(
         .content_type(ContentType::plaintext())
         .body("success"))
 }
+
+/// How long WeChat waits for the forward's own answer before it gets `success`
+/// (WeChat itself gives up after 5 s).
+const FORWARD_WITHIN: std::time::Duration = std::time::Duration::from_secs(4);
 
 /// The body, at most [`BODY_LIMIT`] bytes (413 otherwise, as everywhere).
 async fn read_body(req: &HttpRequest, mut payload: web::Payload) -> Result<Vec<u8>, ApiError> {

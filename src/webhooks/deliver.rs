@@ -60,6 +60,66 @@ impl Deliverer {
         &self.config
     }
 
+    /// This instance as lease owner (for a delivery it takes at once itself).
+    pub fn owner(&self) -> &str {
+        &self.owner
+    }
+
+    /// POSTs forward `id` (leased by this instance, see
+    /// [`super::enqueue_forward_leased`]) at once, waiting at most `within`. A 2xx
+    /// answer in time is recorded as delivered and returned (Content-Type, body) for
+    /// WeChat; otherwise the delivery is handed to the workers (due now, retried as
+    /// any other) and None is returned.
+    pub async fn forward_now(
+        &self,
+        id: i64,
+        url: &str,
+        content_type: &str,
+        body: &str,
+        within: Duration,
+    ) -> DbResult<Option<(String, String)>> {
+        let answer = async {
+            let res = self
+                .request(url, content_type, body)?
+                .timeout(within)
+                .send()
+                .await
+                .map_err(describe)?;
+            if !res.status().is_success() {
+                return Err(format!("HTTP {}", res.status().as_u16()));
+            }
+            let content_type = res
+                .headers()
+                .get(reqwest::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("text/plain")
+                .to_string();
+            let text = res.text().await.map_err(describe)?;
+            Ok::<_, String>((content_type, text))
+        }
+        .await;
+        let now = crate::time::now();
+        let attempted = match &answer {
+            Ok(_) => Attempted::Delivered,
+            Err(error) => Attempted::Retry {
+                error: error.clone(),
+                at: now,
+            },
+        };
+        let owner = self.owner.clone();
+        self.db
+            .run(move |c| store::record(c, id, &owner, &attempted, now))
+            .await?;
+        self.metrics
+            .webhook_deliveries
+            .with_label_values(&[if answer.is_ok() { "delivered" } else { "retry" }])
+            .inc();
+        if answer.is_err() {
+            self.nudge();
+        }
+        Ok(answer.ok())
+    }
+
     /// Starts the workers; they stop taking new work when `stop` flips to true.
     pub fn spawn(
         self: &Arc<Self>,
@@ -176,19 +236,7 @@ impl Deliverer {
     }
 
     async fn send(&self, d: &DeliveryRow, url: &str, secret: Option<&str>) -> Result<(), String> {
-        let parsed = guard::parse_url(url)?;
-        if !self.config.allow_private {
-            if let Some(ip) = guard::literal_refused(&parsed) {
-                return Err(format!(
-                    "refused: {ip} is a loopback, link-local or private address"
-                ));
-            }
-        }
-        let mut req = self
-            .http
-            .post(parsed)
-            .header(reqwest::header::CONTENT_TYPE, d.content_type.as_str())
-            .body(d.body.clone());
+        let mut req = self.request(url, &d.content_type, &d.body)?;
         if let Some(secret) = secret {
             let t = crate::time::now().timestamp();
             req = req.header(
@@ -204,6 +252,29 @@ impl Deliverer {
         let body = res.text().await.unwrap_or_default();
         let snippet: String = body.chars().take(ERROR_BODY).collect();
         Err(format!("HTTP {}: {snippet}", status.as_u16()))
+    }
+
+    /// A POST of `body` to `url`, if the SSRF guard lets it through: an address
+    /// literal is judged here, a name by the client's resolver.
+    fn request(
+        &self,
+        url: &str,
+        content_type: &str,
+        body: &str,
+    ) -> Result<reqwest::RequestBuilder, String> {
+        let parsed = guard::parse_url(url)?;
+        if !self.config.allow_private {
+            if let Some(ip) = guard::literal_refused(&parsed) {
+                return Err(format!(
+                    "refused: {ip} is a loopback, link-local or private address"
+                ));
+            }
+        }
+        Ok(self
+            .http
+            .post(parsed)
+            .header(reqwest::header::CONTENT_TYPE, content_type)
+            .body(body.to_string()))
     }
 
     /// The next attempt after `d`'s failure: base × 2^(attempts), with jitter, at

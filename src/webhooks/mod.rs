@@ -175,24 +175,41 @@ pub fn enqueue_forward(
     content_type: &str,
     body: &str,
 ) -> DbResult<()> {
+    enqueue_forward_leased(conn, app_id, url, content_type, body, None).map(|_| ())
+}
+
+/// [`enqueue_forward`], leased from the start by `lease` (owner, until) when given:
+/// the caller POSTs it at once itself ([`Deliverer::forward_now`]) and no worker
+/// takes it meanwhile; if the caller dies, the lease runs out and a worker
+/// delivers it. Returns the delivery's id.
+pub fn enqueue_forward_leased(
+    conn: &mut DbConn,
+    app_id: &str,
+    url: &str,
+    content_type: &str,
+    body: &str,
+    lease: Option<(&str, DateTime<Utc>)>,
+) -> DbResult<i64> {
     let now = to_db(crate::time::now());
-    store::insert_deliveries(
+    let row = NewDelivery {
+        kind: "forward",
+        webhook: None,
+        url: Some(url.to_string()),
+        event_id: None,
+        event_type: None,
+        app_id: app_id.to_string(),
+        content_type: content_type.to_string(),
+        body: body.to_string(),
+        status: "pending",
+        next_attempt_at: now,
+        retry_from: now,
+        created_at: now,
+        updated_at: now,
+    };
+    store::insert_leased(
         conn,
-        &[NewDelivery {
-            kind: "forward",
-            webhook: None,
-            url: Some(url.to_string()),
-            event_id: None,
-            event_type: None,
-            app_id: app_id.to_string(),
-            content_type: content_type.to_string(),
-            body: body.to_string(),
-            status: "pending",
-            next_attempt_at: now,
-            retry_from: now,
-            created_at: now,
-            updated_at: now,
-        }],
+        &row,
+        lease.map(|(owner, until)| (owner, to_db(until))),
     )
 }
 

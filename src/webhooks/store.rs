@@ -131,6 +131,28 @@ pub fn insert_deliveries(conn: &mut DbConn, rows: &[NewDelivery]) -> DbResult<()
     Ok(())
 }
 
+/// Inserts one delivery, leased to `lease` (owner, until) from the start when
+/// given; returns its id.
+pub fn insert_leased(
+    conn: &mut DbConn,
+    row: &NewDelivery,
+    lease: Option<(&str, NaiveDateTime)>,
+) -> DbResult<i64> {
+    use webhook_deliveries::dsl as d;
+    let id: i64 = dispatch!(conn, |c| diesel::insert_into(d::webhook_deliveries)
+        .values(row)
+        .returning(d::id)
+        .get_result(c))?;
+    if let Some((owner, until)) = lease {
+        dispatch!(conn, |c| diesel::update(
+            d::webhook_deliveries.filter(d::id.eq(id))
+        )
+        .set((d::lease_owner.eq(owner), d::lease_until.eq(until)))
+        .execute(c))?;
+    }
+    Ok(id)
+}
+
 /// Leases the pending delivery that is due first and not leased (or whose lease
 /// ran out: its instance died mid-delivery). PostgreSQL: SKIP LOCKED, so instances
 /// take different deliveries.

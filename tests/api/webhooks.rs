@@ -77,7 +77,8 @@ impl Receiver {
                     }
                     let code = r.status.load(Ordering::SeqCst);
                     HttpResponse::build(actix_web::http::StatusCode::from_u16(code).unwrap())
-                        .finish()
+                        .content_type("text/plain")
+                        .body("received")
                 }
             }))
         })
@@ -656,8 +657,10 @@ backend_app_tests! {
 
 backend_app_tests! {
     /// Contract v2: a push that is not a subscribe-message event (here a customer
-    /// message) goes unchanged to the app's LEDGER_PUSH_FORWARD through the durable
-    /// queue; WeChat's retry of it (same MsgId) is not forwarded again.
+    /// message) goes unchanged to the app's LEDGER_PUSH_FORWARD; WeChat gets the
+    /// handler's own answer when it comes within 4 s, else `success`, and the
+    /// durable queue delivers it after all. WeChat's retry of a push (same MsgId)
+    /// is not forwarded again.
     async fn other_pushes_are_forwarded_once(tdb) {
         use crate::push::{now_ts, post, safe};
         let receiver = Receiver::start(0);
@@ -671,19 +674,37 @@ backend_app_tests! {
             s.push_forward = [(APP.to_string(), receiver.url.clone())].into();
         })
         .await;
-        let text = "<xml><ToUserName><![CDATA[gh_test]]></ToUserName><FromUserName><![CDATA[u1]]></FromUserName>\
+        let text = |msg_id: u64| format!("<xml><ToUserName><![CDATA[gh_test]]></ToUserName><FromUserName><![CDATA[u1]]></FromUserName>\
 <CreateTime>1700000000</CreateTime><MsgType><![CDATA[text]]></MsgType><Content><![CDATA[hello]]></Content>\
-<MsgId>23456789012345678</MsgId></xml>";
-        let signed = safe(text, &now_ts(), APP);
-        for _ in 0..2 {
-            let (status, answer) = post(&app, &signed).await;
-            assert_eq!((status, answer.as_str()), (200, "success"));
-        }
-        assert!(eventually(Duration::from_secs(30), || async { !receiver.got().is_empty() }).await);
-        tokio::time::sleep(Duration::from_millis(500)).await;
+<MsgId>{msg_id}</MsgId></xml>");
+        let signed = safe(&text(23456789012345678), &now_ts(), APP);
+        let (status, answer) = post(&app, &signed).await;
+        assert_eq!((status, answer.as_str()), (200, "received"), "the handler's own answer");
+        let (status, answer) = post(&app, &signed).await;
+        assert_eq!((status, answer.as_str()), (200, "success"), "a retry, applied before");
         let got = receiver.got();
         assert_eq!(got.len(), 1, "forwarded once: {got:?}");
         assert_eq!(got[0].body, signed.body, "the body exactly as WeChat sent it");
         assert_eq!(got[0].signature, None);
+        // A handler slower than 4 s: WeChat gets `success`, and the queue delivers.
+        receiver.delay_ms.store(4500, Ordering::SeqCst);
+        let slow = safe(&text(23456789012345679), &now_ts(), APP);
+        let (status, answer) = post(&app, &slow).await;
+        assert_eq!((status, answer.as_str()), (200, "success"));
+        receiver.delay_ms.store(0, Ordering::SeqCst);
+        let delivered = eventually(Duration::from_secs(30), || async {
+            let mut conn = app.db.get().unwrap();
+            let pending: i64 = dispatch!(&mut *conn, |c| {
+                use diesel::prelude::*;
+                schema::webhook_deliveries::table
+                    .filter(schema::webhook_deliveries::status.ne("delivered"))
+                    .count()
+                    .get_result(c)
+            })
+            .unwrap();
+            pending == 0
+        });
+        assert!(delivered.await, "the slow forward was delivered by the queue");
+        assert!(receiver.got().iter().filter(|g| g.body == slow.body).count() >= 1);
     }
 }
