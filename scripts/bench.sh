@@ -223,7 +223,7 @@ service_scenarios() { # backend phase database-url
     load send-setup --url "$BASE" --key "$KEY" --sim "$SIM" --app "$APP" --prefix "o-$ph-wh-" \
       --users "$BENCH_WEBHOOK_USERS" --per-user "$BENCH_WEBHOOK_PER_USER" >&2
     log "$b/$ph: webhooks"
-    load webhooks $(common "$b" "$ph" webhooks) --prefix "o-$ph-wh-" --users "$BENCH_WEBHOOK_USERS" \
+    load webhooks $(common "$b" "$ph" webhooks) --sim "$SIM" --prefix "o-$ph-wh-" --users "$BENCH_WEBHOOK_USERS" \
       --messages "$BENCH_WEBHOOK_MESSAGES" --drain-timeout "$BENCH_DRAIN_TIMEOUT" | record
   fi
   want quota || return 0

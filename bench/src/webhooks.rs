@@ -15,6 +15,7 @@ use clap::Args;
 use serde_json::{json, Value};
 
 use crate::load::{check, client, closed_loop, post_json, result_json, round1, round2, Common};
+use crate::scenarios::sim_outcomes;
 
 #[derive(Args)]
 pub struct WebhooksArgs {
@@ -31,6 +32,10 @@ pub struct WebhooksArgs {
     /// After posting stops, wait at most this long for the remaining events.
     #[arg(long, default_value_t = 60.0)]
     drain_timeout: f64,
+    /// Base URL of the simulator: its count of accepted sends beside the events
+    /// shows whether the events follow the sends or lag behind them.
+    #[arg(long)]
+    sim: String,
     /// The webhook's name (replaced if it exists; deleted at the end).
     #[arg(long, default_value = "bench")]
     name: String,
@@ -104,6 +109,8 @@ pub async fn webhooks(a: WebhooksArgs) -> Result<Value, String> {
             .await,
     )
     .await?;
+    let sim_ok = |o: std::collections::BTreeMap<String, u64>| o.get("ok").copied().unwrap_or(0);
+    let sim_base = sim_ok(sim_outcomes(&http, &a.sim).await?);
     let posted_ids: Arc<Mutex<HashSet<String>>> = Arc::default();
     let url: Arc<str> = format!("{}/v1/messages", c.url).into();
     let auth_arc: Arc<str> = auth.clone().into();
@@ -134,6 +141,8 @@ pub async fn webhooks(a: WebhooksArgs) -> Result<Value, String> {
     let r = closed_loop(&c, a.messages, op).await;
     let post_end = t0.elapsed().as_secs_f64();
     let posted = posted_ids.lock().unwrap().len() as u64;
+    let sent_at_post_end = sim_ok(sim_outcomes(&http, &a.sim).await?) - sim_base;
+    let events_at_post_end = heard.lock().unwrap().first.len() as u64;
     // Drain: until every posted message's event arrived, no progress for 10 s, or
     // the timeout.
     let deadline = Instant::now() + Duration::from_secs_f64(a.drain_timeout);
@@ -159,6 +168,7 @@ pub async fn webhooks(a: WebhooksArgs) -> Result<Value, String> {
         .await
         .map(|r| r.status().as_u16())
         .unwrap_or(0);
+    let sent_total = sim_ok(sim_outcomes(&http, &a.sim).await?) - sim_base;
     let h = heard.lock().unwrap();
     let mut times: Vec<f64> = h.first.values().map(|v| v.0).collect();
     times.sort_by(f64::total_cmp);
@@ -185,6 +195,9 @@ pub async fn webhooks(a: WebhooksArgs) -> Result<Value, String> {
             "drain_secs": round2(drain_secs),
             "drain_events_per_s": if drain_secs > 0.5 { round1(drained as f64 / drain_secs) } else { 0.0 },
             "e2e_events_per_s": round1(total as f64 / (last_arrival - first_arrival).max(0.001)),
+            "sim_sent_at_post_end": sent_at_post_end,
+            "events_at_post_end": events_at_post_end,
+            "sim_sent_total": sent_total,
             "finished_events_missing": missing,
             "all_events_arrived": missing == 0,
             "repeated_deliveries": h.repeats,
