@@ -14,6 +14,16 @@
 #                  form_ids; messages reaching `sent` counted by the simulator
 #   quota          64 clients, GET /v1/admin/users/{openid}/quota (users of ingest-batch)
 #   quota-bulk     (scale only) the same over the bulk-loaded users
+#   push           (only when named in BENCH_SCENARIOS) 64 clients POST safe-mode
+#                  (encrypted, signed) subscribe_msg_popup_event pushes, one accept
+#                  each, to /v1/wechat/push/{app}; pushes answered 200 `success` per
+#                  second, then the ledger is read: one push_receipts row and one
+#                  pushed grant per acknowledged push
+#   webhooks       (only when named in BENCH_SCENARIOS) a receiver inside ledger-load
+#                  is registered for message.finished; 64 clients post messages as
+#                  in send (own users, own send-setup); webhook events delivered per
+#                  second (first arrival of each event id), and every posted
+#                  message's event must arrive
 #   ceiling-*      the same SQL without the service: pgbench (PostgreSQL, 64 clients,
 #                  -j 2) or ledger::record/claim in a tight in-process loop (SQLite)
 # Results: $BENCH_DIR/results.jsonl (one JSON object per scenario) and
@@ -28,9 +38,12 @@
 #   ANALYZE, which this server has turned off)  BENCH_SQLITE_CEILING_THREADS (1)
 #   BENCH_PG_INPROC (1: also the in-process ceiling on PostgreSQL)  BENCH_BUILD (1)
 #   BENCH_SCENARIOS ("ingest-single ingest-batch send quota ceilings": a subset reruns
-#   only those)  BENCH_REUSE_DB (0; 1: keep the database of the last run, no bulk load)
+#   only those; add "push" and/or "webhooks" for those two, e.g.
+#   BENCH_SCENARIOS="push webhooks" BENCH_PHASES=empty scripts/bench.sh)  BENCH_REUSE_DB (0; 1: keep the database of the last run, no bulk load)
 #   BENCH_APPEND (0; 1: append to results.jsonl instead of starting it anew)
 #   BENCH_SEND_MESSAGES (20000: most messages the send scenario posts)
+#   BENCH_WEBHOOK_USERS (250) x BENCH_WEBHOOK_PER_USER (40) simulator form_ids, and
+#   BENCH_WEBHOOK_MESSAGES (10000: most messages the webhooks scenario posts)
 #   BENCH_DRAIN_TIMEOUT (90 s: how long it then waits for the backlog to be sent, so
 #   the next scenario does not run beside the senders)
 #   BENCH_PG_DB_SET (e.g. "plan_cache_mode = force_custom_plan": ALTER DATABASE … SET
@@ -58,6 +71,9 @@ BENCH_SEND_USERS=${BENCH_SEND_USERS:-1000}
 BENCH_SEND_PER_USER=${BENCH_SEND_PER_USER:-200}
 BENCH_SEND_MESSAGES=${BENCH_SEND_MESSAGES:-20000}
 BENCH_DRAIN_TIMEOUT=${BENCH_DRAIN_TIMEOUT:-90}
+BENCH_WEBHOOK_USERS=${BENCH_WEBHOOK_USERS:-250}
+BENCH_WEBHOOK_PER_USER=${BENCH_WEBHOOK_PER_USER:-40}
+BENCH_WEBHOOK_MESSAGES=${BENCH_WEBHOOK_MESSAGES:-10000}
 BENCH_CLAIM_USERS=${BENCH_CLAIM_USERS:-2000}
 BENCH_CLAIM_PER_USER=${BENCH_CLAIM_PER_USER:-200}
 BENCH_PHASES=${BENCH_PHASES:-"empty scale"}
@@ -81,6 +97,9 @@ case "$BENCH_PG_DB" in ledger_bench*) ;; *) echo "BENCH_PG_DB must start with le
 APP=wxbench
 APP_SECRET=benchsecret-0123456789
 KEY=benchkey-0123456789abcdef
+# The bench app's message push (LEDGER_PUSH appid:token:EncodingAESKey): safe mode.
+PUSH_TOKEN=benchPushToken2026
+PUSH_AES_KEY=abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG
 BASE=http://127.0.0.1:$BENCH_PORT
 SIM=http://127.0.0.1:$SIM_PORT
 BIN=$BENCH_DIR/bin
@@ -130,6 +149,7 @@ stop_pid() { # pid
 start_service() { # database-url log-name
   env LEDGER_BIND="127.0.0.1:$BENCH_PORT" LEDGER_DATABASE_URL="$1" \
     LEDGER_APPS="$APP:$APP_SECRET" LEDGER_API_KEYS="bench:send+admin+token:$KEY" \
+    LEDGER_PUSH="$APP:$PUSH_TOKEN:$PUSH_AES_KEY" LEDGER_WEBHOOK_ALLOW_PRIVATE=true \
     LEDGER_WECHAT_API_BASE="$SIM" LEDGER_SHUTDOWN_TIMEOUT_S="${LEDGER_SHUTDOWN_TIMEOUT_S:-2}" \
     RUST_LOG="$BENCH_RUST_LOG" "$BIN/formid-ledger" > "$LOGS/service-$2.log" 2>&1 &
   SVC_PID=$!
@@ -168,9 +188,12 @@ pg_analyze_loop() { # db
   ANALYZE_PID=$!
 }
 
-# The service scenarios 1–4 of one phase, against the running service.
-service_scenarios() { # backend phase
-  local b=$1 ph=$2 out touched
+# Whether any scenario against the running service is wanted.
+want_service() { want ingest-single || want ingest-batch || want send || want quota || want push || want webhooks; }
+
+# The service scenarios of one phase, against the running service.
+service_scenarios() { # backend phase database-url
+  local b=$1 ph=$2 db=$3 out touched
   if want ingest-single; then
     log "$b/$ph: ingest-single"
     load ingest $(common "$b" "$ph" ingest-single) --batch 1 --prefix "o-$ph-single-" --users 100000 | record
@@ -189,6 +212,19 @@ service_scenarios() { # backend phase
     load send $(common "$b" "$ph" send) --sim "$SIM" --prefix "o-$ph-send-" \
       --users "$BENCH_SEND_USERS" --messages "$BENCH_SEND_MESSAGES" \
       --drain-timeout "$BENCH_DRAIN_TIMEOUT" | record
+  fi
+  if want push; then
+    log "$b/$ph: push (safe mode)"
+    load push $(common "$b" "$ph" push) --app "$APP" --token "$PUSH_TOKEN" --aes-key "$PUSH_AES_KEY" \
+      --db "$db" --prefix "p-$ph-" --users 100000 | record
+  fi
+  if want webhooks; then
+    log "$b/$ph: webhooks setup ($BENCH_WEBHOOK_USERS users x $BENCH_WEBHOOK_PER_USER simulator form_ids)"
+    load send-setup --url "$BASE" --key "$KEY" --sim "$SIM" --app "$APP" --prefix "o-$ph-wh-" \
+      --users "$BENCH_WEBHOOK_USERS" --per-user "$BENCH_WEBHOOK_PER_USER" >&2
+    log "$b/$ph: webhooks"
+    load webhooks $(common "$b" "$ph" webhooks) --sim "$SIM" --prefix "o-$ph-wh-" --users "$BENCH_WEBHOOK_USERS" \
+      --messages "$BENCH_WEBHOOK_MESSAGES" --drain-timeout "$BENCH_DRAIN_TIMEOUT" | record
   fi
   want quota || return 0
   log "$b/$ph: quota ($touched users of ingest-batch)"
@@ -243,10 +279,10 @@ run_postgres() {
       printf '{"backend":"postgres","phase":"%s","setup":"bulk_load","rows":%s,"users":%s,"secs":%s}\n' \
         "$ph" "$BENCH_ROWS" "$BENCH_USERS" $((SECONDS - t0)) | record
     fi
-    if want ingest-single || want ingest-batch || want send || want quota; then
+    if want_service; then
       start_service "$url" "postgres-$ph"
       pg_analyze_loop "$db"
-      service_scenarios postgres "$ph"
+      service_scenarios postgres "$ph" "$url"
       kill "$ANALYZE_PID" 2>/dev/null || true; ANALYZE_PID=
       stop_service
     fi
@@ -286,9 +322,9 @@ run_sqlite() {
       printf '{"backend":"sqlite","phase":"%s","setup":"bulk_load","rows":%s,"users":%s,"secs":%s}\n' \
         "$ph" "$BENCH_ROWS" "$BENCH_USERS" $((SECONDS - t0)) | record
     fi
-    if want ingest-single || want ingest-batch || want send || want quota; then
+    if want_service; then
       start_service "$url" "sqlite-$ph"
-      service_scenarios sqlite "$ph"
+      service_scenarios sqlite "$ph" "$url"
       stop_service
     fi
     want ceilings || continue
@@ -322,7 +358,7 @@ done
   echo "- machine: nproc=$(nproc), CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'), RAM: $(free -g | awk '/Mem:/{print $2}') GB"
   echo "- commit: $(git rev-parse --short HEAD 2>/dev/null || echo '?') ($(git status --porcelain 2>/dev/null | grep -c . || true) paths differ from it)"
   echo "- PostgreSQL: $(psql -qAt "$BENCH_PG_URL/postgres" -c 'SHOW server_version' 2>/dev/null || echo '?'); SQLite: $(sqlite3 --version | cut -d' ' -f1) (shell)"
-  echo "- BENCH_ROWS=$BENCH_ROWS BENCH_USERS=$BENCH_USERS BENCH_DURATION=$BENCH_DURATION BENCH_WARMUP=$BENCH_WARMUP BENCH_CLIENTS=$BENCH_CLIENTS BENCH_BATCH=$BENCH_BATCH BENCH_SEND_USERS=$BENCH_SEND_USERS BENCH_SEND_MESSAGES=$BENCH_SEND_MESSAGES BENCH_PG_ANALYZE_EVERY=$BENCH_PG_ANALYZE_EVERY RUST_LOG=$BENCH_RUST_LOG"
+  echo "- BENCH_ROWS=$BENCH_ROWS BENCH_USERS=$BENCH_USERS BENCH_DURATION=$BENCH_DURATION BENCH_WARMUP=$BENCH_WARMUP BENCH_CLIENTS=$BENCH_CLIENTS BENCH_BATCH=$BENCH_BATCH BENCH_SEND_USERS=$BENCH_SEND_USERS BENCH_SEND_MESSAGES=$BENCH_SEND_MESSAGES BENCH_WEBHOOK_MESSAGES=$BENCH_WEBHOOK_MESSAGES BENCH_PG_ANALYZE_EVERY=$BENCH_PG_ANALYZE_EVERY RUST_LOG=$BENCH_RUST_LOG"
   echo "- service settings from the caller: $(env | grep '^LEDGER_' | tr '\n' ' ' || true)"
   grep '"setup":"bulk_load"' "$RESULTS" | sed 's/^/- bulk load: /' || true
   "$BIN/ledger-load" report "$RESULTS"

@@ -9,6 +9,10 @@
 //! - `send-setup` mints form_ids in the simulator and registers them (not timed).
 //! - `send`     clients `POST /v1/messages`; the simulator's delivery count over time
 //!   (`GET /sim/stats`, `template_send`/`ok`) is the oracle of messages reaching `sent`.
+//! - `push`     clients `POST` safe-mode (encrypted, signed) popup pushes to
+//!   `/v1/wechat/push/{app}`; the ledger is read afterwards to check what was applied.
+//! - `webhooks` a receiver in this process is registered for `message.finished`;
+//!   clients post messages as `send` does; events delivered per second.
 //! - `ceiling`  the service's own `ledger::record` / `ledger::claim` in a tight
 //!   in-process loop (no HTTP): the SQLite ceiling (and a PostgreSQL cross-check).
 //! - `report`   JSONL → Markdown.
@@ -19,22 +23,27 @@
 //!
 //! By subject: [`load`] the closed loop, its tallies and the HTTP helpers;
 //! [`scenarios`] the timed HTTP scenarios; [`seed`] what `send-setup` registers;
+//! [`push`] and [`webhooks`] the message-push and webhook scenarios;
 //! [`ceiling`] the in-process ceiling; [`procstat`] CPU and memory from `/proc`;
 //! [`report`] JSONL → Markdown.
 
 mod ceiling;
 mod load;
 mod procstat;
+mod push;
 mod report;
 mod scenarios;
 mod seed;
+mod webhooks;
 
 use clap::{Parser, Subcommand};
 
 use ceiling::{ceiling, CeilingArgs};
+use push::{push, PushArgs};
 use report::{report, ReportArgs};
 use scenarios::{ingest, quota, send, IngestArgs, QuotaArgs, SendArgs};
 use seed::{send_setup, SendSetupArgs};
+use webhooks::{webhooks, WebhooksArgs};
 
 #[derive(Parser)]
 #[command(name = "ledger-load", about = "formid-ledger benchmark load generator")]
@@ -49,6 +58,8 @@ enum Cmd {
     Quota(QuotaArgs),
     SendSetup(SendSetupArgs),
     Send(SendArgs),
+    Push(PushArgs),
+    Webhooks(WebhooksArgs),
     Ceiling(CeilingArgs),
     Report(ReportArgs),
 }
@@ -60,6 +71,8 @@ fn main() {
         Cmd::Quota(a) => rt().block_on(quota(a)),
         Cmd::SendSetup(a) => rt().block_on(send_setup(a)),
         Cmd::Send(a) => rt().block_on(send(a)),
+        Cmd::Push(a) => rt().block_on(push(a)),
+        Cmd::Webhooks(a) => rt().block_on(webhooks(a)),
         Cmd::Ceiling(a) => ceiling(a),
         Cmd::Report(a) => {
             report(&a.file);

@@ -19,6 +19,16 @@ fn send_metric(r: &Value) -> &'static str {
     }
 }
 
+/// The webhook delivery rate of the `webhooks` scenario: after posting stopped when
+/// there was a backlog, else while the clients were posting.
+fn webhook_metric(r: &Value) -> &'static str {
+    if r["drain_events_per_s"].as_f64().unwrap_or(0.0) > 0.0 {
+        "drain_events_per_s"
+    } else {
+        "events_per_s"
+    }
+}
+
 pub fn report(file: &str) {
     let text = std::fs::read_to_string(file).unwrap_or_default();
     let rows: Vec<Value> = text
@@ -84,6 +94,14 @@ pub fn report(file: &str) {
                         f(&r[send_metric(r)]),
                         f(&r["sent_per_s"])
                     )
+                } else if sc == "webhooks" {
+                    format!(
+                        "{} events/s ({} while posting)",
+                        f(&r[webhook_metric(r)]),
+                        f(&r["events_per_s"])
+                    )
+                } else if sc == "push" {
+                    format!("{} applied/s", f(&r["items_per_s"]))
                 } else {
                     f(&r["items_per_s"])
                 };
@@ -154,6 +172,22 @@ pub fn report(file: &str) {
                         yes(p99 < 20.0)
                     );
                 }
+            }
+            if let Some(r) = find(b, ph, "push") {
+                println!(
+                    "| {ph} | push: every acknowledged push applied (receipts, grants / acknowledged) | {}, {} / {} | {} |",
+                    r["push_receipts"], r["pushed_grants"], r["acknowledged_total"],
+                    yes(r["applied_equals_acknowledged"] == true)
+                );
+            }
+            if let Some(r) = find(b, ph, "webhooks") {
+                let posted = r["posted"].as_u64().unwrap_or(0);
+                let missing = r["finished_events_missing"].as_u64().unwrap_or(0);
+                println!(
+                    "| {ph} | webhooks: every posted message's message.finished arrived | {} / {posted} | {} |",
+                    posted.saturating_sub(missing),
+                    yes(r["all_events_arrived"] == true)
+                );
             }
             let rss = rows
                 .iter()

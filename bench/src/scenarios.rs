@@ -141,7 +141,10 @@ pub async fn quota(a: QuotaArgs) -> Result<Value, String> {
 }
 
 /// Template sends the simulator answered, by outcome.
-async fn sim_outcomes(http: &reqwest::Client, sim: &str) -> Result<BTreeMap<String, u64>, String> {
+pub async fn sim_outcomes(
+    http: &reqwest::Client,
+    sim: &str,
+) -> Result<BTreeMap<String, u64>, String> {
     let v = check(http.get(format!("{sim}/sim/stats")).send().await).await?;
     Ok(v["calls"]["template_send"]
         .as_object()
