@@ -444,6 +444,7 @@ backend_app_tests! {
         let app = spawn(tdb, true).await;
         app.sim.sim.set_push_target(APP, helpers::PushTarget {
             url: app.url(PATH),
+            more_urls: Vec::new(),
             token: TOKEN.into(),
             encoding_aes_key: Some(KEY.into()),
         });
@@ -501,6 +502,48 @@ async fn the_sandbox_pushes_to_itself() {
         "{}",
         helpers::get_json(&http, &url, Some(key.expose())).await
     );
+}
+
+backend_app_tests! {
+    /// The standalone simulator (`formid-ledger sim --push … --push-url …`) is the
+    /// service's pusher: the grants it mints arrive confirmed. The first URL answers
+    /// nothing (an instance that is down): pushes go round-robin over the URLs and a
+    /// retry goes to the next, so every grant still arrives, exactly once.
+    async fn the_standalone_simulator_pushes_round_robin(tdb) {
+        let app = spawn(tdb, true).await;
+        let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_formid-ledger"))
+            .env_clear()
+            .env("RUST_LOG", "warn")
+            .env("LEDGER_SIM_PUSH", format!("{APP}:{TOKEN}:{KEY}"))
+            .args([
+                "sim",
+                "--bind",
+                &format!("127.0.0.1:{port}"),
+                "--apps",
+                &format!("{APP}:{}", helpers::APP_SECRET),
+                "--push-url",
+                &format!("http://127.0.0.1:{dead},{}", app.url("")),
+            ])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("start the simulator");
+        let http = reqwest::Client::new();
+        let sim = format!("http://127.0.0.1:{port}");
+        helpers::wait_up(&http, &format!("{sim}/sim/stats")).await;
+        let grant = json!({"appid": APP, "openid": "u1", "template_id": SUB, "count": 3});
+        helpers::post_json(&http, &format!("{sim}/sim/subscriptions"), None, &grant).await;
+        let confirmed = helpers::eventually(Duration::from_secs(15), || async {
+            quota(&app, "u1").await["subscriptions_confirmed"] == json!({SUB: 3})
+        })
+        .await;
+        let q = quota(&app, "u1").await;
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(confirmed, "{q}");
+        assert_eq!(q["subscriptions"], json!({SUB: 3}), "{q}");
+    }
 }
 
 /// The simulator's first subscribe delivery answers this msgid (its msgids are a
