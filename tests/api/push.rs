@@ -563,17 +563,33 @@ backend_app_tests! {
         assert_eq!(m["delivery"]["status"], "delivered", "{m}");
     }
 
-    /// The same for an ambiguous send: the event that came first settles the
-    /// outcome_unknown as it is written.
+    /// The same for an ambiguous send: the simulator pushes the sent event as it
+    /// delivers and holds the (then broken) answer 300 ms, so the event overtakes
+    /// the settlement and settles the outcome_unknown as it is written. (An event
+    /// received before the call began could not be this send's: it would not.)
     async fn an_earlier_sent_event_resolves_the_outcome_unknown_it_reports(tdb) {
         let app = spawn(tdb, true).await;
+        app.sim.sim.set_push_target(APP, helpers::PushTarget {
+            url: app.url(PATH),
+            more_urls: Vec::new(),
+            token: TOKEN.into(),
+            encoding_aes_key: Some(KEY.into()),
+        });
         app.sim.sim.grant_subscriptions(APP, "u1", SUB, 1).unwrap();
-        ok(&app, &safe(&popup("u1", &[(SUB, "accept")]), &now_ts(), APP)).await;
-        ok(&app, &safe(&sent("u1", SUB, FIRST_MSGID, "0", "success"), &now_ts(), APP)).await;
-        app.sim.sim.set_faults(Faults { send: FaultSet { drop_after_read: 1.0, ..FaultSet::default() }, ..Faults::default() }).unwrap();
+        let confirmed = helpers::eventually(Duration::from_secs(10), || async {
+            quota(&app, "u1").await["subscriptions_confirmed"] == json!({SUB: 1})
+        })
+        .await;
+        assert!(confirmed);
+        app.sim.sim.set_faults(Faults { send: FaultSet { drop_after_read: 1.0, latency_ms: Some(helpers::Latency::Fixed(300)), ..FaultSet::default() }, ..Faults::default() }).unwrap();
         let m = send(&app, "u1").await;
-        let id = m["id"].as_str().unwrap();
+        let id = m["id"].as_str().unwrap().to_string();
+        let sent = helpers::eventually(Duration::from_secs(10), || async {
+            app.get(&format!("/v1/messages/{id}"), Some(KEY_SEND)).await.1["status"] == "sent"
+        })
+        .await;
         let (_, m) = app.get(&format!("/v1/messages/{id}"), Some(KEY_SEND)).await;
+        assert!(sent, "{m}");
         assert_eq!((m["status"].as_str(), m["wechat_msgid"].as_str()), (Some("sent"), Some(FIRST_MSGID)), "{m}");
         assert_eq!(m["delivery"]["status"], "delivered", "{m}");
         assert_eq!(app.sim.sim.deliveries().len(), 1);
