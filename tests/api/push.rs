@@ -398,6 +398,45 @@ backend_app_tests! {
 }
 
 backend_app_tests! {
+    /// A sent event names only (openid, template), so it settles an outcome_unknown
+    /// only when it cannot be another send's: not with two ambiguous candidates, not
+    /// while another send to the user and template is in flight (its event may
+    /// overtake its answer). The chaos run caught the in-flight case making an
+    /// undelivered message `sent`.
+    async fn a_sent_event_that_may_be_another_sends_settles_nothing(tdb) {
+        use diesel::prelude::*;
+        use helpers::schema::messages::dsl as m;
+        let app = spawn(tdb, true).await;
+        app.sim.sim.grant_subscriptions(APP, "u1", SUB, 2).unwrap();
+        ok(&app, &safe(&popup("u1", &[(SUB, "accept"), (SUB, "accept")]), &now_ts(), APP)).await;
+        app.sim.sim.set_faults(Faults { send: FaultSet { drop_after_read: 1.0, ..FaultSet::default() }, ..Faults::default() }).unwrap();
+        let (a, b) = (send(&app, "u1").await, send(&app, "u1").await);
+        for x in [&a, &b] {
+            assert_eq!(x["error"]["code"], "outcome_unknown", "{x}");
+        }
+        let msgids: Vec<String> = app.sim.sim.deliveries().iter().map(|d| d.msgid.unwrap().to_string()).collect();
+        assert_eq!(msgids.len(), 2);
+        let status = |x: &Value| {
+            let id = x["id"].as_str().unwrap().to_string();
+            let app = &app;
+            async move { app.get(&format!("/v1/messages/{id}"), Some(KEY_SEND)).await.1["status"].clone() }
+        };
+        // Two candidates: the event may be either's.
+        ok(&app, &safe(&sent("u1", SUB, &msgids[0], "0", "success"), &now_ts(), APP)).await;
+        assert_eq!((status(&a).await, status(&b).await), (json!("failed"), json!("failed")));
+        // One candidate, but another send to the user and template in flight.
+        let mut conn = app.db.get().unwrap();
+        let b_id = b["id"].as_str().unwrap().to_string();
+        helpers::dispatch!(&mut *conn, |c| diesel::update(m::messages.filter(m::public_id.eq(&b_id)))
+            .set((m::status.eq("sending"), m::error_code.eq(None::<String>), m::in_flight.eq(true)))
+            .execute(c))
+        .unwrap();
+        ok(&app, &safe(&sent("u1", SUB, &msgids[1], "0", "success"), &now_ts(), APP)).await;
+        assert_eq!(status(&a).await, json!("failed"), "an in-flight send's event settles nothing else");
+    }
+}
+
+backend_app_tests! {
     /// The merge rule under concurrency: 12 client accepts and 8 pushed accepts for
     /// one user and template, all at once, are 12 grants (each push matched one
     /// client accept, whichever came first), 8 of them confirmed, counted 12 times.
@@ -462,7 +501,13 @@ backend_app_tests! {
         })
         .await;
         assert!(delivered);
-        assert_eq!(app.sim.sim.pushes_answered(), 3);
+        // The simulator counts a push when its answer arrives, after the effects
+        // are committed: wait for it rather than race it.
+        let answered = helpers::eventually(Duration::from_secs(10), || async {
+            app.sim.sim.pushes_answered() == 3
+        })
+        .await;
+        assert!(answered, "{} pushes answered", app.sim.sim.pushes_answered());
     }
 }
 
