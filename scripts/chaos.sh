@@ -16,6 +16,9 @@
 #   CHAOS_PG_RESTART_MODE  fast or immediate (default: one of them, by the seed)
 #   CHAOS_RUST_LOG   RUST_LOG of the instances (default info; logs in the work directory)
 #   CHAOS_SELFTEST_TAMPER  1: falsify the record before checking (the checks must FAIL)
+#   CHAOS_PUSH       1 (default): the simulator is WeChat's message pusher for the chaos app
+#                    (popup and sent events to every instance, round-robin); 0: no pushes,
+#                    so subscribe sends whose answer was lost stay outcome_unknown
 #   PG_BIN           directory with initdb/pg_ctl/psql (default: the newest /usr/lib/postgresql/*/bin)
 #
 # PostgreSQL: the run starts its OWN throw-away cluster (initdb in a temp dir, its own

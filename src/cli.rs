@@ -35,6 +35,16 @@ enum Command {
         /// Apps the simulator knows, `appid:secret[,…]` (more can be added over HTTP).
         #[arg(long, env = "LEDGER_SIM_APPS", default_value = "")]
         apps: String,
+        /// Be WeChat's message pusher for these apps, `appid:token[:encoding_aes_key][,…]`
+        /// (the service's LEDGER_PUSH value): a popup event per minted grant, a sent
+        /// event per subscribe delivery. Needs --push-url.
+        #[arg(long, env = "LEDGER_SIM_PUSH", default_value = "")]
+        push: String,
+        /// The service the pushes go to, `http://host:port[,…]`: each push POSTs to
+        /// `{url}/v1/wechat/push/{appid}`; with several (instances), round-robin, a
+        /// retry going to the next one.
+        #[arg(long, env = "LEDGER_SIM_PUSH_URL", default_value = "")]
+        push_url: String,
     },
     /// A user's quota, as the admin endpoint shows it.
     Quota {
@@ -67,8 +77,14 @@ pub fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
     let command = cli.command.unwrap_or(Command::Serve);
-    if let Command::Sim { bind, apps } = &command {
-        return sim(bind, apps);
+    if let Command::Sim {
+        bind,
+        apps,
+        push,
+        push_url,
+    } = &command
+    {
+        return sim(bind, apps, push, push_url);
     }
     let settings = match Settings::from_env() {
         Ok(s) => s,
@@ -158,10 +174,14 @@ fn print_sandbox_banner(port: u16, sandbox: &crate::startup::Sandbox) {
     );
 }
 
-fn sim(bind: &str, apps: &str) -> ExitCode {
+fn sim(bind: &str, apps: &str, push: &str, push_url: &str) -> ExitCode {
     let apps = match crate::settings::parse_apps(apps) {
         Ok(apps) => apps,
         Err(problem) => return fail(format!("--apps: {problem}")),
+    };
+    let targets = match push_targets(push, push_url) {
+        Ok(targets) => targets,
+        Err(problem) => return fail(problem),
     };
     let listener = match TcpListener::bind(bind) {
         Ok(l) => l,
@@ -171,11 +191,64 @@ fn sim(bind: &str, apps: &str) -> ExitCode {
         apps: apps.into_iter().map(|a| (a.app_id, a.secret)).collect(),
         ..crate::sim::SimConfig::default()
     });
+    for (app_id, target) in targets {
+        log::info!("WeChat simulator pushes the events of {app_id} to {target:?}");
+        sim.set_push_target(&app_id, target);
+    }
     log::info!("WeChat simulator listening on {bind}");
     match actix_web::rt::System::new().block_on(crate::sim::serve(listener, sim)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(e),
     }
+}
+
+/// The simulator's push targets from `--push` (`appid:token[:key][,…]`, as the
+/// service's LEDGER_PUSH) and `--push-url` (the service's base URLs). Errors never
+/// quote a token or a key.
+fn push_targets(
+    push: &str,
+    push_url: &str,
+) -> Result<Vec<(String, crate::sim::PushTarget)>, String> {
+    let apps = crate::settings::parse_push(push).map_err(|p| format!("--push: {p}"))?;
+    let mut bases = Vec::new();
+    for (n, raw) in push_url
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .enumerate()
+    {
+        let ok = url::Url::parse(raw)
+            .ok()
+            .is_some_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
+        if !ok {
+            return Err(format!(
+                "--push-url: entry {}: expected http(s)://host[:port]",
+                n + 1
+            ));
+        }
+        bases.push(raw.trim_end_matches('/').to_string());
+    }
+    match (apps.is_empty(), bases.is_empty()) {
+        (true, true) => return Ok(Vec::new()),
+        (false, true) => return Err("--push needs --push-url (where to push)".into()),
+        (true, false) => return Err("--push-url needs --push (the apps' tokens)".into()),
+        (false, false) => {}
+    }
+    Ok(apps
+        .into_iter()
+        .map(|app| {
+            let mut urls = bases
+                .iter()
+                .map(|base| format!("{base}/v1/wechat/push/{}", app.app_id));
+            let target = crate::sim::PushTarget {
+                url: urls.next().unwrap_or_default(),
+                more_urls: urls.collect(),
+                token: app.token.expose().to_string(),
+                encoding_aes_key: app.encoding_aes_key.map(|k| k.expose().to_string()),
+            };
+            (app.app_id, target)
+        })
+        .collect())
 }
 
 fn token(settings: &Settings, app_id: &str, show: bool) -> ExitCode {
@@ -237,4 +310,44 @@ fn offline(
 
 fn json(value: &impl serde::Serialize) -> crate::db::DbResult<String> {
     Ok(serde_json::to_string_pretty(value).unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::push_targets;
+
+    const KEY: &str = "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG";
+
+    #[test]
+    fn push_targets_name_every_instance_of_the_service() {
+        let targets = push_targets(
+            &format!("wxa:tok3n:{KEY},wxb:plain"),
+            "http://127.0.0.1:1/, http://127.0.0.1:2",
+        )
+        .unwrap();
+        assert_eq!(targets.len(), 2);
+        let (app, a) = &targets[0];
+        assert_eq!(app, "wxa");
+        assert_eq!(a.url, "http://127.0.0.1:1/v1/wechat/push/wxa");
+        assert_eq!(a.more_urls, ["http://127.0.0.1:2/v1/wechat/push/wxa"]);
+        assert_eq!(a.token, "tok3n");
+        assert_eq!(a.encoding_aes_key.as_deref(), Some(KEY));
+        assert_eq!(targets[1].1.url, "http://127.0.0.1:1/v1/wechat/push/wxb");
+        assert!(targets[1].1.encoding_aes_key.is_none());
+        assert!(push_targets("", "").unwrap().is_empty());
+    }
+
+    #[test]
+    fn push_targets_refuse_half_a_configuration_and_never_echo_secrets() {
+        assert!(push_targets("wxa:tok3n", "")
+            .unwrap_err()
+            .contains("--push-url"));
+        assert!(push_targets("", "http://h:1")
+            .unwrap_err()
+            .contains("--push"));
+        let e = push_targets("wxa:tok3n", "ftp://h:1").unwrap_err();
+        assert!(e.contains("entry 1"), "{e}");
+        let e = push_targets(&format!("wxa:t!{KEY}"), "http://h:1").unwrap_err();
+        assert!(!e.contains(KEY) && !e.contains("t!"), "{e}");
+    }
 }

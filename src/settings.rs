@@ -423,6 +423,8 @@ pub const OTHER_VARIABLES: &[&str] = &[
     "LEDGER_CONFIG",
     "LEDGER_SIM_BIND",
     "LEDGER_SIM_APPS",
+    "LEDGER_SIM_PUSH",
+    "LEDGER_SIM_PUSH_URL",
     "LEDGER_BIN",
     "LEDGER_TEST_POSTGRES_URL",
 ];

@@ -407,6 +407,7 @@ fn sandbox(
             SANDBOX_APP,
             crate::sim::PushTarget {
                 url: format!("{}/v1/wechat/push/{SANDBOX_APP}", settings.wechat_api_base),
+                more_urls: Vec::new(),
                 token: push.token.expose().to_string(),
                 encoding_aes_key: push
                     .encoding_aes_key

@@ -9,13 +9,21 @@ One run on one backend:
      - mini-program clients log in (`/sim/codes` -> `POST /v1/client/session`) and
        report form_ids (`POST /v1/client/credentials` with the session);
      - backends register prepay_ids (`POST /v1/credentials`, single and batched);
-     - backends send messages (`POST /v1/messages`), some with `await_credential_s`
+     - users subscribe: the simulator mints one-time grants of the subscription
+       template (and, with the pusher on, pushes their popup events to the service)
+       and the mini-program reports the accepts (`subscriptions` in
+       `POST /v1/client/credentials`, once: a lost answer stays lost);
+     - backends send messages (`POST /v1/messages`), a share of them subscribe messages
+       (the subscription template, to users who subscribed), some with `await_credential_s`
        (the payment case: the prepay_id is registered a moment later), some with an
        `Idempotency-Key` (retried on another instance until answered, sometimes
        repeated after an answer);
      - chaos: simulator send faults (-1, HTTP 500, dropped after read, latency), a
        token invalidated every few seconds, kill -9 of a random instance every few
        seconds (restarted at once), and one database restart (PostgreSQL);
+  The simulator is WeChat's message pusher (`sim --push/--push-url`, round-robin over the
+  instances; a killed instance costs pushes their retries, as it would with WeChat)
+  unless CHAOS_PUSH=0: its sent events settle subscribe sends whose answer was lost.
   3. stops the load, clears the faults, makes sure every instance runs, waits (bounded)
      until every message is final, then checks the invariants from the simulator's
      record (`/sim/deliveries`, `/sim/stats`) and the database (psql / sqlite3) and
@@ -49,6 +57,10 @@ APP_SECRET = "chaos-app-secret-0123456789"
 KEY_SEND = "chaos-send-key-0123456789abcdef"
 KEY_ADMIN = "chaos-admin-key-0123456789abcdef"
 TEMPLATE = "TPL_CHAOS_SHIPPED"
+SUB_TEMPLATE = "TPL_CHAOS_SUB"   # a subscription template (LEDGER_SUBSCRIPTION_TEMPLATES)
+SUB_SHARE = 0.35         # share of messages sent with the subscription template
+PUSH_TOKEN = "chaospushtoken0123"
+PUSH_KEY = "Q2hhb3NQdXNoS2V5MDEyMzQ1Njc4OWFiY2RlZmdoaWo"   # 43 characters: EncodingAESKey
 PREPAY_USES = 3          # uses per prepay_id, the same in the ledger and the simulator
 USERS = 40               # mini-program users (openids)
 WECHAT_TIMEOUT_S = 2     # LEDGER_WECHAT_TIMEOUT_S
@@ -328,6 +340,8 @@ class Chaos:
         self.events = []               # (t, text) chaos timeline
         self.sessions = {}             # openid -> session
         self.payments = []             # heap of (due, openid): prepay_ids to register
+        self.grants_minted = collections.Counter()   # openid -> grants minted at the simulator
+        self.push = os.environ.get("CHAOS_PUSH", "1") != "0"
         self.t0 = now()
 
     # -- helpers ---------------------------------------------------------------------
@@ -396,7 +410,10 @@ class Chaos:
             # Every simulated mini-program logs in from 127.0.0.1: the per-address
             # login limit would refuse most of them (the chaos run is no flood).
             "LEDGER_RATE_LOGIN_IP_PER_MIN": "0",
+            "LEDGER_SUBSCRIPTION_TEMPLATES": SUB_TEMPLATE,
         }
+        if self.push:
+            env["LEDGER_PUSH"] = f"{APP}:{PUSH_TOKEN}:{PUSH_KEY}"
         return env
 
     def start_instance(self, i, wait=True):
@@ -433,10 +450,16 @@ class Chaos:
         raise SetupError(f"instance {i} not ready after {bound}s")
 
     def setup(self):
-        self.note(f"simulator on :{self.sim_port}, instances on {self.ports}, db {self.backend}")
-        self.procs.start("sim", [self.args.bin, "sim", "--bind", f"127.0.0.1:{self.sim_port}",
-                                 "--apps", f"{APP}:{APP_SECRET}"],
-                         env={**os.environ, "RUST_LOG": "warn"})
+        self.note(f"simulator on :{self.sim_port}, instances on {self.ports}, db {self.backend}, "
+                  f"pusher {'on' if self.push else 'off (CHAOS_PUSH=0)'}")
+        argv = [self.args.bin, "sim", "--bind", f"127.0.0.1:{self.sim_port}",
+                "--apps", f"{APP}:{APP_SECRET}"]
+        if self.push:
+            # WeChat's push URL behind a load balancer: every instance, round-robin.
+            argv += ["--push", f"{APP}:{PUSH_TOKEN}:{PUSH_KEY}", "--push-url",
+                     ",".join(f"http://127.0.0.1:{p}" for p in self.ports)]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LEDGER_")}
+        self.procs.start("sim", argv, env={**env, "RUST_LOG": "warn"})
         deadline = now() + 20
         while True:
             try:
@@ -499,19 +522,9 @@ class Chaos:
         submits with its session; the report is retried until answered (the same values
         again are duplicates, not new uses)."""
         openid = self.openid(rng)
-        session = self.sessions.get(openid)
-        if session is None or rng.random() < 0.1:
-            code = self.sim("POST", "/sim/codes", {"appid": APP, "openid": openid})["code"]
-            status, data, _ = self.service("POST", "/v1/client/session", {"code": code},
-                                           tries=12, rng=rng)
-            if status != 200:
-                self.count(f"session_{status}")
-                self.note(f"login {openid}: {status} {data}")
-                time.sleep(0.2)
-                return
-            session = data["session"]
-            self.sessions[openid] = session
-            self.count("logins")
+        session = self.session(rng, openid)
+        if session is None:
+            return
         forms = self.sim("POST", "/sim/form-ids",
                          {"appid": APP, "openid": openid, "count": rng.randint(1, 3)})["form_ids"]
         status, data, _ = self.service("POST", "/v1/client/credentials", {"form_ids": forms},
@@ -524,6 +537,54 @@ class Chaos:
             if status == 401:
                 self.sessions.pop(openid, None)
             self.note(f"report {openid}: {status} {data}")
+        time.sleep(rng.uniform(0.1, 0.3))
+
+    def session(self, rng, openid):
+        """The user's client session: logs in when it has none (and now and then again)."""
+        session = self.sessions.get(openid)
+        if session is None or rng.random() < 0.1:
+            code = self.sim("POST", "/sim/codes", {"appid": APP, "openid": openid})["code"]
+            status, data, _ = self.service("POST", "/v1/client/session", {"code": code},
+                                           tries=12, rng=rng)
+            if status != 200:
+                self.count(f"session_{status}")
+                self.note(f"login {openid}: {status} {data}")
+                time.sleep(0.2)
+                return None
+            session = data["session"]
+            self.sessions[openid] = session
+            self.count("logins")
+        return session
+
+    def subscribe_step(self, rng):
+        """A user taps "accept" in wx.requestSubscribeMessage: WeChat (the simulator)
+        mints the one-time grants, and pushes their popup events when the pusher is on;
+        the mini-program reports the accepts once (a retried report of an accept would
+        be a second grant: subscriptions carry no value to deduplicate)."""
+        openid = self.openid(rng)
+        session = self.session(rng, openid)
+        if session is None:
+            return
+        k = rng.randint(1, 3)
+        self.sim("POST", "/sim/subscriptions",
+                 {"appid": APP, "openid": openid, "template_id": SUB_TEMPLATE, "count": k})
+        self.count("grants_minted", k)
+        with self.lock:
+            self.grants_minted[openid] += k
+        body = {"subscriptions": [{"template_id": SUB_TEMPLATE, "result": "accept"}] * k}
+        try:
+            status, data, _ = self.service("POST", "/v1/client/credentials", body, key=session,
+                                           tries=1, rng=rng)
+        except HttpFailure:
+            self.count("subscribe_unanswered")
+            status, data = None, None
+        if status == 200:
+            self.count("grants_reported", data.get("accepted", 0))
+        elif status is not None:
+            self.count(f"subscribe_{status}")
+            if status == 401:
+                self.sessions.pop(openid, None)
+            self.note(f"subscribe {openid}: {status} {data}")
         time.sleep(rng.uniform(0.1, 0.3))
 
     def register_prepay(self, rng, openids):
@@ -568,9 +629,17 @@ class Chaos:
         key are tried once: a lost answer stays lost, as for a real backend."""
         tag = self.new_tag()
         openid = self.openid(rng)
-        body = {"openid": openid, "template_id": TEMPLATE, "page": f"pages/order?tag={tag}",
+        template = TEMPLATE
+        if rng.random() < SUB_SHARE:
+            # A subscribe message, mostly to a user who subscribed.
+            template = SUB_TEMPLATE
+            with self.lock:
+                subscribed = sorted(self.grants_minted)
+            if subscribed and rng.random() < 0.9:
+                openid = rng.choice(subscribed)
+        body = {"openid": openid, "template_id": template, "page": f"pages/order?tag={tag}",
                 "data": {"keyword1": {"value": tag}, "keyword2": {"value": "chaos"}}}
-        payment = rng.random() < 0.25
+        payment = template == TEMPLATE and rng.random() < 0.25
         if payment:
             body["await_credential_s"] = rng.choice([3, 5, 8])
         headers = {}
@@ -716,11 +785,12 @@ class Chaos:
         deliveries = self.sim("GET", "/sim/deliveries")
         stats = self.sim("GET", "/sim/stats")["calls"]
         messages = self.db.rows(
-            "SELECT id, public_id, openid, status, error_code, wechat_errcode, credential_id, "
-            "credential_kind, credential_value, credentials_tried, body FROM messages")
+            "SELECT id, public_id, openid, template_id, status, error_code, wechat_errcode, "
+            "credential_id, credential_kind, credential_value, credentials_tried, wechat_msgid, "
+            "delivery, body FROM messages")
         creds = self.db.rows(
-            "SELECT id, openid, kind, value, uses_total, uses_left, invalid, invalid_reason "
-            "FROM credentials")
+            "SELECT id, openid, kind, value, template_id, uses_total, uses_left, invalid, "
+            "invalid_reason, reported_at, pushed_at FROM credentials")
         attempts = self.db.rows(
             "SELECT message_id, credential_id, wechat_errcode, outcome FROM message_attempts "
             "ORDER BY id")
@@ -815,11 +885,20 @@ class Chaos:
         for m in messages:
             ds = dels_by_tag.get(m["tag"], [])
             if m["status"] == "sent":
+                subscribe = m["credential_kind"] == "subscription"
                 if len(ds) != 1:
                     bad.append(f"message {m['id']} sent, {len(ds)} deliveries (tag {m['tag']})")
                 elif ds[0]["credential"] != m["credential_value"]:
                     bad.append(f"message {m['id']} sent with {m['credential_value']}, "
                                f"delivered with {ds[0]['credential']}")
+                elif (ds[0]["kind"] == "subscribe") != subscribe:
+                    bad.append(f"message {m['id']} sent with a {m['credential_kind']}, "
+                               f"delivered as a {ds[0]['kind']} message")
+                elif subscribe and str(ds[0]["msgid"]) != str(m["wechat_msgid"]):
+                    # The msgid is WeChat's answer or the sent event's: either way the
+                    # delivery's own.
+                    bad.append(f"message {m['id']} sent with msgid {m['wechat_msgid']}, "
+                               f"delivered with msgid {ds[0]['msgid']}")
             elif m["error_code"] == "outcome_unknown":
                 unknown_delivered += len(ds)
             elif ds:
@@ -833,9 +912,10 @@ class Chaos:
 
         # 5. outcome_unknown: few, and only where the ledger cannot know. A single-use
         #    credential is probed after an ambiguous call (41029 proves delivery), so it
-        #    must never end unknown; a multi-use prepay_id ends unknown only after a call
-        #    that may have delivered (answer dropped / timed out: "ambiguous", or its
-        #    worker killed mid-call: "interrupted").
+        #    must never end unknown; a multi-use prepay_id or a subscription (a probe
+        #    could spend the user's next grant) ends unknown only after a call that may
+        #    have delivered (answer dropped / timed out: "ambiguous", or its worker
+        #    killed mid-call: "interrupted").
         last_attempt = {}
         for a in attempts:
             last_attempt[int(a["message_id"])] = a   # rows come in id order per message
@@ -843,7 +923,7 @@ class Chaos:
         for m in unknown:
             cred = cred_by_id.get(int(m["credential_id"])) if m["credential_id"] is not None else None
             last = last_attempt.get(m["id"])
-            if cred is None or int(cred["uses_total"]) == 1:
+            if cred is None or (int(cred["uses_total"]) == 1 and cred["kind"] != "subscription"):
                 bad.append(f"message {m['id']}: outcome_unknown on a single-use credential "
                            f"{m['credential_kind']}:{m['credential_id']} (it could be probed)")
             elif last is None or last["outcome"] not in ("ambiguous", "interrupted"):
@@ -930,6 +1010,62 @@ class Chaos:
         add("every acknowledged message stored", not bad,
             f"{sum(len(v) for v in self.message_ids.values())} ids answered", bad)
 
+        # 10. Subscribe sends settled by WeChat's sent events (the pusher): a subscribe
+        #     message whose call may have delivered ends outcome_unknown unless a sent
+        #     event proves it sent. Every message a push settled or gave a delivery
+        #     has the simulator delivery of that msgid, with its own tag; without the
+        #     pusher nothing can be settled that way.
+        attempts_of = collections.defaultdict(list)
+        for a in attempts:
+            attempts_of[int(a["message_id"])].append(a["outcome"])
+        del_by_msgid = {str(d["msgid"]): d for d in deliveries if d.get("msgid") is not None}
+        subs = [m for m in messages if m["template_id"] == SUB_TEMPLATE]
+        sub_unknown = [m for m in subs if m["error_code"] == "outcome_unknown"]
+        resolved = [m for m in subs if m["status"] == "sent" and any(
+            o in ("ambiguous", "interrupted") for o in attempts_of[m["id"]])]
+        with_delivery = [m for m in messages if m["delivery"]]
+        bad = []
+        for m in resolved + with_delivery:
+            d = del_by_msgid.get(str(m["wechat_msgid"]))
+            if m["status"] != "sent":
+                bad.append(f"message {m['id']} has a delivery but is {m['status']}")
+            elif d is None:
+                bad.append(f"message {m['id']} sent by a push with msgid {m['wechat_msgid']}: "
+                           f"no such delivery at the simulator")
+            elif d["tag"] != m["tag"] or d["touser"] != m["openid"]:
+                bad.append(f"message {m['id']} (tag {m['tag']}) given msgid {m['wechat_msgid']}, "
+                           f"which delivered tag {d['tag']} to {d['touser']}")
+        if not self.push and (resolved or with_delivery):
+            bad.insert(0, f"pusher off, yet {len(resolved)} resolved and {len(with_delivery)} "
+                          f"with a delivery")
+        sub_sent = sum(1 for m in subs if m["status"] == "sent")
+        self.sub_figures = {
+            "subscribe messages": len(subs), "sent": sub_sent,
+            "outcome_unknown": len(sub_unknown),
+            "outcome_unknown delivered": sum(1 for m in sub_unknown if dels_by_tag.get(m["tag"])),
+            "resolved by push": len(resolved),
+            "sent with a pushed delivery": sum(1 for m in subs if m["status"] == "sent"
+                                               and m["delivery"]),
+        }
+        add("pushes settle only delivered subscribe sends", not bad,
+            f"pusher {'on' if self.push else 'off'}: {len(subs)} subscribe messages, "
+            f"{len(sub_unknown)} outcome_unknown, {len(resolved)} resolved by a sent event, "
+            f"{len(with_delivery)} with a delivery", bad)
+
+        # 11. No grant counted twice: per user, the ledger's subscriptions to the template
+        #     (live or spent, reported and/or pushed) never outnumber the grants WeChat minted.
+        rows_of = collections.Counter(c["openid"] for c in creds
+                                      if c["kind"] == "subscription"
+                                      and c["template_id"] == SUB_TEMPLATE)
+        bad = [f"{o}: {n} subscriptions in the ledger > {self.grants_minted[o]} minted"
+               for o, n in sorted(rows_of.items()) if n > self.grants_minted[o]]
+        sub_rows = [c for c in creds if c["kind"] == "subscription"]
+        both = sum(1 for c in sub_rows if c["reported_at"] and c["pushed_at"])
+        pushed_only = sum(1 for c in sub_rows if c["pushed_at"] and not c["reported_at"])
+        add("no grant counted twice", not bad,
+            f"{sum(self.grants_minted.values())} minted, {len(sub_rows)} in the ledger "
+            f"({both} reported and pushed, {pushed_only} pushed only)", bad)
+
         self.last_deliveries = deliveries
         self.tag_of = {m["id"]: m["tag"] for m in messages}
         self.public_of = {m["id"]: m["public_id"] for m in messages}
@@ -995,6 +1131,10 @@ class Chaos:
                                          f"(form_id {c['form_ids_accepted']} new, "
                                          f"prepay_id {c['prepay_ids_accepted']} new)"),
             ("logins", c["logins"]),
+            ("pusher", "on (CHAOS_PUSH=1)" if self.push else "off (CHAOS_PUSH=0)"),
+            ("grants", f"{c['grants_minted']} minted, {c['grants_reported']} reported "
+                       f"({c['subscribe_unanswered']} reports unanswered)"),
+            ("subscribe messages", ", ".join(f"{k} {v}" for k, v in self.sub_figures.items())),
             ("messages acknowledged", f"{c['messages_accepted']} "
                                       f"(+{c['idempotent_repeats']} idempotent repeats)"),
             ("requests without answer", f"{c['http_no_answer']} tries "
@@ -1027,6 +1167,10 @@ class Chaos:
         for k in range(2):
             threads.append(threading.Thread(target=self.guarded("report", self.client_step),
                                             args=(self.rng.random(),), name=f"client{k}",
+                                            daemon=True))
+        for k in range(2):
+            threads.append(threading.Thread(target=self.guarded("subscribe", self.subscribe_step),
+                                            args=(self.rng.random(),), name=f"subscriber{k}",
                                             daemon=True))
         threads.append(threading.Thread(target=self.guarded("register", self.backend_step),
                                         args=(self.rng.random(),), name="backend", daemon=True))

@@ -10,6 +10,13 @@
 //! becomes `sent`. Its credential's use stays charged, as it already was: the
 //! `outcome_unknown` settlement spent it (`CredentialFate::Spent`), and a use is
 //! charged exactly when WeChat accepted the message, which it now has said it did.
+//!
+//! The event names only (openid, template), so it settles a message only when it
+//! cannot be another send's: no other subscribe send to that user and template is
+//! in flight (its event may overtake its answer), exactly one message is a
+//! candidate, and (claimed at settlement) it came after the ambiguous call began.
+//! Otherwise the message stays `outcome_unknown`: the ledger never calls a message
+//! sent on an event that may be another's.
 
 use chrono::{DateTime, TimeDelta, Utc};
 use diesel::prelude::*;
@@ -103,8 +110,9 @@ pub fn apply_sent(conn: &mut DbConn, e: &SentEvent<'_>, now: DateTime<Utc>) -> D
             .execute(c))?;
         return Ok(Delivered::Message(id));
     }
-    // No message has this msgid: the oldest outcome_unknown subscribe send to this
-    // user and template whose ambiguous attempt is within the window.
+    // No message has this msgid: the one outcome_unknown subscribe send to this
+    // user and template whose ambiguous attempt is within the window, if no other
+    // send to them is in flight (whose answer this event may have overtaken).
     let sql = native_sql(
         conn,
         "SELECT m.id AS id FROM messages m \
@@ -113,14 +121,14 @@ pub fn apply_sent(conn: &mut DbConn, e: &SentEvent<'_>, now: DateTime<Utc>) -> D
            AND m.wechat_msgid IS NULL \
            AND EXISTS (SELECT 1 FROM message_attempts a WHERE a.message_id = m.id \
              AND a.outcome IN ($7, $8) AND a.at >= $9 AND a.at <= $10) \
-         ORDER BY m.id LIMIT 1",
+         ORDER BY m.id LIMIT 2",
     );
     #[derive(QueryableByName)]
     struct Id {
         #[diesel(sql_type = diesel::sql_types::BigInt)]
         id: i64,
     }
-    let found: Option<Id> = dispatch!(conn, |c| diesel::sql_query(&sql)
+    let found: Vec<Id> = dispatch!(conn, |c| diesel::sql_query(&sql)
         .bind::<Text, _>(e.app_id)
         .bind::<Text, _>(e.openid)
         .bind::<Text, _>(e.template_id)
@@ -131,9 +139,12 @@ pub fn apply_sent(conn: &mut DbConn, e: &SentEvent<'_>, now: DateTime<Utc>) -> D
         .bind::<Text, _>(AttemptOutcome::Interrupted.as_str())
         .bind::<Timestamp, _>(to_db(now - AMBIGUITY_WINDOW))
         .bind::<Timestamp, _>(to_db(now + AMBIGUITY_WINDOW))
-        .get_result(c)
-        .optional())?;
-    let Some(Id { id }) = found else {
+        .load(c))?;
+    let single = match found.as_slice() {
+        [one] if !send_in_flight(conn, e.app_id, e.openid, e.template_id, one.id)? => Some(one.id),
+        _ => None,
+    };
+    let Some(id) = single else {
         // Kept for the settlement of the send it reports, which it may have
         // overtaken (see `claim_pending`).
         use crate::db::schema::unmatched_sent_events::dsl as u;
@@ -202,6 +213,27 @@ fn resolve(
     Ok(())
 }
 
+/// Whether a subscribe send to the user and template other than `except` is in
+/// flight: a sent event may be its, overtaking the answer.
+fn send_in_flight(
+    conn: &mut DbConn,
+    app_id: &str,
+    openid: &str,
+    template_id: &str,
+    except: i64,
+) -> DbResult<bool> {
+    use messages::dsl as m;
+    let n: i64 = dispatch!(conn, |c| m::messages
+        .filter(m::app_id.eq(app_id))
+        .filter(m::openid.eq(openid))
+        .filter(m::template_id.eq(template_id))
+        .filter(m::in_flight.eq(true))
+        .filter(m::id.ne(except))
+        .count()
+        .get_result(c))?;
+    Ok(n > 0)
+}
+
 /// What a settling send took from the sent events that came before it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pending {
@@ -215,7 +247,8 @@ pub enum Pending {
 /// Called in the transaction that settles message `id` (after its row is
 /// written, under the user's lock): a sent event that overtook the settlement is
 /// applied now. `msgid`: the one WeChat answered; `outcome_unknown`: the send ended
-/// outcome_unknown with a subscription.
+/// outcome_unknown with a subscription, its call having begun at `call_began` (an
+/// event received before cannot be its own).
 #[allow(clippy::too_many_arguments)]
 pub fn claim_pending(
     conn: &mut DbConn,
@@ -224,7 +257,7 @@ pub fn claim_pending(
     openid: &str,
     template_id: &str,
     msgid: Option<&str>,
-    outcome_unknown: bool,
+    outcome_unknown: Option<DateTime<Utc>>,
     now: DateTime<Utc>,
 ) -> DbResult<Pending> {
     use crate::db::schema::unmatched_sent_events::dsl as u;
@@ -236,16 +269,23 @@ pub fn claim_pending(
             .select((u::msgid, u::delivery))
             .first(c)
             .optional())?,
-        (None, true) => dispatch!(conn, |c| u::unmatched_sent_events
-            .filter(u::app_id.eq(app_id))
-            .filter(u::openid.eq(openid))
-            .filter(u::template_id.eq(template_id))
-            .filter(u::received_at.ge(to_db(now - AMBIGUITY_WINDOW)))
-            .order((u::received_at, u::msgid))
-            .select((u::msgid, u::delivery))
-            .first(c)
-            .optional())?,
-        (None, false) => None,
+        (None, Some(call_began)) => {
+            let since = call_began.max(now - AMBIGUITY_WINDOW);
+            let events: Vec<(String, String)> = dispatch!(conn, |c| u::unmatched_sent_events
+                .filter(u::app_id.eq(app_id))
+                .filter(u::openid.eq(openid))
+                .filter(u::template_id.eq(template_id))
+                .filter(u::received_at.ge(to_db(since)))
+                .order((u::received_at, u::msgid))
+                .select((u::msgid, u::delivery))
+                .limit(2)
+                .load(c))?;
+            match <[_; 1]>::try_from(events) {
+                Ok([one]) if !send_in_flight(conn, app_id, openid, template_id, id)? => Some(one),
+                _ => None,
+            }
+        }
+        (None, None) => None,
     };
     let Some((event_msgid, delivery)) = found else {
         return Ok(Pending::None);

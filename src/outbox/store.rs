@@ -426,6 +426,17 @@ pub fn settle(
         if pending {
             ledger::lock_user(conn, &msg.app_id, &msg.openid)?;
         }
+        // When the ambiguous call began (marking it in flight set `updated_at`),
+        // read before this settlement moves it.
+        let call_began = if outcome_unknown {
+            let at: NaiveDateTime = dispatch!(conn, |c| m::messages
+                .filter(m::id.eq(msg.id))
+                .select(m::updated_at)
+                .first(c))?;
+            Some(at.and_utc())
+        } else {
+            None
+        };
         let keep = s.credential == CredentialFate::Keep;
         let final_status = s.status.is_final();
         let error = s.error.as_ref();
@@ -514,7 +525,7 @@ pub fn settle(
                 &msg.openid,
                 &msg.template_id,
                 s.wechat_msgid.as_deref(),
-                outcome_unknown,
+                call_began,
                 now,
             )?;
             if claimed == super::delivery::Pending::Resolved {

@@ -3,6 +3,8 @@
 //! `subscribe_msg_sent_event` after each subscribe delivery, signed (and with an
 //! EncodingAESKey, encrypted: safe mode) as WeChat does, and retries a push that got
 //! no answer within 5 s, 3 tries in all, repeating its body (so its identity).
+//! A target may name several URLs (the instances behind one load balancer): each
+//! push starts at the next one and each retry goes to the one after.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -21,6 +23,9 @@ const TRIES: u32 = 3;
 #[derive(Clone)]
 pub struct PushTarget {
     pub url: String,
+    /// More URLs of the same receiver (its instances): pushes go round-robin and a
+    /// retry goes to the next one, as a load balancer would spread them.
+    pub more_urls: Vec<String>,
     pub token: String,
     /// None: plaintext mode.
     pub encoding_aes_key: Option<String>,
@@ -30,6 +35,7 @@ impl std::fmt::Debug for PushTarget {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PushTarget")
             .field("url", &self.url)
+            .field("more_urls", &self.more_urls)
             .finish_non_exhaustive()
     }
 }
@@ -53,6 +59,8 @@ pub(crate) struct Pusher {
     http: reqwest::Client,
     answered: Arc<AtomicU64>,
     last_time: Arc<AtomicI64>,
+    /// Round-robin position over a target's URLs.
+    turn: Arc<AtomicU64>,
 }
 
 impl Pusher {
@@ -157,10 +165,15 @@ impl Pusher {
             return;
         };
         let (http, answered) = (self.http.clone(), self.answered.clone());
+        let urls: Vec<String> = std::iter::once(target.url.clone())
+            .chain(target.more_urls.iter().cloned())
+            .collect();
+        let first = self.turn.fetch_add(1, Ordering::Relaxed) as usize;
         runtime.spawn(async move {
             for attempt in 1..=TRIES {
+                let url = &urls[first.wrapping_add(attempt as usize - 1) % urls.len()];
                 let res = http
-                    .post(&target.url)
+                    .post(url)
                     .query(&query)
                     .header("content-type", "text/xml")
                     .body(body.clone())
@@ -173,14 +186,17 @@ impl Pusher {
                         return;
                     }
                     Ok(r) if r.status().is_client_error() => {
-                        log::warn!("sim: push to {} refused: {}", target.url, r.status());
+                        log::warn!("sim: push to {url} refused: {}", r.status());
                         return;
                     }
-                    Ok(r) => log::debug!("sim: push try {attempt}: {}", r.status()),
-                    Err(e) => log::debug!("sim: push try {attempt}: {e}"),
+                    Ok(r) => log::debug!("sim: push try {attempt} to {url}: {}", r.status()),
+                    Err(e) => log::debug!("sim: push try {attempt} to {url}: {e}"),
                 }
             }
-            log::warn!("sim: push to {} got no answer in {TRIES} tries", target.url);
+            log::warn!(
+                "sim: push to {} got no answer in {TRIES} tries",
+                urls.join(" / ")
+            );
         });
     }
 }

@@ -398,6 +398,45 @@ backend_app_tests! {
 }
 
 backend_app_tests! {
+    /// A sent event names only (openid, template), so it settles an outcome_unknown
+    /// only when it cannot be another send's: not with two ambiguous candidates, not
+    /// while another send to the user and template is in flight (its event may
+    /// overtake its answer). The chaos run caught the in-flight case making an
+    /// undelivered message `sent`.
+    async fn a_sent_event_that_may_be_another_sends_settles_nothing(tdb) {
+        use diesel::prelude::*;
+        use helpers::schema::messages::dsl as m;
+        let app = spawn(tdb, true).await;
+        app.sim.sim.grant_subscriptions(APP, "u1", SUB, 2).unwrap();
+        ok(&app, &safe(&popup("u1", &[(SUB, "accept"), (SUB, "accept")]), &now_ts(), APP)).await;
+        app.sim.sim.set_faults(Faults { send: FaultSet { drop_after_read: 1.0, ..FaultSet::default() }, ..Faults::default() }).unwrap();
+        let (a, b) = (send(&app, "u1").await, send(&app, "u1").await);
+        for x in [&a, &b] {
+            assert_eq!(x["error"]["code"], "outcome_unknown", "{x}");
+        }
+        let msgids: Vec<String> = app.sim.sim.deliveries().iter().map(|d| d.msgid.unwrap().to_string()).collect();
+        assert_eq!(msgids.len(), 2);
+        let status = |x: &Value| {
+            let id = x["id"].as_str().unwrap().to_string();
+            let app = &app;
+            async move { app.get(&format!("/v1/messages/{id}"), Some(KEY_SEND)).await.1["status"].clone() }
+        };
+        // Two candidates: the event may be either's.
+        ok(&app, &safe(&sent("u1", SUB, &msgids[0], "0", "success"), &now_ts(), APP)).await;
+        assert_eq!((status(&a).await, status(&b).await), (json!("failed"), json!("failed")));
+        // One candidate, but another send to the user and template in flight.
+        let mut conn = app.db.get().unwrap();
+        let b_id = b["id"].as_str().unwrap().to_string();
+        helpers::dispatch!(&mut *conn, |c| diesel::update(m::messages.filter(m::public_id.eq(&b_id)))
+            .set((m::status.eq("sending"), m::error_code.eq(None::<String>), m::in_flight.eq(true)))
+            .execute(c))
+        .unwrap();
+        ok(&app, &safe(&sent("u1", SUB, &msgids[1], "0", "success"), &now_ts(), APP)).await;
+        assert_eq!(status(&a).await, json!("failed"), "an in-flight send's event settles nothing else");
+    }
+}
+
+backend_app_tests! {
     /// The merge rule under concurrency: 12 client accepts and 8 pushed accepts for
     /// one user and template, all at once, are 12 grants (each push matched one
     /// client accept, whichever came first), 8 of them confirmed, counted 12 times.
@@ -444,6 +483,7 @@ backend_app_tests! {
         let app = spawn(tdb, true).await;
         app.sim.sim.set_push_target(APP, helpers::PushTarget {
             url: app.url(PATH),
+            more_urls: Vec::new(),
             token: TOKEN.into(),
             encoding_aes_key: Some(KEY.into()),
         });
@@ -461,7 +501,13 @@ backend_app_tests! {
         })
         .await;
         assert!(delivered);
-        assert_eq!(app.sim.sim.pushes_answered(), 3);
+        // The simulator counts a push when its answer arrives, after the effects
+        // are committed: wait for it rather than race it.
+        let answered = helpers::eventually(Duration::from_secs(10), || async {
+            app.sim.sim.pushes_answered() == 3
+        })
+        .await;
+        assert!(answered, "{} pushes answered", app.sim.sim.pushes_answered());
     }
 
     /// The simulator is told how users behave, and pushes what WeChat would: no
@@ -472,6 +518,7 @@ backend_app_tests! {
         let app = spawn(tdb, true).await;
         app.sim.sim.set_push_target(APP, helpers::PushTarget {
             url: app.url(PATH),
+            more_urls: Vec::new(),
             token: TOKEN.into(),
             encoding_aes_key: Some(KEY.into()),
         });
@@ -546,6 +593,48 @@ async fn the_sandbox_pushes_to_itself() {
     );
 }
 
+backend_app_tests! {
+    /// The standalone simulator (`formid-ledger sim --push … --push-url …`) is the
+    /// service's pusher: the grants it mints arrive confirmed. The first URL answers
+    /// nothing (an instance that is down): pushes go round-robin over the URLs and a
+    /// retry goes to the next, so every grant still arrives, exactly once.
+    async fn the_standalone_simulator_pushes_round_robin(tdb) {
+        let app = spawn(tdb, true).await;
+        let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_formid-ledger"))
+            .env_clear()
+            .env("RUST_LOG", "warn")
+            .env("LEDGER_SIM_PUSH", format!("{APP}:{TOKEN}:{KEY}"))
+            .args([
+                "sim",
+                "--bind",
+                &format!("127.0.0.1:{port}"),
+                "--apps",
+                &format!("{APP}:{}", helpers::APP_SECRET),
+                "--push-url",
+                &format!("http://127.0.0.1:{dead},{}", app.url("")),
+            ])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("start the simulator");
+        let http = reqwest::Client::new();
+        let sim = format!("http://127.0.0.1:{port}");
+        helpers::wait_up(&http, &format!("{sim}/sim/stats")).await;
+        let grant = json!({"appid": APP, "openid": "u1", "template_id": SUB, "count": 3});
+        helpers::post_json(&http, &format!("{sim}/sim/subscriptions"), None, &grant).await;
+        let confirmed = helpers::eventually(Duration::from_secs(15), || async {
+            quota(&app, "u1").await["subscriptions_confirmed"] == json!({SUB: 3})
+        })
+        .await;
+        let q = quota(&app, "u1").await;
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(confirmed, "{q}");
+        assert_eq!(q["subscriptions"], json!({SUB: 3}), "{q}");
+    }
+}
+
 /// The simulator's first subscribe delivery answers this msgid (its msgids are a
 /// base plus the delivery's sequence number).
 const FIRST_MSGID: &str = "3000000001";
@@ -563,17 +652,33 @@ backend_app_tests! {
         assert_eq!(m["delivery"]["status"], "delivered", "{m}");
     }
 
-    /// The same for an ambiguous send: the event that came first settles the
-    /// outcome_unknown as it is written.
+    /// The same for an ambiguous send: the simulator pushes the sent event as it
+    /// delivers and holds the (then broken) answer 300 ms, so the event overtakes
+    /// the settlement and settles the outcome_unknown as it is written. (An event
+    /// received before the call began could not be this send's: it would not.)
     async fn an_earlier_sent_event_resolves_the_outcome_unknown_it_reports(tdb) {
         let app = spawn(tdb, true).await;
+        app.sim.sim.set_push_target(APP, helpers::PushTarget {
+            url: app.url(PATH),
+            more_urls: Vec::new(),
+            token: TOKEN.into(),
+            encoding_aes_key: Some(KEY.into()),
+        });
         app.sim.sim.grant_subscriptions(APP, "u1", SUB, 1).unwrap();
-        ok(&app, &safe(&popup("u1", &[(SUB, "accept")]), &now_ts(), APP)).await;
-        ok(&app, &safe(&sent("u1", SUB, FIRST_MSGID, "0", "success"), &now_ts(), APP)).await;
-        app.sim.sim.set_faults(Faults { send: FaultSet { drop_after_read: 1.0, ..FaultSet::default() }, ..Faults::default() }).unwrap();
+        let confirmed = helpers::eventually(Duration::from_secs(10), || async {
+            quota(&app, "u1").await["subscriptions_confirmed"] == json!({SUB: 1})
+        })
+        .await;
+        assert!(confirmed);
+        app.sim.sim.set_faults(Faults { send: FaultSet { drop_after_read: 1.0, latency_ms: Some(helpers::Latency::Fixed(300)), ..FaultSet::default() }, ..Faults::default() }).unwrap();
         let m = send(&app, "u1").await;
-        let id = m["id"].as_str().unwrap();
+        let id = m["id"].as_str().unwrap().to_string();
+        let sent = helpers::eventually(Duration::from_secs(10), || async {
+            app.get(&format!("/v1/messages/{id}"), Some(KEY_SEND)).await.1["status"] == "sent"
+        })
+        .await;
         let (_, m) = app.get(&format!("/v1/messages/{id}"), Some(KEY_SEND)).await;
+        assert!(sent, "{m}");
         assert_eq!((m["status"].as_str(), m["wechat_msgid"].as_str()), (Some("sent"), Some(FIRST_MSGID)), "{m}");
         assert_eq!(m["delivery"]["status"], "delivered", "{m}");
         assert_eq!(app.sim.sim.deliveries().len(), 1);
@@ -618,6 +723,7 @@ async fn the_simulator_retries_a_push_that_got_no_answer_in_5_s() {
         APP,
         helpers::PushTarget {
             url,
+            more_urls: Vec::new(),
             token: TOKEN.into(),
             encoding_aes_key: Some(KEY.into()),
         },
