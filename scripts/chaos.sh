@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Chaos run: formid-ledger under kill -9, a database restart and a faulty WeChat
 # simulator, then checks of the ledger's invariants against the simulator's record.
+# A webhook receiver (answering 503 to 15% of POSTs) hears message.finished: every
+# message that ended final must have produced its event there at least once.
 #
 #   scripts/chaos.sh                      # PostgreSQL (3 instances) then SQLite (1 instance)
 #   CHAOS_SECONDS=30 scripts/chaos.sh     # the CI job: shorter load phase

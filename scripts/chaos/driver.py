@@ -37,6 +37,7 @@ Exit status: 0 all invariants PASS, 1 one FAILED, 2 the run could not be set up.
 
 import argparse
 import collections
+import http.server
 import heapq
 import http.client
 import json
@@ -316,6 +317,52 @@ class Sqlite:
 # The run
 # ----------------------------------------------------------------------------------
 
+class WebhookReceiver:
+    """The backend's webhook endpoint: keeps every event it is POSTed, and answers 503
+    to a share of them (a flaky receiver: the ledger must retry until a 2xx)."""
+
+    def __init__(self, seed, refuse=0.15):
+        self.events = []               # (event id, type, data.id, data.status)
+        self.refused = 0
+        self.lock = threading.Lock()
+        rng = random.Random(seed)
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - the stdlib's name
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with receiver.lock:
+                    refuse_now = rng.random() < refuse
+                    if refuse_now:
+                        receiver.refused += 1
+                    else:
+                        try:
+                            e = json.loads(body)
+                            data = e.get("data") or {}
+                            receiver.events.append((e.get("id"), e.get("type"),
+                                                    data.get("id"), data.get("status")))
+                        except ValueError:
+                            receiver.events.append((None, "unparsable", None, None))
+                self.send_response(503 if refuse_now else 200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, name="webhook-receiver",
+                         daemon=True).start()
+
+    def snapshot(self):
+        with self.lock:
+            return list(self.events), self.refused
+
+    def stop(self):
+        self.server.shutdown()
+
+
 class Chaos:
     def __init__(self, args):
         self.args = args
@@ -342,6 +389,7 @@ class Chaos:
         self.payments = []             # heap of (due, openid): prepay_ids to register
         self.grants_minted = collections.Counter()   # openid -> grants minted at the simulator
         self.push = os.environ.get("CHAOS_PUSH", "1") != "0"
+        self.receiver = WebhookReceiver(args.seed)
         self.t0 = now()
 
     # -- helpers ---------------------------------------------------------------------
@@ -411,6 +459,9 @@ class Chaos:
             # login limit would refuse most of them (the chaos run is no flood).
             "LEDGER_RATE_LOGIN_IP_PER_MIN": "0",
             "LEDGER_SUBSCRIPTION_TEMPLATES": SUB_TEMPLATE,
+            # The webhook receiver is on 127.0.0.1; its 503s are retried from 0.2 s.
+            "LEDGER_WEBHOOK_ALLOW_PRIVATE": "true",
+            "LEDGER_WEBHOOK_BACKOFF_BASE_MS": "200",
         }
         if self.push:
             env["LEDGER_PUSH"] = f"{APP}:{PUSH_TOKEN}:{PUSH_KEY}"
@@ -479,6 +530,12 @@ class Chaos:
             self.start_instance(i, wait=False)
         for i in range(1, self.n_instances):
             self.wait_ready(i)
+        status, data, _ = self.service(
+            "PUT", "/v1/admin/webhooks/chaos",
+            {"url": f"http://127.0.0.1:{self.receiver.port}/events",
+             "events": ["message.finished"]}, key=KEY_ADMIN)
+        if status != 200:
+            raise SetupError(f"registering the webhook: HTTP {status} {data}")
         self.sim("POST", "/sim/faults", self.faults())
         self.note("faults on: " + json.dumps(self.faults()))
 
@@ -777,6 +834,16 @@ class Chaos:
         # Deliveries come only from calls that settle messages; a short quiet period
         # lets any call still on the wire land before the record is read.
         time.sleep(0.5)
+        # Webhook events of the last messages (and retries of refused ones).
+        deadline = now() + 60
+        while now() < deadline:
+            pending = self.db.rows(
+                "SELECT count(*) AS n FROM webhook_deliveries WHERE status = 'pending'")
+            if not pending or int(pending[0]["n"]) == 0:
+                break
+            time.sleep(0.5)
+        else:
+            self.note("webhook deliveries still pending after 60 s")
         return left or []
 
     # -- checks ----------------------------------------------------------------------
@@ -1066,6 +1133,22 @@ class Chaos:
             f"{sum(self.grants_minted.values())} minted, {len(sub_rows)} in the ledger "
             f"({both} reported and pushed, {pushed_only} pushed only)", bad)
 
+        # Webhooks: every message that reached a final status produced its
+        #     message.finished event at the receiver at least once (the receiver
+        #     refused a share of the POSTs; the ledger retries until a 2xx), and each
+        #     event names a message of this run.
+        events, refused = self.receiver.snapshot()
+        finished_ids = {mid for _, t, mid, _ in events if t == "message.finished"}
+        final = [m for m in messages if m["status"] in ("sent", "no_quota", "failed")]
+        bad = [f"message {m['public_id']} ({m['status']}): no message.finished event"
+               for m in final if m["public_id"] not in finished_ids]
+        bad += [f"event {eid} names {mid}, not a message of this run"
+                for eid, _, mid, _ in events if mid not in msg_by_public][:5]
+        ids = collections.Counter(eid for eid, _, _, _ in events)
+        add("every final message's webhook event arrived", not bad,
+            f"{len(final)} final messages, {len(ids)} events received "
+            f"({sum(n - 1 for n in ids.values())} again), {refused} POSTs refused (503)", bad)
+
         self.last_deliveries = deliveries
         self.tag_of = {m["id"]: m["tag"] for m in messages}
         self.public_of = {m["id"]: m["public_id"] for m in messages}
@@ -1208,6 +1291,7 @@ class Chaos:
     def cleanup(self):
         self.stop_load.set()
         self.stop_chaos.set()
+        self.receiver.stop()
         self.procs.kill_all()
         try:
             self.db.stop()
