@@ -38,6 +38,16 @@ pub struct Signed {
     pub body: String,
 }
 
+/// Where the simulator pushes: `url`, in safe mode with the test's Token and key.
+fn target(url: String) -> helpers::PushTarget {
+    helpers::PushTarget {
+        url,
+        more_urls: Vec::new(),
+        token: TOKEN.into(),
+        encoding_aes_key: Some(KEY.into()),
+    }
+}
+
 pub fn now_ts() -> String {
     chrono::Utc::now().timestamp().to_string()
 }
@@ -481,12 +491,7 @@ backend_app_tests! {
     /// confirmed grant, a subscribe delivery as the message's `delivery`.
     async fn the_simulator_pushes_grants_and_deliveries(tdb) {
         let app = spawn(tdb, true).await;
-        app.sim.sim.set_push_target(APP, helpers::PushTarget {
-            url: app.url(PATH),
-            more_urls: Vec::new(),
-            token: TOKEN.into(),
-            encoding_aes_key: Some(KEY.into()),
-        });
+        app.sim.sim.set_push_target(APP, target(app.url(PATH)));
         app.sim.sim.grant_subscriptions(APP, "u1", SUB, 2).unwrap();
         let confirmed = helpers::eventually(Duration::from_secs(10), || async {
             quota(&app, "u1").await["subscriptions_confirmed"] == json!({SUB: 2})
@@ -516,12 +521,7 @@ backend_app_tests! {
     /// and refused sent events for a user who refuses messages.
     async fn the_simulator_pushes_what_users_do(tdb) {
         let app = spawn(tdb, true).await;
-        app.sim.sim.set_push_target(APP, helpers::PushTarget {
-            url: app.url(PATH),
-            more_urls: Vec::new(),
-            token: TOKEN.into(),
-            encoding_aes_key: Some(KEY.into()),
-        });
+        app.sim.sim.set_push_target(APP, target(app.url(PATH)));
         let habits = |always_keep, refuses| helpers::UserHabits { always_keep, refuses };
         app.sim.sim.set_habits(APP, "keeper", habits(true, false));
         app.sim.sim.set_habits(APP, "refuser", habits(false, true));
@@ -658,12 +658,7 @@ backend_app_tests! {
     /// received before the call began could not be this send's: it would not.)
     async fn an_earlier_sent_event_resolves_the_outcome_unknown_it_reports(tdb) {
         let app = spawn(tdb, true).await;
-        app.sim.sim.set_push_target(APP, helpers::PushTarget {
-            url: app.url(PATH),
-            more_urls: Vec::new(),
-            token: TOKEN.into(),
-            encoding_aes_key: Some(KEY.into()),
-        });
+        app.sim.sim.set_push_target(APP, target(app.url(PATH)));
         app.sim.sim.grant_subscriptions(APP, "u1", SUB, 1).unwrap();
         let confirmed = helpers::eventually(Duration::from_secs(10), || async {
             quota(&app, "u1").await["subscriptions_confirmed"] == json!({SUB: 1})
@@ -719,15 +714,7 @@ async fn the_simulator_retries_a_push_that_got_no_answer_in_5_s() {
     .run();
     actix_web::rt::spawn(server);
     let sim = helpers::TestSim::spawn();
-    sim.sim.set_push_target(
-        APP,
-        helpers::PushTarget {
-            url,
-            more_urls: Vec::new(),
-            token: TOKEN.into(),
-            encoding_aes_key: Some(KEY.into()),
-        },
-    );
+    sim.sim.set_push_target(APP, target(url));
     sim.sim.grant_subscriptions(APP, "u1", SUB, 1).unwrap();
     let answered = helpers::eventually(Duration::from_secs(20), || async {
         sim.sim.pushes_answered() == 1

@@ -142,6 +142,15 @@ fn signature_valid(secret: &str, got: &Got) -> bool {
     expected == v1 && fresh
 }
 
+/// The test app's message push, safe mode (the keys of tests/api/push.rs).
+fn push_app() -> helpers::PushApp {
+    helpers::PushApp {
+        app_id: APP.into(),
+        token: helpers::Secret::new(crate::push::TOKEN),
+        encoding_aes_key: Some(helpers::Secret::new(crate::push::KEY)),
+    }
+}
+
 /// Fast retries; private addresses allowed (the receiver is on 127.0.0.1).
 fn quick(s: &mut Settings) {
     s.webhooks.allow_private = true;
@@ -608,11 +617,7 @@ backend_app_tests! {
         let receiver = Receiver::start(0);
         let app = TestApp::spawn_with(tdb, |s| {
             quick(s);
-            s.push = vec![helpers::PushApp {
-                app_id: APP.into(),
-                token: helpers::Secret::new(crate::push::TOKEN),
-                encoding_aes_key: Some(helpers::Secret::new(crate::push::KEY)),
-            }];
+            s.push = vec![push_app()];
             s.subscription_templates = vec![SUB.into()];
         })
         .await;
@@ -666,11 +671,7 @@ backend_app_tests! {
         let receiver = Receiver::start(0);
         let app = TestApp::spawn_with(tdb, |s| {
             quick(s);
-            s.push = vec![helpers::PushApp {
-                app_id: APP.into(),
-                token: helpers::Secret::new(crate::push::TOKEN),
-                encoding_aes_key: Some(helpers::Secret::new(crate::push::KEY)),
-            }];
+            s.push = vec![push_app()];
             s.push_forward = [(APP.to_string(), receiver.url.clone())].into();
         })
         .await;
