@@ -24,8 +24,10 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "metrics",
             "webhooks",
             "push",
+            "campaigns",
         ],
     ),
+    ("campaigns", &["outbox", "ledger", "db"]),
     ("push", &["ledger", "outbox", "webhooks", "db", "wechat"]),
     ("reporting", &["ledger", "outbox", "db", "metrics"]),
     (
@@ -52,6 +54,7 @@ const FORBIDDEN_CRATES: &[(&str, &[&str])] = &[
     ("ledger", &["actix_web", "reqwest"]),
     ("reporting", &["actix_web", "reqwest"]),
     ("push", &["actix_web", "reqwest"]),
+    ("campaigns", &["actix_web", "reqwest"]),
     ("outbox", &["actix_web"]),
     ("webhooks", &["actix_web"]),
     ("auth", &["actix_web", "diesel"]),

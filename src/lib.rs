@@ -2,6 +2,7 @@
 //! spends each use at most once.
 
 pub mod auth;
+pub mod campaigns;
 pub mod cli;
 pub mod db;
 pub mod housekeeping;

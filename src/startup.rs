@@ -9,6 +9,7 @@ use actix_web::{middleware, web, App, HttpServer};
 use base64::Engine;
 
 use crate::auth::{ApiKey, AppScope, Role, SessionKey};
+use crate::campaigns::runner::{Runner, RunnerConfig};
 use crate::db::{Db, DbError};
 use crate::http::{self, AppState};
 use crate::metrics::Metrics;
@@ -71,6 +72,7 @@ pub struct Application {
     sandbox: Option<Sandbox>,
     tokens: Arc<TokenManager>,
     sender: Arc<Sender>,
+    campaigns: Arc<Runner>,
     webhooks: Arc<Deliverer>,
     shutdown_timeout: Duration,
     purge_interval: Duration,
@@ -156,6 +158,11 @@ impl Application {
             metrics.clone(),
         ));
 
+        let campaigns = Arc::new(Runner::new(
+            db.clone(),
+            sender.clone(),
+            RunnerConfig::default(),
+        ));
         let webhooks = Arc::new(
             Deliverer::new(db.clone(), settings.webhooks.clone(), metrics.clone())
                 .map_err(StartupError::Webhooks)?,
@@ -211,6 +218,7 @@ impl Application {
             sandbox,
             tokens,
             sender,
+            campaigns,
             webhooks,
             shutdown_timeout: settings.shutdown_timeout,
             purge_interval: settings.purge_interval,
@@ -254,6 +262,7 @@ impl Application {
         self.tokens.spawn_refreshers(self.stop.subscribe());
         let mut workers = self.sender.spawn(self.stop.subscribe());
         workers.extend(self.webhooks.spawn(self.stop.subscribe()));
+        workers.push(self.campaigns.spawn(self.stop.subscribe()));
         let (state, mut stop) = (self.state.clone(), self.stop.subscribe());
         tokio::spawn(async move {
             // Rate-limit buckets of clients gone quiet are forgotten.

@@ -103,11 +103,21 @@ impl KeyRing {
 
     /// The key `presented`, if it is a configured key with `role`.
     pub fn authorize(&self, presented: Option<&str>, role: Role) -> Result<Grant<'_>, Denied> {
+        self.authorize_any(presented, &[role])
+    }
+
+    /// The key `presented`, if it is a configured key with one of `roles` (the
+    /// first is the one a refusal names).
+    pub fn authorize_any(
+        &self,
+        presented: Option<&str>,
+        roles: &[Role],
+    ) -> Result<Grant<'_>, Denied> {
         let entry = presented
             .and_then(|p| self.find(p))
             .ok_or(Denied::UnknownKey)?;
-        if !entry.roles.contains(&role) {
-            return Err(Denied::MissingRole(role));
+        if !roles.iter().any(|r| entry.roles.contains(r)) {
+            return Err(Denied::MissingRole(roles[0]));
         }
         Ok(Grant {
             name: &entry.name,

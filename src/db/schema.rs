@@ -22,6 +22,39 @@ diesel::table! {
 }
 
 diesel::table! {
+    campaigns (id) {
+        id -> Int8,
+        public_id -> Text,
+        app_id -> Text,
+        template_id -> Text,
+        channel -> Text,
+        page -> Nullable<Text>,
+        body -> Text,
+        audience -> Nullable<Text>,
+        status -> Text,
+        rate_per_s -> Nullable<Int4>,
+        send_at -> Nullable<Timestamp>,
+        targeted -> Int8,
+        materialised -> Int8,
+        holders_after -> Nullable<Text>,
+        audience_done -> Bool,
+        released -> Int8,
+        pace_from -> Nullable<Timestamp>,
+        pace_base -> Int8,
+        paced_at -> Nullable<Timestamp>,
+        runner -> Nullable<Text>,
+        runner_until -> Nullable<Timestamp>,
+        idem_scope -> Nullable<Text>,
+        idem_key -> Nullable<Text>,
+        request_hash -> Nullable<Text>,
+        created_at -> Timestamp,
+        updated_at -> Timestamp,
+        started_at -> Nullable<Timestamp>,
+        finished_at -> Nullable<Timestamp>,
+    }
+}
+
+diesel::table! {
     credentials (id) {
         id -> Int8,
         app_id -> Text,
@@ -109,6 +142,7 @@ diesel::table! {
         wechat_msgid -> Nullable<Text>,
         delivery -> Nullable<Text>,
         send_at -> Nullable<Timestamp>,
+        campaign_id -> Nullable<Int8>,
     }
 }
 
@@ -210,6 +244,7 @@ diesel::joinable!(message_attempts -> messages (message_id));
 diesel::allow_tables_to_appear_in_same_query!(
     access_tokens,
     app_pauses,
+    campaigns,
     credentials,
     idempotency_keys,
     jobs,

@@ -39,6 +39,7 @@ pub enum ErrorCode {
     RateLimited,
     WechatUnavailable,
     IdempotencyMismatch,
+    Conflict,
     BadSignature,
     DataInvalid,
     Unavailable,

@@ -33,21 +33,27 @@ fn state(req: &HttpRequest) -> Result<&web::Data<AppState>, ApiError> {
 
 /// A role an endpoint requires, as a type.
 pub trait RequiredRole {
-    const ROLE: Role;
+    /// A key with any of these roles passes; a refusal names the first.
+    const ROLES: &'static [Role];
 }
 
 pub struct SendRole;
 pub struct AdminRole;
 pub struct TokenRole;
+/// `send`, or `admin` (campaigns: an admin may read, pause, resume and cancel).
+pub struct SendOrAdminRole;
 
 impl RequiredRole for SendRole {
-    const ROLE: Role = Role::Send;
+    const ROLES: &'static [Role] = &[Role::Send];
 }
 impl RequiredRole for AdminRole {
-    const ROLE: Role = Role::Admin;
+    const ROLES: &'static [Role] = &[Role::Admin];
 }
 impl RequiredRole for TokenRole {
-    const ROLE: Role = Role::Token;
+    const ROLES: &'static [Role] = &[Role::Token];
+}
+impl RequiredRole for SendOrAdminRole {
+    const ROLES: &'static [Role] = &[Role::Send, Role::Admin];
 }
 
 /// The request carries an API key with role `R` (401 / 403 otherwise; 429 past the
@@ -87,7 +93,7 @@ impl<R: RequiredRole> FromRequest for Authorized<R> {
     type Future = Ready<Result<Self, ApiError>>;
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
-        ready(authorize(req, R::ROLE).map(|(key_name, apps)| Authorized {
+        ready(authorize(req, R::ROLES).map(|(key_name, apps)| Authorized {
             key_name,
             apps,
             role: PhantomData,
@@ -95,12 +101,12 @@ impl<R: RequiredRole> FromRequest for Authorized<R> {
     }
 }
 
-fn authorize(req: &HttpRequest, role: Role) -> Result<(String, AppScope), ApiError> {
+fn authorize(req: &HttpRequest, roles: &[Role]) -> Result<(String, AppScope), ApiError> {
     let state = state(req)?;
     let grant = at_the_door(state, req, "api_key", || {
         state
             .keys
-            .authorize(bearer(req), role)
+            .authorize_any(bearer(req), roles)
             .map_err(|denied| match denied {
                 Denied::UnknownKey => ApiError::unauthorized(),
                 Denied::MissingRole(role) => ApiError::forbidden(role.name()),

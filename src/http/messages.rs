@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
+use chrono::{DateTime, Utc};
 use serde::Deserialize;
 
 use super::error::{ApiError, ErrorBody};
@@ -23,8 +24,12 @@ const MAX_AWAIT_CREDENTIAL_S: u32 = 600;
 const MAX_IDEMPOTENCY_KEY: usize = 255;
 
 pub fn config(cfg: &mut web::ServiceConfig) {
-    cfg.service(resource("/v1/messages").route(web::post().to(create)))
-        .service(resource("/v1/messages/{id}").route(web::get().to(get)));
+    cfg.service(
+        resource("/v1/messages")
+            .route(web::post().to(create))
+            .route(web::get().to(super::campaigns::messages)),
+    )
+    .service(resource("/v1/messages/{id}").route(web::get().to(get)));
 }
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -78,19 +83,53 @@ fn validate(
 ) -> Result<NewMessage, ApiError> {
     check_openid(&m.openid)?;
     let app_id = auth.app(state, m.app_id.as_deref())?;
-    if !ledger::is_valid_value(&m.template_id) {
+    check_content(
+        &m.template_id,
+        m.page.as_deref(),
+        &m.data,
+        m.miniprogram_state.as_deref(),
+        m.lang.as_deref(),
+    )?;
+    if m.await_credential_s > MAX_AWAIT_CREDENTIAL_S {
+        return Err(invalid(format!(
+            "await_credential_s must be 0..={MAX_AWAIT_CREDENTIAL_S}"
+        )));
+    }
+    let send_at = parse_send_at(m.send_at.as_deref())?;
+    Ok(NewMessage {
+        app_id,
+        openid: m.openid,
+        template_id: m.template_id,
+        channel: Channel::Template,
+        page: m.page,
+        content: content(m.data, m.emphasis_keyword, m.miniprogram_state, m.lang),
+        await_credential_s: m.await_credential_s,
+        send_at,
+    })
+}
+
+/// The parts of a message's content WeChat would refuse whatever the user (a
+/// message's, or every recipient's of a campaign).
+pub(crate) fn check_content(
+    template_id: &str,
+    page: Option<&str>,
+    data: &BTreeMap<String, DataIn>,
+    miniprogram_state: Option<&str>,
+    lang: Option<&str>,
+) -> Result<(), ApiError> {
+    if !ledger::is_valid_value(template_id) {
         return Err(invalid(
             "template_id must be 1..128 printable ASCII characters",
         ));
     }
-    if let Some(page) = &m.page {
+    if let Some(page) = page {
         if page.len() > 1024 || page.chars().any(char::is_control) {
             return Err(invalid(
                 "page must be at most 1024 characters, no control characters",
             ));
         }
     }
-    for (key, v) in &m.data {
+    for (key, v) in data {
         let key_ok = (1..=64).contains(&key.len())
             && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
         if !key_ok {
@@ -104,69 +143,105 @@ fn validate(
             )));
         }
     }
-    if m.await_credential_s > MAX_AWAIT_CREDENTIAL_S {
-        return Err(invalid(format!(
-            "await_credential_s must be 0..={MAX_AWAIT_CREDENTIAL_S}"
-        )));
-    }
-    if let Some(s) = &m.miniprogram_state {
-        if !["developer", "trial", "formal"].contains(&s.as_str()) {
+    if let Some(s) = miniprogram_state {
+        if !["developer", "trial", "formal"].contains(&s) {
             return Err(invalid(
                 "miniprogram_state must be developer, trial or formal",
             ));
         }
     }
-    if let Some(lang) = &m.lang {
-        if !["zh_CN", "en_US", "zh_HK", "zh_TW"].contains(&lang.as_str()) {
+    if let Some(lang) = lang {
+        if !["zh_CN", "en_US", "zh_HK", "zh_TW"].contains(&lang) {
             return Err(invalid("lang must be zh_CN, en_US, zh_HK or zh_TW"));
         }
     }
-    let send_at = match &m.send_at {
-        None => None,
-        Some(raw) => {
-            let at = chrono::DateTime::parse_from_rfc3339(raw)
-                .map_err(|_| {
-                    invalid("send_at must be an RFC 3339 time, e.g. 2026-12-24T01:00:00Z")
-                })?
-                .with_timezone(&chrono::Utc);
-            if at > crate::time::now() + chrono::TimeDelta::days(MAX_SEND_AHEAD_DAYS) {
-                return Err(invalid(format!(
-                    "send_at must be at most {MAX_SEND_AHEAD_DAYS} days ahead"
-                )));
-            }
-            Some(at)
-        }
-    };
-    Ok(NewMessage {
-        app_id,
-        openid: m.openid,
-        template_id: m.template_id,
-        channel: Channel::Template,
-        page: m.page,
-        content: Content {
-            data: m
-                .data
-                .into_iter()
-                .map(|(k, v)| {
-                    (
-                        k,
-                        DataValue {
-                            value: v.value,
-                            color: v.color,
-                        },
-                    )
-                })
-                .collect(),
-            emphasis_keyword: m.emphasis_keyword,
-            miniprogram_state: m.miniprogram_state,
-            lang: m.lang,
-        },
-        await_credential_s: m.await_credential_s,
-        send_at,
-    })
+    Ok(())
 }
 
-fn idempotency_key(req: &HttpRequest, scope: &str) -> Result<Option<IdempotencyKey>, ApiError> {
+/// `send_at` of a request: RFC 3339, at most [`MAX_SEND_AHEAD_DAYS`] ahead.
+pub(crate) fn parse_send_at(raw: Option<&str>) -> Result<Option<DateTime<Utc>>, ApiError> {
+    let Some(raw) = raw else {
+        return Ok(None);
+    };
+    let at = DateTime::parse_from_rfc3339(raw)
+        .map_err(|_| invalid("send_at must be an RFC 3339 time, e.g. 2026-12-24T01:00:00Z"))?
+        .with_timezone(&Utc);
+    if at > crate::time::now() + chrono::TimeDelta::days(MAX_SEND_AHEAD_DAYS) {
+        return Err(invalid(format!(
+            "send_at must be at most {MAX_SEND_AHEAD_DAYS} days ahead"
+        )));
+    }
+    Ok(Some(at))
+}
+
+pub(crate) fn content(
+    data: BTreeMap<String, DataIn>,
+    emphasis_keyword: Option<String>,
+    miniprogram_state: Option<String>,
+    lang: Option<String>,
+) -> Content {
+    Content {
+        data: data
+            .into_iter()
+            .map(|(k, v)| {
+                (
+                    k,
+                    DataValue {
+                        value: v.value,
+                        color: v.color,
+                    },
+                )
+            })
+            .collect(),
+        emphasis_keyword,
+        miniprogram_state,
+        lang,
+    }
+}
+
+/// The channel of the app's template, with the data checked against what WeChat
+/// listed of it: only the template's keys, and for a subscribe message each value
+/// by its type's rule (WeChat would answer 47003 after a subscription is spent).
+pub(crate) async fn channel_for(
+    state: &AppState,
+    app_id: &str,
+    template_id: &str,
+    content: &Content,
+) -> Result<Channel, ApiError> {
+    let configured = state.settings.subscription_templates.clone();
+    let (app_id, id) = (app_id.to_string(), template_id.to_string());
+    let template = state
+        .db
+        .run(move |c| templates::lookup(c, &configured, &app_id, &id))
+        .await?;
+    if let Some(keys) = &template.keys {
+        if let Some(key) = content.data.keys().find(|k| !keys.contains(k)) {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "data_invalid",
+                format!(
+                    "data key {key:?} is not a key of template {template_id:?} (its keys: {})",
+                    keys.join(", ")
+                ),
+            ));
+        }
+    }
+    if template.channel == Channel::Subscription {
+        if let Some(field) = subscribe_data::first_invalid(&content.data) {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "data_invalid",
+                format!("{field} breaks its type's rule for subscribe messages"),
+            ));
+        }
+    }
+    Ok(template.channel)
+}
+
+pub(crate) fn idempotency_key(
+    req: &HttpRequest,
+    scope: &str,
+) -> Result<Option<IdempotencyKey>, ApiError> {
     let Some(value) = req.headers().get("Idempotency-Key") else {
         return Ok(None);
     };
@@ -221,37 +296,13 @@ pub(crate) async fn create(
     let wait = wait_for(&query)?;
     let idempotency = idempotency_key(&req, &auth.key_name)?;
     let mut message = validate(&state, &auth, body.into_inner())?;
-    let configured = state.settings.subscription_templates.clone();
-    let (app_id, template_id) = (message.app_id.clone(), message.template_id.clone());
-    let template = state
-        .db
-        .run(move |c| templates::lookup(c, &configured, &app_id, &template_id))
-        .await?;
-    message.channel = template.channel;
-    if let Some(keys) = &template.keys {
-        // WeChat listed the template: its data takes only the template's keys.
-        if let Some(key) = message.content.data.keys().find(|k| !keys.contains(k)) {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "data_invalid",
-                format!(
-                    "data key {key:?} is not a key of template {:?} (its keys: {})",
-                    message.template_id,
-                    keys.join(", ")
-                ),
-            ));
-        }
-    }
-    if message.channel == Channel::Subscription {
-        // WeChat would answer 47003; refuse before a subscription is spent.
-        if let Some(field) = subscribe_data::first_invalid(&message.content.data) {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "data_invalid",
-                format!("{field} breaks its type's rule for subscribe messages"),
-            ));
-        }
-    }
+    message.channel = channel_for(
+        &state,
+        &message.app_id,
+        &message.template_id,
+        &message.content,
+    )
+    .await?;
     // The key's place among waiters is taken before anything is stored, so a 429
     // here leaves nothing behind and a retry cannot make a second message.
     let waiting = if wait.is_zero() {

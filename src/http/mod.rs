@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod admin_page;
 pub mod api_docs;
+pub mod campaigns;
 pub mod client;
 pub mod credentials;
 pub mod error;
@@ -127,42 +128,44 @@ pub fn check_openid(openid: &str) -> Result<(), ApiError> {
 /// Mounts every route but `/metrics` (see [`health::metrics_config`]) and the
 /// extractor settings that give contract-shaped errors.
 pub fn config(cfg: &mut web::ServiceConfig) {
-    cfg.app_data(
-        web::JsonConfig::default()
-            .limit(BODY_LIMIT)
-            .content_type_required(false)
-            .error_handler(|err, _| json_error(err).into()),
-    )
-    .app_data(web::PayloadConfig::new(BODY_LIMIT))
-    .app_data(
-        web::QueryConfig::default()
-            .error_handler(|err, _| ApiError::invalid_request(err.to_string()).into()),
-    )
-    .app_data(
-        web::PathConfig::default()
-            .error_handler(|err, _| ApiError::invalid_request(err.to_string()).into()),
-    )
-    .configure(health::config)
-    .configure(credentials::config)
-    .configure(client::config)
-    .configure(tokens::config)
-    .configure(messages::config)
-    .configure(push::config)
-    .configure(openapi::config)
-    .configure(admin::config)
-    .configure(webhooks::config)
-    .configure(admin_page::config)
-    .configure(api_docs::config)
-    .default_service(web::to(not_found));
+    cfg.app_data(json_config(BODY_LIMIT))
+        .app_data(web::PayloadConfig::new(BODY_LIMIT))
+        .app_data(
+            web::QueryConfig::default()
+                .error_handler(|err, _| ApiError::invalid_request(err.to_string()).into()),
+        )
+        .app_data(
+            web::PathConfig::default()
+                .error_handler(|err, _| ApiError::invalid_request(err.to_string()).into()),
+        )
+        .configure(health::config)
+        .configure(credentials::config)
+        .configure(client::config)
+        .configure(tokens::config)
+        .configure(messages::config)
+        .configure(campaigns::config)
+        .configure(push::config)
+        .configure(openapi::config)
+        .configure(admin::config)
+        .configure(webhooks::config)
+        .configure(admin_page::config)
+        .configure(api_docs::config)
+        .default_service(web::to(not_found));
 }
 
-fn json_error(err: JsonPayloadError) -> ApiError {
+/// JSON bodies up to `limit` bytes, with the contract's errors.
+pub fn json_config(limit: usize) -> web::JsonConfig {
+    web::JsonConfig::default()
+        .limit(limit)
+        .content_type_required(false)
+        .error_handler(move |err, _| json_error(err, limit).into())
+}
+
+fn json_error(err: JsonPayloadError, limit: usize) -> ApiError {
     match err {
         JsonPayloadError::Overflow { .. }
         | JsonPayloadError::OverflowKnownLength { .. }
-        | JsonPayloadError::Payload(PayloadError::Overflow) => {
-            ApiError::payload_too_large(BODY_LIMIT)
-        }
+        | JsonPayloadError::Payload(PayloadError::Overflow) => ApiError::payload_too_large(limit),
         JsonPayloadError::Deserialize(e) => ApiError::invalid_request(e.to_string()),
         other => ApiError::invalid_request(other.to_string()),
     }

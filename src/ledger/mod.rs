@@ -12,8 +12,8 @@ mod record;
 pub use claim::{claim, invalidate, release, release_id, Pick, Use};
 pub use grants::{lock_user, record_pushed, PushedResults, MERGE_WINDOW};
 pub use query::{
-    live_grants, purge, purge_results, quota, stats, users, KindQuota, Quota, Stats, UserPage,
-    UserSummary,
+    holders, live_grants, purge, purge_results, quota, stats, users, KindQuota, Quota, Stats,
+    UserPage, UserSummary,
 };
 pub use record::{record, record_group, Item, RecordOutcome, RejectReason, Rejection, Report};
 

@@ -235,6 +235,45 @@ pub fn users(
     Ok(UserPage { users, next_cursor })
 }
 
+/// Up to `limit` users of the app, by openid after `after`, holding a live
+/// credential that `pick` could spend now: a campaign's "holding" audience, a page
+/// at a time.
+pub fn holders(
+    conn: &mut DbConn,
+    app_id: &str,
+    pick: super::Pick<'_>,
+    after: &str,
+    limit: i64,
+    now: DateTime<Utc>,
+) -> DbResult<Vec<String>> {
+    use super::Pick;
+    let tokens = [Kind::FormId.as_str(), Kind::PrepayId.as_str()];
+    let (template, tokens_too) = match pick {
+        Pick::Tokens => (None, true),
+        Pick::SubscriptionFirst(t) => (Some(t), true),
+        Pick::SubscriptionOnly(t) => (Some(t), false),
+    };
+    let subscribed = c::kind
+        .eq(Kind::Subscription.as_str())
+        .and(c::template_id.eq(template.unwrap_or("")))
+        .and(template.is_some().into_sql::<diesel::sql_types::Bool>());
+    let token = c::kind
+        .eq_any(tokens)
+        .and(tokens_too.into_sql::<diesel::sql_types::Bool>());
+    Ok(dispatch!(conn, |conn| live!(
+        c::credentials
+            .filter(c::app_id.eq(app_id))
+            .filter(c::openid.gt(after))
+            .filter(subscribed.or(token)),
+        to_db(now)
+    )
+    .select(c::openid)
+    .distinct()
+    .order(c::openid)
+    .limit(limit)
+    .load(conn))?)
+}
+
 /// Totals of one app's live credentials. (Message totals join these once messages exist.)
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Stats {

@@ -10,6 +10,7 @@
 
 pub mod delivery;
 pub mod policy;
+pub mod recipients;
 pub mod sender;
 pub mod settle;
 pub mod store;
@@ -36,15 +37,26 @@ pub enum Status {
     Sent,
     NoQuota,
     Failed,
+    /// A campaign recipient the send policy left out (daily cap); nothing spent.
+    Skipped,
+    /// A campaign recipient its campaign's cancel reached before it was sent.
+    Cancelled,
 }
 
+/// The stored status of a campaign recipient its campaign has not released yet
+/// (paced, paused or not started): outside the sender's due index, shown as
+/// `queued`.
+pub const HELD: &str = "held";
+
 impl Status {
-    pub const ALL: [Status; 5] = [
+    pub const ALL: [Status; 7] = [
         Status::Queued,
         Status::Sending,
         Status::Sent,
         Status::NoQuota,
         Status::Failed,
+        Status::Skipped,
+        Status::Cancelled,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -54,11 +66,13 @@ impl Status {
             Status::Sent => "sent",
             Status::NoQuota => "no_quota",
             Status::Failed => "failed",
+            Status::Skipped => "skipped",
+            Status::Cancelled => "cancelled",
         }
     }
 
     pub fn is_final(self) -> bool {
-        matches!(self, Status::Sent | Status::NoQuota | Status::Failed)
+        !matches!(self, Status::Queued | Status::Sending)
     }
 }
 
@@ -66,6 +80,9 @@ impl TryFrom<&str> for Status {
     type Error = DbError;
 
     fn try_from(s: &str) -> Result<Status, DbError> {
+        if s == HELD {
+            return Ok(Status::Queued);
+        }
         Status::ALL
             .into_iter()
             .find(|status| status.as_str() == s)
@@ -166,7 +183,7 @@ pub fn submit(
     let request = serde_json::to_vec(msg).unwrap_or_default();
     let due = msg.send_at.map_or(now, |at| at.max(now));
     let row = NewMessageRow {
-        public_id: new_public_id(),
+        public_id: new_public_id("msg"),
         app_id: msg.app_id.clone(),
         openid: msg.openid.clone(),
         template_id: msg.template_id.clone(),
@@ -181,6 +198,8 @@ pub fn submit(
         created_at: to_db(now),
         updated_at: to_db(now),
         send_at: msg.send_at.map(to_db),
+        campaign_id: None,
+        finished_at: None,
     };
     let idempotency = idempotency.map(|k| IdempotencyRecord {
         scope: k.scope.clone(),
@@ -193,12 +212,13 @@ pub fn submit(
     })
 }
 
-/// A message's id in the API: "msg_" and 128 random bits in hex. Random rather than
-/// the row's sequence number, so a key cannot count other apps' messages between two
-/// of its own, nor guess another message's id.
-fn new_public_id() -> String {
+/// An id in the API: `prefix`, "_" and 128 random bits in hex ("msg_…" for a
+/// message, "cmp_…" for a campaign). Random rather than the row's sequence number, so
+/// a key cannot count other apps' messages between two of its own, nor guess
+/// another's id.
+pub fn new_public_id(prefix: &str) -> String {
     let bits: u128 = rand::random();
-    format!("msg_{bits:032x}")
+    format!("{prefix}_{bits:032x}")
 }
 
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -274,7 +294,7 @@ impl MessageView {
     fn new(row: MessageRow, attempts: Vec<AttemptRow>) -> DbResult<Self> {
         let (status, channel) = (row.status()?, row.channel()?);
         let error = match status {
-            Status::Failed | Status::NoQuota => Some(ErrorView {
+            Status::Failed | Status::NoQuota | Status::Skipped => Some(ErrorView {
                 code: row.error_code.clone().ok_or_else(|| {
                     DbError::Corrupt(format!(
                         "message {} is {} without an error code",
@@ -360,6 +380,20 @@ pub fn recent(
         .collect()
 }
 
+/// A campaign's recipients after internal id `after` (0: from the first), in the
+/// order they were made.
+pub fn recipients_page(
+    conn: &mut DbConn,
+    campaign_id: i64,
+    after: i64,
+    limit: u32,
+) -> DbResult<Vec<MessageView>> {
+    recipients::page(conn, campaign_id, after, limit.into())?
+        .into_iter()
+        .map(|(row, attempts)| MessageView::new(row, attempts))
+        .collect()
+}
+
 /// Message totals of one app over the last 24 h, for the admin overview.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct MessageStats {
@@ -382,6 +416,8 @@ pub struct HourCount {
     pub failed: i64,
     pub no_quota: i64,
     pub pending: i64,
+    /// Campaign recipients skipped by the policy or cancelled.
+    pub not_sent: i64,
 }
 
 pub fn stats(conn: &mut DbConn, app_id: &str, now: DateTime<Utc>) -> DbResult<MessageStats> {
@@ -404,6 +440,7 @@ pub fn stats(conn: &mut DbConn, app_id: &str, now: DateTime<Utc>) -> DbResult<Me
             Status::Failed => bucket.failed += n,
             Status::NoQuota => bucket.no_quota += n,
             Status::Queued | Status::Sending => bucket.pending += n,
+            Status::Skipped | Status::Cancelled => bucket.not_sent += n,
         }
     }
     let top_errcodes = store::top_errcodes(conn, app_id, since, 10)?

@@ -130,17 +130,17 @@ impl Sender {
         }
     }
 
-    /// When the send policy (gap between a user's messages, daily cap) lets this
-    /// message go; None: now. Only one message per user is leased at a time, so no
-    /// other send of the user can slip in between this look and the send.
-    async fn held_by_policy(
+    /// What the send policy (gap between a user's messages, daily cap) says of this
+    /// message now. Only one message per user is leased at a time, so no other send
+    /// of the user can slip in between this look and the send.
+    async fn policy_verdict(
         &self,
         msg: &MessageRow,
-        now: chrono::DateTime<chrono::Utc>,
-    ) -> DbResult<Option<chrono::DateTime<chrono::Utc>>> {
+        now: DateTime<Utc>,
+    ) -> DbResult<settle::PolicyVerdict> {
         let policy = &self.config.policy;
         if policy.user_min_gap.is_zero() && policy.user_daily_cap == 0 {
-            return Ok(None);
+            return Ok(settle::PolicyVerdict::Go);
         }
         let (app_id, openid) = (msg.app_id.clone(), msg.openid.clone());
         let day_start = settle::beijing_day_start(now);
@@ -148,7 +148,8 @@ impl Sender {
             .db
             .run(move |c| store::user_sends(c, &app_id, &openid, day_start))
             .await?;
-        Ok(settle::policy_hold(policy, last, today, now))
+        let campaign = msg.campaign_id.is_some();
+        Ok(settle::policy_verdict(policy, last, today, campaign, now))
     }
 
     async fn process(&self, msg: MessageRow) -> DbResult<()> {
@@ -159,10 +160,16 @@ impl Sender {
             return self.settle(&msg, settle::interrupted(&msg, now)?).await;
         }
         if msg.credential_id.is_none() {
-            if let Some(until) = self.held_by_policy(&msg, now).await? {
-                return self
-                    .settle(&msg, settle::held_by_policy(&msg, until)?)
-                    .await;
+            match self.policy_verdict(&msg, now).await? {
+                settle::PolicyVerdict::Go => {}
+                settle::PolicyVerdict::Wait(until) => {
+                    return self
+                        .settle(&msg, settle::held_by_policy(&msg, until)?)
+                        .await;
+                }
+                settle::PolicyVerdict::Skip => {
+                    return self.settle(&msg, settle::skipped(now)).await;
+                }
             }
         }
         let content = match msg.content() {

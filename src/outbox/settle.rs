@@ -77,6 +77,8 @@ pub enum MessageErrorCode {
     RetriesExhausted,
     /// A call may have delivered and the credential cannot prove it: not sent again.
     OutcomeUnknown,
+    /// A campaign recipient over the user's daily cap (`LEDGER_USER_DAILY_CAP`).
+    PolicyLimited,
     /// Every credential tried was bad.
     CredentialsExhausted,
     /// The service's own fault, not the caller's nor WeChat's: the stored message
@@ -99,6 +101,7 @@ impl MessageErrorCode {
             MessageErrorCode::OutcomeUnknown => "outcome_unknown",
             MessageErrorCode::CredentialsExhausted => "credentials_exhausted",
             MessageErrorCode::Internal => "internal",
+            MessageErrorCode::PolicyLimited => "policy_limited",
         }
     }
 }
@@ -277,23 +280,54 @@ pub fn held_by_policy(msg: &MessageRow, until: DateTime<Utc>) -> DbResult<Settle
     ))
 }
 
-/// When the send policy lets the user get their next message: `last_sent` is the
-/// user's latest sent message of the app, `sent_today` how many were sent since
-/// Beijing midnight. None: now.
-pub fn policy_hold(
+/// What the send policy says of a message before it spends anything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PolicyVerdict {
+    Go,
+    /// Not before then.
+    Wait(DateTime<Utc>),
+    /// A campaign recipient over the daily cap: it ends `skipped`.
+    Skip,
+}
+
+/// The send policy for the user's next message: `last_sent` is the user's latest
+/// sent message of the app, `sent_today` how many were sent since Beijing midnight.
+/// Over the daily cap a single message waits for the next day; a campaign
+/// recipient is skipped (the contract's rule: a campaign is today's news).
+pub fn policy_verdict(
     policy: &Policy,
     last_sent: Option<DateTime<Utc>>,
     sent_today: i64,
+    campaign: bool,
     now: DateTime<Utc>,
-) -> Option<DateTime<Utc>> {
+) -> PolicyVerdict {
     let gap = TimeDelta::from_std(policy.user_min_gap).unwrap_or(TimeDelta::MAX);
     let after_gap = last_sent
         .filter(|_| !gap.is_zero())
         .map(|t| t + gap)
         .filter(|t| *t > now);
     let capped = policy.user_daily_cap > 0 && sent_today >= i64::from(policy.user_daily_cap);
-    let next_day = capped.then(|| next_beijing_midnight(now));
-    after_gap.max(next_day)
+    match (capped, after_gap) {
+        (true, _) if campaign => PolicyVerdict::Skip,
+        (true, gap) => {
+            let midnight = next_beijing_midnight(now);
+            PolicyVerdict::Wait(gap.map_or(midnight, |g| g.max(midnight)))
+        }
+        (false, Some(at)) => PolicyVerdict::Wait(at),
+        (false, None) => PolicyVerdict::Go,
+    }
+}
+
+/// A campaign recipient the policy skips: final, nothing spent, no call.
+pub fn skipped(now: DateTime<Utc>) -> Settlement {
+    Settlement {
+        error: Some(MessageError {
+            code: MessageErrorCode::PolicyLimited,
+            wechat_errcode: None,
+            message: "the user reached LEDGER_USER_DAILY_CAP messages today".into(),
+        }),
+        ..Settlement::finish(Status::Skipped, CredentialFate::Keep, now)
+    }
 }
 
 /// Start of the current Beijing day (UTC+8), in UTC.
@@ -523,6 +557,7 @@ mod tests {
             wechat_msgid: None,
             delivery: None,
             send_at: None,
+            campaign_id: None,
         }
     }
 
@@ -814,23 +849,30 @@ mod tests {
             ..Policy::default()
         };
         let ago = |s| Some(now - TimeDelta::seconds(s));
+        use PolicyVerdict::{Go, Skip, Wait};
+        let single = |p, last, today| policy_verdict(&p, last, today, false, now);
         // No policy: never held.
-        assert_eq!(policy_hold(&policy(0, 0), ago(1), 1000, now), None);
+        assert_eq!(single(policy(0, 0), ago(1), 1000), Go);
         // Gap of 60 s: 10 s after the last one waits 50 s more; 60 s after, none.
         assert_eq!(
-            policy_hold(&policy(60, 0), ago(10), 1, now),
-            Some(now + TimeDelta::seconds(50))
+            single(policy(60, 0), ago(10), 1),
+            Wait(now + TimeDelta::seconds(50))
         );
-        assert_eq!(policy_hold(&policy(60, 0), ago(60), 1, now), None);
-        assert_eq!(policy_hold(&policy(60, 0), None, 0, now), None);
+        assert_eq!(single(policy(60, 0), ago(60), 1), Go);
+        assert_eq!(single(policy(60, 0), None, 0), Go);
         // Cap of 3 a day: the 3rd sent today holds the next until Beijing midnight.
-        assert_eq!(policy_hold(&policy(0, 3), ago(3600), 2, now), None);
-        assert_eq!(
-            policy_hold(&policy(0, 3), ago(3600), 3, now),
-            Some(midnight)
-        );
+        assert_eq!(single(policy(0, 3), ago(3600), 2), Go);
+        assert_eq!(single(policy(0, 3), ago(3600), 3), Wait(midnight));
         // Both: the later of the two.
-        assert_eq!(policy_hold(&policy(60, 3), ago(10), 3, now), Some(midnight));
+        assert_eq!(single(policy(60, 3), ago(10), 3), Wait(midnight));
+        // A campaign recipient over the cap is skipped; under it, the gap holds it.
+        let campaign = |p, last, today| policy_verdict(&p, last, today, true, now);
+        assert_eq!(campaign(policy(60, 3), ago(10), 3), Skip);
+        assert_eq!(
+            campaign(policy(60, 3), ago(10), 2),
+            Wait(now + TimeDelta::seconds(50))
+        );
+        assert_eq!(campaign(policy(0, 3), None, 0), Go);
         assert_eq!(beijing_day_start(now), midnight - TimeDelta::days(1));
     }
 

@@ -59,6 +59,8 @@ pub struct MessageRow {
     pub delivery: Option<String>,
     /// Not sent before then (`send_at` of the request).
     pub send_at: Option<NaiveDateTime>,
+    /// The campaign it is a recipient of.
+    pub campaign_id: Option<i64>,
 }
 
 impl MessageRow {
@@ -128,6 +130,9 @@ pub struct NewMessageRow {
     pub created_at: NaiveDateTime,
     pub updated_at: NaiveDateTime,
     pub send_at: Option<NaiveDateTime>,
+    pub campaign_id: Option<i64>,
+    /// Set for a row stored final (a cancelled campaign's recipient).
+    pub finished_at: Option<NaiveDateTime>,
 }
 
 /// An `Idempotency-Key` and the hash of the request it came with.
@@ -539,7 +544,7 @@ pub fn settle(
             }
         }
         if final_status {
-            finished_event(conn, msg)?;
+            finished_event(conn, msg, s.status)?;
         }
         let grant_gone = matches!(
             s.credential,
@@ -571,7 +576,12 @@ pub fn settle(
 
 /// `message.finished` with the message resource as it now stands (in the settling
 /// transaction: the event exists exactly when the final status does).
-fn finished_event(conn: &mut DbConn, msg: &MessageRow) -> DbResult<()> {
+fn finished_event(conn: &mut DbConn, msg: &MessageRow, status: Status) -> DbResult<()> {
+    // The contract's event is for sent, no_quota and failed; a campaign's skipped
+    // recipients show in its counts.
+    if matches!(status, Status::Skipped | Status::Cancelled) {
+        return Ok(());
+    }
     message_event(conn, msg.id, EventType::MessageFinished)
 }
 

@@ -317,3 +317,151 @@ backend_app_tests! {
         sigterm_in_flight(tdb).await;
     }
 }
+
+/// Contract v2, campaigns: 2,000 recipients over three instances, the instance
+/// running the campaign killed with SIGKILL in the middle. Another instance takes
+/// the campaign over (its lease runs out) and every recipient ends in exactly one
+/// final status; the simulator's record shows one message per spent form_id and
+/// one per sent recipient.
+async fn kill_a_campaigns_runner(tdb: TestDb) {
+    let http = reqwest::Client::new();
+    let (_sim, sim_base) = slow_simulator(&http).await;
+    post_json(
+        &http,
+        &format!("{sim_base}/sim/faults"),
+        None,
+        &json!({"send": {"latency_ms": [5, 30]}}),
+    )
+    .await;
+    let url = tdb.url();
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let bases: Vec<String> = ports
+        .iter()
+        .map(|p| format!("http://127.0.0.1:{p}"))
+        .collect();
+    let a = service(&url, &sim_base, ports[0]);
+    wait_up(&http, &format!("{}/readyz", bases[0])).await;
+
+    // 1,900 users with one form_id each; 100 with none.
+    let openids: Vec<String> = (0..2000).map(|i| format!("c{i:04}")).collect();
+    let mut items = Vec::new();
+    for openid in &openids[..1900] {
+        let minted = post_json(
+            &http,
+            &format!("{sim_base}/sim/form-ids"),
+            None,
+            &json!({"appid": APP, "openid": openid, "count": 1}),
+        )
+        .await;
+        items.push(json!({"openid": openid, "kind": "form_id", "value": minted["form_ids"][0]}));
+    }
+    for chunk in items.chunks(50) {
+        let res = post_json(
+            &http,
+            &format!("{}/v1/credentials", bases[0]),
+            Some(KEY_SEND),
+            &json!({"credentials": chunk}),
+        )
+        .await;
+        assert_eq!(res["accepted"], chunk.len());
+    }
+    // Only A runs when the campaign starts, so A is its runner.
+    let c = post_json(
+        &http,
+        &format!("{}/v1/campaigns", bases[0]),
+        Some(KEY_SEND),
+        &json!({"template_id": "TPL", "audience": {"openids": openids}, "rate_per_s": 200}),
+    )
+    .await;
+    let id = c["id"].as_str().unwrap().to_string();
+    let campaign = |base: String| {
+        let (http, id) = (http.clone(), id.clone());
+        async move { get_json(&http, &format!("{base}/v1/campaigns/{id}"), Some(KEY_SEND)).await }
+    };
+    let started = eventually(Duration::from_secs(20), || async {
+        campaign(bases[0].clone()).await["status"] == "running"
+    })
+    .await;
+    assert!(started, "{}", campaign(bases[0].clone()).await);
+    let _b = service(&url, &sim_base, ports[1]);
+    let _c = service(&url, &sim_base, ports[2]);
+    for base in &bases[1..] {
+        wait_up(&http, &format!("{base}/readyz")).await;
+    }
+    let midway = eventually(Duration::from_secs(30), || async {
+        deliveries(&http, &sim_base).await.len() >= 500
+    })
+    .await;
+    assert!(midway, "the campaign did not get going");
+    drop(a); // SIGKILL: the campaign's runner, and a third of the senders
+    let at_kill = deliveries(&http, &sim_base).await.len();
+    assert!(at_kill < 1500, "nearly everything was sent before the kill ({at_kill})");
+
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let done = loop {
+        let c = campaign(bases[1].clone()).await;
+        let n = |k: &str| c["counts"][k].as_i64().unwrap();
+        let parts: i64 = ["queued", "sent", "no_quota", "failed", "skipped", "cancelled"]
+            .iter()
+            .map(|k| n(k))
+            .sum();
+        assert_eq!(n("targeted"), parts, "counts add up at every moment: {c}");
+        if c["status"] == "done" || Instant::now() > deadline {
+            break c;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    assert_eq!(done["status"], "done", "never finished: {done}");
+
+    let mut statuses: HashMap<String, usize> = HashMap::new();
+    let mut seen = std::collections::HashSet::new();
+    let mut cursor = String::new();
+    loop {
+        let page = get_json(
+            &http,
+            &format!(
+                "{}/v1/messages?campaign_id={id}&limit=500{cursor}",
+                bases[2]
+            ),
+            Some(KEY_SEND),
+        )
+        .await;
+        for m in page["messages"].as_array().unwrap() {
+            assert!(
+                seen.insert(m["openid"].as_str().unwrap().to_string()),
+                "two messages for one recipient: {m}"
+            );
+            let code = m["error"]["code"].as_str().unwrap_or("");
+            *statuses
+                .entry(format!("{}/{code}", m["status"].as_str().unwrap()))
+                .or_default() += 1;
+        }
+        match page["next_cursor"].as_str() {
+            Some(next) => cursor = format!("&cursor={next}"),
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 2000, "every recipient is a message");
+    let delivered = deliveries(&http, &sim_base).await;
+    let mut per_credential: HashMap<String, usize> = HashMap::new();
+    for d in &delivered {
+        *per_credential
+            .entry(d["credential"].as_str().unwrap().to_string())
+            .or_default() += 1;
+    }
+    assert!(
+        per_credential.values().all(|n| *n == 1),
+        "a form_id reached WeChat twice"
+    );
+    let sent = statuses.get("sent/").copied().unwrap_or(0);
+    assert_eq!(delivered.len(), sent, "sent ⇔ delivered: {statuses:?}");
+    assert_eq!(sent, 1900, "every form_id was spent on its recipient: {statuses:?}");
+    assert_eq!(statuses.get("no_quota/no_quota"), Some(&100), "{statuses:?}");
+    assert_eq!(done["counts"]["sent"], 1900, "{done}");
+}
+
+backend_app_tests! {
+    async fn kill_9_a_campaigns_runner(tdb) {
+        kill_a_campaigns_runner(tdb).await;
+    }
+}

@@ -8,6 +8,7 @@ mod helpers;
 
 mod abuse;
 mod api;
+mod campaigns;
 mod client;
 mod crash;
 mod housekeeping;

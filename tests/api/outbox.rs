@@ -36,6 +36,8 @@ fn queue(db: &Db, wait: TimeDelta) -> i64 {
         created_at: db_time(t0()),
         updated_at: db_time(t0()),
         send_at: None,
+        campaign_id: None,
+        finished_at: None,
     };
     match store::insert(&mut conn, &row, None).unwrap() {
         Inserted::New(id) => id,

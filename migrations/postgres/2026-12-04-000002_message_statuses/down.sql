@@ -1,0 +1,3 @@
+ALTER TABLE messages DROP CONSTRAINT messages_status_check;
+ALTER TABLE messages ADD CONSTRAINT messages_status_check
+    CHECK (status IN ('queued', 'sending', 'sent', 'no_quota', 'failed'));
