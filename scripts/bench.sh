@@ -19,6 +19,10 @@
 #                  each, to /v1/wechat/push/{app}; pushes answered 200 `success` per
 #                  second, then the ledger is read: one push_receipts row and one
 #                  pushed grant per acknowledged push
+#   campaign       (only when named in BENCH_SCENARIOS) one POST /v1/campaigns to
+#                  BENCH_CAMPAIGN_USERS (100000) users holding one simulator form_id
+#                  each, no rate_per_s: the request's time, then recipients sent per
+#                  second (simulator's count) until done, beside the send scenario's
 #   webhooks       (only when named in BENCH_SCENARIOS) a receiver inside ledger-load
 #                  is registered for message.finished; 64 clients post messages as
 #                  in send (own users, own send-setup); webhook events delivered per
@@ -44,6 +48,7 @@
 #   BENCH_SEND_MESSAGES (20000: most messages the send scenario posts)
 #   BENCH_WEBHOOK_USERS (250) x BENCH_WEBHOOK_PER_USER (40) simulator form_ids, and
 #   BENCH_WEBHOOK_MESSAGES (10000: most messages the webhooks scenario posts)
+#   BENCH_CAMPAIGN_USERS (100000: recipients of the campaign scenario)
 #   BENCH_DRAIN_TIMEOUT (90 s: how long it then waits for the backlog to be sent, so
 #   the next scenario does not run beside the senders)
 #   BENCH_PG_DB_SET (e.g. "plan_cache_mode = force_custom_plan": ALTER DATABASE … SET
@@ -74,6 +79,7 @@ BENCH_DRAIN_TIMEOUT=${BENCH_DRAIN_TIMEOUT:-90}
 BENCH_WEBHOOK_USERS=${BENCH_WEBHOOK_USERS:-250}
 BENCH_WEBHOOK_PER_USER=${BENCH_WEBHOOK_PER_USER:-40}
 BENCH_WEBHOOK_MESSAGES=${BENCH_WEBHOOK_MESSAGES:-10000}
+BENCH_CAMPAIGN_USERS=${BENCH_CAMPAIGN_USERS:-100000}
 BENCH_CLAIM_USERS=${BENCH_CLAIM_USERS:-2000}
 BENCH_CLAIM_PER_USER=${BENCH_CLAIM_PER_USER:-200}
 BENCH_PHASES=${BENCH_PHASES:-"empty scale"}
@@ -189,7 +195,7 @@ pg_analyze_loop() { # db
 }
 
 # Whether any scenario against the running service is wanted.
-want_service() { want ingest-single || want ingest-batch || want send || want quota || want push || want webhooks; }
+want_service() { want ingest-single || want ingest-batch || want send || want quota || want push || want webhooks || want campaign; }
 
 # The service scenarios of one phase, against the running service.
 service_scenarios() { # backend phase database-url
@@ -225,6 +231,14 @@ service_scenarios() { # backend phase database-url
     log "$b/$ph: webhooks"
     load webhooks $(common "$b" "$ph" webhooks) --sim "$SIM" --prefix "o-$ph-wh-" --users "$BENCH_WEBHOOK_USERS" \
       --messages "$BENCH_WEBHOOK_MESSAGES" --drain-timeout "$BENCH_DRAIN_TIMEOUT" | record
+  fi
+  if want campaign; then
+    log "$b/$ph: campaign setup ($BENCH_CAMPAIGN_USERS users x 1 simulator form_id)"
+    load send-setup --url "$BASE" --key "$KEY" --sim "$SIM" --app "$APP" --prefix "o-$ph-cmp-" \
+      --users "$BENCH_CAMPAIGN_USERS" --per-user 1 >&2
+    log "$b/$ph: campaign"
+    load campaign --url "$BASE" --key "$KEY" --sim "$SIM" --prefix "o-$ph-cmp-" \
+      --users "$BENCH_CAMPAIGN_USERS" --backend "$b" --phase "$ph" --pid "$SVC_PID" | record
   fi
   want quota || return 0
   log "$b/$ph: quota ($touched users of ingest-batch)"
@@ -358,7 +372,7 @@ done
   echo "- machine: nproc=$(nproc), CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'), RAM: $(free -g | awk '/Mem:/{print $2}') GB"
   echo "- commit: $(git rev-parse --short HEAD 2>/dev/null || echo '?') ($(git status --porcelain 2>/dev/null | grep -c . || true) paths differ from it)"
   echo "- PostgreSQL: $(psql -qAt "$BENCH_PG_URL/postgres" -c 'SHOW server_version' 2>/dev/null || echo '?'); SQLite: $(sqlite3 --version | cut -d' ' -f1) (shell)"
-  echo "- BENCH_ROWS=$BENCH_ROWS BENCH_USERS=$BENCH_USERS BENCH_DURATION=$BENCH_DURATION BENCH_WARMUP=$BENCH_WARMUP BENCH_CLIENTS=$BENCH_CLIENTS BENCH_BATCH=$BENCH_BATCH BENCH_SEND_USERS=$BENCH_SEND_USERS BENCH_SEND_MESSAGES=$BENCH_SEND_MESSAGES BENCH_WEBHOOK_MESSAGES=$BENCH_WEBHOOK_MESSAGES BENCH_PG_ANALYZE_EVERY=$BENCH_PG_ANALYZE_EVERY RUST_LOG=$BENCH_RUST_LOG"
+  echo "- BENCH_ROWS=$BENCH_ROWS BENCH_USERS=$BENCH_USERS BENCH_DURATION=$BENCH_DURATION BENCH_WARMUP=$BENCH_WARMUP BENCH_CLIENTS=$BENCH_CLIENTS BENCH_BATCH=$BENCH_BATCH BENCH_SEND_USERS=$BENCH_SEND_USERS BENCH_SEND_MESSAGES=$BENCH_SEND_MESSAGES BENCH_WEBHOOK_MESSAGES=$BENCH_WEBHOOK_MESSAGES BENCH_CAMPAIGN_USERS=$BENCH_CAMPAIGN_USERS BENCH_PG_ANALYZE_EVERY=$BENCH_PG_ANALYZE_EVERY RUST_LOG=$BENCH_RUST_LOG"
   echo "- service settings from the caller: $(env | grep '^LEDGER_' | tr '\n' ' ' || true)"
   grep '"setup":"bulk_load"' "$RESULTS" | sed 's/^/- bulk load: /' || true
   "$BIN/ledger-load" report "$RESULTS"

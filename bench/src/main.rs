@@ -13,6 +13,8 @@
 //!   `/v1/wechat/push/{app}`; the ledger is read afterwards to check what was applied.
 //! - `webhooks` a receiver in this process is registered for `message.finished`;
 //!   clients post messages as `send` does; events delivered per second.
+//! - `campaign` one `POST /v1/campaigns` to `--users` recipients holding form_ids:
+//!   the request's time, then recipients sent per second until it is done.
 //! - `ceiling`  the service's own `ledger::record` / `ledger::claim` in a tight
 //!   in-process loop (no HTTP): the SQLite ceiling (and a PostgreSQL cross-check).
 //! - `report`   JSONL → Markdown.
@@ -27,6 +29,7 @@
 //! [`ceiling`] the in-process ceiling; [`procstat`] CPU and memory from `/proc`;
 //! [`report`] JSONL → Markdown.
 
+mod campaign;
 mod ceiling;
 mod load;
 mod procstat;
@@ -38,6 +41,7 @@ mod webhooks;
 
 use clap::{Parser, Subcommand};
 
+use campaign::{campaign, CampaignArgs};
 use ceiling::{ceiling, CeilingArgs};
 use push::{push, PushArgs};
 use report::{report, ReportArgs};
@@ -60,6 +64,7 @@ enum Cmd {
     Send(SendArgs),
     Push(PushArgs),
     Webhooks(WebhooksArgs),
+    Campaign(CampaignArgs),
     Ceiling(CeilingArgs),
     Report(ReportArgs),
 }
@@ -73,6 +78,7 @@ fn main() {
         Cmd::Send(a) => rt().block_on(send(a)),
         Cmd::Push(a) => rt().block_on(push(a)),
         Cmd::Webhooks(a) => rt().block_on(webhooks(a)),
+        Cmd::Campaign(a) => rt().block_on(campaign(a)),
         Cmd::Ceiling(a) => ceiling(a),
         Cmd::Report(a) => {
             report(&a.file);

@@ -102,6 +102,13 @@ pub fn report(file: &str) {
                     )
                 } else if sc == "push" {
                     format!("{} applied/s", f(&r["items_per_s"]))
+                } else if sc == "campaign" {
+                    format!(
+                        "{} sent/s ({} recipients, created in {} ms)",
+                        f(&r["sent_per_s"]),
+                        r["recipients"],
+                        f(&r["create_ms"])
+                    )
                 } else {
                     f(&r["items_per_s"])
                 };
@@ -189,6 +196,9 @@ pub fn report(file: &str) {
                     yes(r["all_events_arrived"] == true)
                 );
             }
+            if let Some(r) = find(b, ph, "campaign") {
+                campaign_targets(ph, r, find(b, ph, "send"));
+            }
             let rss = rows
                 .iter()
                 .filter(|r| r["backend"] == b.as_str() && r["phase"] == ph.as_str())
@@ -228,5 +238,31 @@ pub fn report(file: &str) {
                 }
             }
         }
+    }
+}
+
+/// The campaign scenario's lines of the targets table: its request answers within a
+/// second, every recipient is sent, and its rate beside the send scenario's.
+fn campaign_targets(ph: &str, r: &Value, send: Option<&Value>) {
+    let yes = |ok: bool| if ok { "yes" } else { "**no**" };
+    let create_ms = r["create_ms"].as_f64().unwrap_or(f64::MAX);
+    println!(
+        "| {ph} | campaign of {} recipients: POST answers < 1 s | {create_ms:.0} ms | {} |",
+        r["recipients"],
+        yes(create_ms < 1000.0)
+    );
+    let sent = r["sent"].as_u64().unwrap_or(0);
+    println!(
+        "| {ph} | campaign: every recipient sent (simulator) | {sent} / {} | {} |",
+        r["recipients"],
+        yes(Some(sent) == r["recipients"].as_u64())
+    );
+    if let Some(s) = send {
+        let rate = s[send_metric(s)].as_f64().unwrap_or(0.0);
+        let ours = r["sent_per_s"].as_f64().unwrap_or(0.0);
+        println!(
+            "| {ph} | campaign sent/s against the send scenario's ({rate:.1}/s) | {:.2}× | – |",
+            ours / rate.max(0.001)
+        );
     }
 }

@@ -11,7 +11,7 @@ pub mod store;
 use std::collections::HashSet;
 
 use chrono::{DateTime, TimeDelta, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::db::{write_tx, DbConn, DbError, DbResult};
@@ -103,9 +103,9 @@ pub fn create(
 ) -> DbResult<Created> {
     // Serialising plain strings and maps cannot fail.
     let request = serde_json::to_vec(new).unwrap_or_default();
-    let (audience, targeted) = match &new.audience {
-        Audience::Openids(openids) => (Some(openids.join("\n")), openids.len() as i64),
-        Audience::Holding => (None, 0),
+    let (holding, audience, targeted) = match &new.audience {
+        Audience::Openids(openids) => (false, Some(openids.join("\n")), openids.len() as i64),
+        Audience::Holding => (true, None, 0),
     };
     let row = NewCampaignRow {
         public_id: new_public_id("cmp"),
@@ -115,6 +115,7 @@ pub fn create(
         page: new.page.clone(),
         body: serde_json::to_string(&new.content)
             .map_err(|e| DbError::Corrupt(format!("campaign body does not serialise: {e}")))?,
+        holding,
         audience,
         status: CampaignStatus::Scheduled.as_str(),
         rate_per_s: new.rate_per_s.map(|r| i32::try_from(r).unwrap_or(i32::MAX)),
@@ -134,7 +135,7 @@ pub fn create(
 
 /// A campaign's recipients by outcome. `targeted` is always the sum of the others:
 /// `queued` counts every recipient not final yet, made into a message or not.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Counts {
     pub targeted: i64,
     pub queued: i64,
@@ -230,18 +231,22 @@ impl CampaignRow {
 
 fn view_of(conn: &mut DbConn, row: CampaignRow, now: DateTime<Utc>) -> DbResult<CampaignView> {
     let status = row.status()?;
-    let counts = Counts::new(row.targeted, &recipients::counts(conn, row.id)?)?;
+    let counts = match &row.final_counts {
+        // Finished: its recipients may have been purged since.
+        Some(stored) => serde_json::from_str(stored)
+            .map_err(|e| DbError::Corrupt(format!("campaign {}: final counts: {e}", row.id)))?,
+        None => counts_now(conn, &row)?,
+    };
     let paused_until = match status {
         CampaignStatus::Running | CampaignStatus::Scheduled => {
             store::app_paused_until(conn, &row.app_id, now)?
         }
         _ => None,
     };
-    let holding = store::audience_is_holding(conn, row.id)?;
     Ok(CampaignView {
         id: row.public_id.clone(),
         channel: row.channel()?,
-        audience: if holding { "holding" } else { "openids" }.into(),
+        audience: if row.holding { "holding" } else { "openids" }.into(),
         status,
         counts,
         paused_until,
@@ -253,6 +258,10 @@ fn view_of(conn: &mut DbConn, row: CampaignRow, now: DateTime<Utc>) -> DbResult<
         app_id: row.app_id,
         template_id: row.template_id,
     })
+}
+
+fn counts_now(conn: &mut DbConn, row: &CampaignRow) -> DbResult<Counts> {
+    Counts::new(row.targeted, &recipients::counts(conn, row.id)?)
 }
 
 /// The campaign resource by internal id.
@@ -380,7 +389,7 @@ pub fn act(conn: &mut DbConn, id: i64, action: Action, now: DateTime<Utc>) -> Db
                     return Ok(());
                 };
                 recipients::cancel(conn, id, now)?;
-                if row.started_at.is_none() && store::audience_is_holding(conn, id)? {
+                if row.started_at.is_none() && row.holding {
                     // Never started: a "holding" audience was never drawn.
                     store::audience_complete(conn, id)?;
                 }
@@ -496,7 +505,10 @@ fn finish_if_complete(conn: &mut DbConn, row: &CampaignRow, now: DateTime<Utc>) 
     if !row.audience_done || recipients::any_pending(conn, row.id)? {
         return Ok(false);
     }
-    store::finish(conn, row.id, now)
+    // Every recipient is final: the counts cannot move any more.
+    let counts = serde_json::to_string(&counts_now(conn, row)?)
+        .map_err(|e| DbError::Corrupt(format!("campaign {}: counts: {e}", row.id)))?;
+    store::finish(conn, row.id, &counts, now)
 }
 
 /// Openids of an explicit audience as stored.

@@ -12,7 +12,7 @@ use chrono::TimeDelta;
 use tokio::sync::watch;
 
 use super::store::{self, CampaignRow};
-use crate::db::{Db, DbResult};
+use crate::db::{Db, DbError, DbResult};
 use crate::outbox::Sender;
 
 #[derive(Debug, Clone)]
@@ -140,7 +140,7 @@ impl Runner {
 
     /// Makes recipients for up to the tick's budget; the campaign as it then stands.
     async fn make(&self, mut row: CampaignRow) -> DbResult<CampaignRow> {
-        let audience = self.audience(row.id).await?;
+        let audience = self.audience(&row).await?;
         let started = Instant::now();
         let batch = self.config.batch;
         loop {
@@ -171,8 +171,12 @@ impl Runner {
         }
     }
 
-    /// The explicit audience of campaign `id` (None: "holding").
-    async fn audience(&self, id: i64) -> DbResult<Option<Arc<Vec<String>>>> {
+    /// The campaign's explicit audience (None: "holding").
+    async fn audience(&self, row: &CampaignRow) -> DbResult<Option<Arc<Vec<String>>>> {
+        if row.holding {
+            return Ok(None);
+        }
+        let id = row.id;
         if let Some(found) = self
             .audiences
             .lock()
@@ -182,14 +186,17 @@ impl Runner {
             return Ok(Some(found.clone()));
         }
         let stored = self.db.run(move |c| store::audience(c, id)).await?;
-        Ok(stored.map(|text| {
-            let openids = Arc::new(super::split_audience(&text));
-            self.audiences
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(id, openids.clone());
-            openids
-        }))
+        let text = stored.ok_or_else(|| {
+            DbError::Corrupt(format!(
+                "campaign {id}: recipients left to make, no audience"
+            ))
+        })?;
+        let openids = Arc::new(super::split_audience(&text));
+        self.audiences
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, openids.clone());
+        Ok(Some(openids))
     }
 
     fn forget(&self, id: i64) {

@@ -1,7 +1,9 @@
 //! The campaigns table.
 
 use chrono::{DateTime, NaiveDateTime, Utc};
+use diesel::dsl::case_when;
 use diesel::prelude::*;
+use diesel::sql_types::{Bool, Nullable, Text};
 
 use crate::db::schema::{app_pauses, campaigns};
 use crate::db::{DbConn, DbError, DbResult};
@@ -20,6 +22,7 @@ pub struct CampaignRow {
     pub channel: String,
     pub page: Option<String>,
     pub body: String,
+    pub holding: bool,
     pub status: String,
     pub rate_per_s: Option<i32>,
     pub send_at: Option<NaiveDateTime>,
@@ -33,6 +36,8 @@ pub struct CampaignRow {
     pub paced_at: Option<NaiveDateTime>,
     pub runner: Option<String>,
     pub runner_until: Option<NaiveDateTime>,
+    /// The counts (JSON) when it finished.
+    pub final_counts: Option<String>,
     pub created_at: NaiveDateTime,
     pub updated_at: NaiveDateTime,
     pub started_at: Option<NaiveDateTime>,
@@ -48,6 +53,7 @@ pub struct NewCampaignRow {
     pub channel: &'static str,
     pub page: Option<String>,
     pub body: String,
+    pub holding: bool,
     pub audience: Option<String>,
     pub status: &'static str,
     pub rate_per_s: Option<i32>,
@@ -129,7 +135,8 @@ pub fn find_public(conn: &mut DbConn, public_id: &str) -> DbResult<Option<Campai
         .optional())?)
 }
 
-/// The explicit audience, one openid per line (None: "holding").
+/// The explicit audience, one openid per line (None: "holding", or every recipient
+/// is made).
 pub fn audience(conn: &mut DbConn, id: i64) -> DbResult<Option<String>> {
     use campaigns::dsl as k;
     Ok(dispatch!(conn, |c| k::campaigns
@@ -267,15 +274,6 @@ pub fn app_paused_until(
     Ok(until.map(|t| t.and_utc()))
 }
 
-/// Whether the campaign's audience is "holding" (no explicit list).
-pub fn audience_is_holding(conn: &mut DbConn, id: i64) -> DbResult<bool> {
-    use campaigns::dsl as k;
-    Ok(dispatch!(conn, |c| k::campaigns
-        .filter(k::id.eq(id))
-        .select(k::audience.is_null())
-        .first(c))?)
-}
-
 /// Nothing (more) to make into recipients.
 pub fn audience_complete(conn: &mut DbConn, id: i64) -> DbResult<()> {
     use campaigns::dsl as k;
@@ -383,35 +381,37 @@ pub fn advance(
         k::targeted.eq(k::targeted + p.found),
         k::holders_after.eq(&p.holders_after),
         k::audience_done.eq(p.complete),
+        // Every recipient made: the (possibly megabytes of) audience is not needed.
+        k::audience.eq(case_when(
+            p.complete.into_sql::<Bool>(),
+            None::<String>.into_sql::<Nullable<Text>>(),
+        )
+        .otherwise(k::audience)),
     ))
     .returning(k::status)
     .get_result(c)
     .optional())?)
 }
 
-/// Ends a campaign whose recipients are all final: `done`, or a cancelled one
-/// gets its `finished_at`. A paused one stays paused. Returns whether it ended.
-pub fn finish(conn: &mut DbConn, id: i64, now: DateTime<Utc>) -> DbResult<bool> {
+/// Ends a campaign whose recipients are all final, keeping `counts` (JSON): `done`,
+/// or a cancelled one gets its `finished_at`. A paused one stays paused. Returns
+/// whether it ended.
+pub fn finish(conn: &mut DbConn, id: i64, counts: &str, now: DateTime<Utc>) -> DbResult<bool> {
     use campaigns::dsl as k;
     let now_db = to_db(now);
-    let done = dispatch!(conn, |c| diesel::update(
+    let ended = dispatch!(conn, |c| diesel::update(
         k::campaigns
             .filter(k::id.eq(id))
-            .filter(k::status.eq("running"))
+            .filter(k::status.eq_any(["running", "cancelled"]))
+            .filter(k::finished_at.is_null())
     )
     .set((
-        k::status.eq("done"),
+        k::status
+            .eq(case_when(k::status.eq("running"), "done".into_sql::<Text>()).otherwise(k::status)),
+        k::final_counts.eq(counts),
         k::finished_at.eq(now_db),
         k::updated_at.eq(now_db),
     ))
     .execute(c))?;
-    let cancelled = dispatch!(conn, |c| diesel::update(
-        k::campaigns
-            .filter(k::id.eq(id))
-            .filter(k::status.eq("cancelled"))
-            .filter(k::finished_at.is_null())
-    )
-    .set((k::finished_at.eq(now_db), k::updated_at.eq(now_db)))
-    .execute(c))?;
-    Ok(done + cancelled > 0)
+    Ok(ended > 0)
 }

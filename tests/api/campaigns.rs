@@ -4,36 +4,15 @@
 //! daily cap and WeChat's daily limit. The 3-instance kill -9 run is in `crash.rs`.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, Utc};
 use serde_json::{json, Value};
 
 use crate::helpers::{
-    self, backend_app_tests, Settings, SimConfig, TestApp, TestSim, APP, KEY_ADMIN, KEY_ALL,
-    KEY_SEND, KEY_TOKEN,
+    self, backend_app_tests, TestApp, APP, KEY_ADMIN, KEY_ALL, KEY_SEND, KEY_TOKEN,
 };
-
-fn quick(s: &mut Settings) {
-    s.sender_workers = 4;
-    s.young_retry = Duration::from_millis(500);
-    s.send_backoff_base = Duration::from_millis(50);
-    s.wechat_timeout = Duration::from_secs(2);
-    s.sender_lease = Duration::from_secs(4);
-}
-
-async fn spawn(
-    tdb: helpers::TestDb,
-    sim: impl FnOnce(&mut SimConfig),
-    tweak: impl FnOnce(&mut Settings),
-) -> TestApp {
-    TestApp::start(Arc::new(tdb), TestSim::spawn_with(sim), |s| {
-        quick(s);
-        tweak(s);
-    })
-    .await
-}
+use crate::sending::spawn;
 
 /// `n` simulator-minted form_ids for each user, registered in the ledger.
 async fn forms(app: &TestApp, openids: &[String], n: u32) {
@@ -156,6 +135,17 @@ fn sql_count(app: &TestApp, sql: &str) -> i64 {
     }
 }
 
+async fn recipients_page(app: &TestApp, id: &str, limit: usize) -> Value {
+    let (status, page) = app
+        .get(
+            &format!("/v1/messages?campaign_id={id}&limit={limit}"),
+            Some(KEY_SEND),
+        )
+        .await;
+    assert_eq!(status, 200, "{page}");
+    page
+}
+
 fn status_of(m: &Value) -> &str {
     m["status"].as_str().unwrap()
 }
@@ -204,6 +194,13 @@ backend_app_tests! {
         assert_eq!(status, 200, "{page}");
         assert_eq!(page["campaigns"][0]["id"], id.as_str(), "{page}");
         assert_eq!(recipients(&app, KEY_ADMIN, &id, 500).await.len(), 25);
+        // Its messages are purged after their retention; its counts stay.
+        let mut conn = app.db.get().unwrap();
+        let later = Utc::now() + TimeDelta::days(60);
+        let purged = helpers::purge(&mut conn, &formid_ledger::settings::Retention::default(), later, false).unwrap();
+        assert_eq!(purged.messages, 25, "{purged:?}");
+        let after = campaign(&app, &id).await;
+        assert_eq!(after["counts"], c["counts"], "{after}");
     }
 
     /// Bad campaigns are 400 with the contract's code and store nothing; the roles
@@ -416,5 +413,30 @@ backend_app_tests! {
         let to: HashSet<String> = app.sim.sim.deliveries().into_iter().map(|d| d.touser).collect();
         assert_eq!(to.len(), 30, "each recipient reached WeChat once");
         assert_eq!(app.sim.sim.deliveries().len(), 30);
+    }
+
+    /// 100,000 recipients: the request stores the campaign at once, its recipients
+    /// are made in the background while it already sends (its counts move), and a
+    /// cancel ends every recipient not sent, made by then or not.
+    async fn a_100000_recipient_campaign_is_made_in_the_background(tdb) {
+        let app = spawn(tdb, |_| {}, |_| {}).await;
+        let audience = users("big", 100_000);
+        let c = create(&app, json!({"template_id": "TPL", "audience": {"openids": audience}, "rate_per_s": 50})).await;
+        let id = c["id"].as_str().unwrap().to_string();
+        assert_eq!((c["counts"]["targeted"].as_i64(), c["counts"]["queued"].as_i64()), (Some(100_000), Some(100_000)), "{c}");
+        // It sends (no one holds a credential: no_quota) while recipients are made.
+        until(&app, &id, 30, |c| c["counts"]["no_quota"].as_i64() >= Some(10)).await;
+        let made = || sql_count(&app, "SELECT COUNT(*) AS n FROM messages WHERE campaign_id IS NOT NULL");
+        let all_made = helpers::eventually(Duration::from_secs(120), || async { made() == 100_000 }).await;
+        assert!(all_made, "{} of 100,000 made", made());
+        let first = recipients_page(&app, &id, 3).await;
+        assert_eq!(first["messages"][0]["openid"], "big00000", "made in the audience's order: {first}");
+        let (status, res) = app.post(&format!("/v1/campaigns/{id}/cancel"), Some(KEY_SEND), &json!({})).await;
+        assert_eq!(status, 200, "{res}");
+        let c = until(&app, &id, 60, finished).await;
+        let n = |k: &str| c["counts"][k].as_i64().unwrap();
+        assert_eq!((n("targeted"), n("no_quota") + n("cancelled"), n("queued")), (100_000, 100_000, 0), "{c}");
+        assert!(n("cancelled") > 90_000, "{c}");
+        assert!(app.sim.sim.deliveries().is_empty());
     }
 }

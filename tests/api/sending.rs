@@ -13,7 +13,7 @@ use crate::helpers::{
 };
 
 /// Fast retries for tests.
-fn quick(s: &mut Settings) {
+pub(crate) fn quick(s: &mut Settings) {
     s.sender_workers = 4;
     s.young_retry = Duration::from_millis(500);
     s.send_backoff_base = Duration::from_millis(50);
@@ -21,7 +21,8 @@ fn quick(s: &mut Settings) {
     s.sender_lease = Duration::from_secs(4);
 }
 
-async fn spawn(
+/// An app with its own simulator (tweaked by `sim`), with [`quick`] retries.
+pub(crate) async fn spawn(
     tdb: helpers::TestDb,
     sim: impl FnOnce(&mut SimConfig),
     tweak: impl FnOnce(&mut Settings),

@@ -12,9 +12,10 @@ CREATE TABLE campaigns (
     page            TEXT,
     -- The outbox Content (data, miniprogram_state, lang) as JSON.
     body            TEXT      NOT NULL,
-    -- The explicit audience: its distinct openids in order, one per line (an openid
-    -- has no white space); NULL: "holding" (every user holding a usable credential
-    -- when the campaign starts).
+    -- "holding": every user holding a usable credential when the campaign starts;
+    -- otherwise the explicit audience: its distinct openids in order, one per line
+    -- (an openid has no white space), cleared once every recipient is made.
+    holding         BOOLEAN   NOT NULL DEFAULT FALSE,
     audience        TEXT,
     -- scheduled | running | paused | done | cancelled
     status          TEXT      NOT NULL,
@@ -40,6 +41,8 @@ CREATE TABLE campaigns (
     idem_scope      TEXT,
     idem_key        TEXT,
     request_hash    TEXT,
+    -- The counts (JSON) when it finished: its messages may be purged later.
+    final_counts    TEXT,
     created_at      TIMESTAMP NOT NULL,
     updated_at      TIMESTAMP NOT NULL,
     started_at      TIMESTAMP,
