@@ -482,3 +482,71 @@ backend_app_tests! {
         kill_a_campaigns_runner(tdb).await;
     }
 }
+
+/// Contract v2, scheduling: a campaign scheduled on an instance that is then killed
+/// starts at its `send_at` on the instances that remain, once: two of them race for
+/// it and every recipient gets exactly one message, none before `send_at`.
+async fn a_scheduled_campaign_survives_its_instance(tdb: TestDb) {
+    let http = reqwest::Client::new();
+    let (_sim, sim_base) = slow_simulator(&http).await;
+    post_json(&http, &format!("{sim_base}/sim/faults"), None, &json!({})).await;
+    let url = tdb.url();
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let base = |i: usize| format!("http://127.0.0.1:{}", ports[i]);
+    let a = service(&url, &sim_base, ports[0]);
+    wait_up(&http, &format!("{}/readyz", base(0))).await;
+    let openids: Vec<String> = (0..40).map(|i| format!("s{i:02}")).collect();
+    for openid in &openids {
+        let minted = post_json(
+            &http,
+            &format!("{sim_base}/sim/form-ids"),
+            None,
+            &json!({"appid": APP, "openid": openid, "count": 2}),
+        )
+        .await;
+        let items: Vec<Value> = minted["form_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| json!({"openid": openid, "kind": "form_id", "value": f}))
+            .collect();
+        post_json(&http, &format!("{}/v1/credentials", base(0)), Some(KEY_SEND), &json!({"credentials": items})).await;
+    }
+    let send_at = chrono::Utc::now() + chrono::TimeDelta::seconds(4);
+    let c = post_json(
+        &http,
+        &format!("{}/v1/campaigns", base(0)),
+        Some(KEY_SEND),
+        &json!({"template_id": "TPL", "audience": {"holding": true}, "send_at": send_at.to_rfc3339()}),
+    )
+    .await;
+    let id = c["id"].as_str().unwrap().to_string();
+    drop(a); // SIGKILL before send_at
+    let _b = service(&url, &sim_base, ports[1]);
+    let _c = service(&url, &sim_base, ports[2]);
+    for i in 1..3 {
+        wait_up(&http, &format!("{}/readyz", base(i))).await;
+    }
+    let done = eventually_some(Duration::from_secs(60), || async {
+        let c = get_json(&http, &format!("{}/v1/campaigns/{id}", base(2)), Some(KEY_SEND)).await;
+        (c["status"] == "done").then_some(c)
+    })
+    .await
+    .expect("the campaign never finished");
+    assert_eq!(done["counts"]["sent"], 40, "{done}");
+    let delivered = deliveries(&http, &sim_base).await;
+    let mut per_user: HashMap<String, usize> = HashMap::new();
+    for d in &delivered {
+        *per_user.entry(d["touser"].as_str().unwrap().to_string()).or_default() += 1;
+        let at: chrono::DateTime<chrono::Utc> = d["at"].as_str().unwrap().parse().unwrap();
+        assert!(at >= send_at, "sent at {at}, before send_at {send_at}");
+    }
+    assert_eq!(per_user.len(), 40);
+    assert!(per_user.values().all(|n| *n == 1), "a recipient got two messages: {per_user:?}");
+}
+
+backend_app_tests! {
+    async fn a_scheduled_campaign_outlives_a_kill_9(tdb) {
+        a_scheduled_campaign_survives_its_instance(tdb).await;
+    }
+}
