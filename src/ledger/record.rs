@@ -179,8 +179,8 @@ pub fn record_group(
                 if candidates.len() == items.len() {
                     tokens.push(Tokens {
                         request,
-                        app_id: *app_id,
-                        openid: *openid,
+                        app_id,
+                        openid,
                         candidates,
                     });
                 } else {
