@@ -28,8 +28,21 @@
 #                  in send (own users, own send-setup); webhook events delivered per
 #                  second (first arrival of each event id), and every posted
 #                  message's event must arrive
-#   ceiling-*      the same SQL without the service: pgbench (PostgreSQL, 64 clients,
-#                  -j 2) or ledger::record/claim in a tight in-process loop (SQLite)
+#   plain-insert   the plain ceilings, what ratios are against: the database doing the
+#   plain-claim    plainest durable write per row, one statement per transaction
+#                  (autocommit): one credential INSERT … ON CONFLICT DO NOTHING, or one
+#                  claim UPDATE. PostgreSQL: pgbench, BENCH_CLIENTS clients, -j 2
+#                  (scripts/bench/pgbench_plain_insert.sql, pgbench_claim.sql); SQLite:
+#                  in-process on the service's pool (WAL, synchronous=NORMAL),
+#                  BENCH_SQLITE_CEILING_THREADS thread(s)
+#   ceiling-*      "own SQL" ceilings (BENCH_OWN_CEILINGS=1), for reference only: the
+#                  service's own ingest transaction without the service: pgbench
+#                  (PostgreSQL) or ledger::record/claim in-process (SQLite; PostgreSQL
+#                  too with BENCH_PG_INPROC=1). On PostgreSQL the own claim is the
+#                  plain claim statement, so it is not run twice.
+#   *-cN           the p99-against-clients curve: ingest-single and quota again with N
+#                  clients for each N of BENCH_CLIENT_CURVE (BENCH_CLIENTS itself is the
+#                  main run); the report tabulates p99 and Little's-law mean latency
 # Results: $BENCH_DIR/results.jsonl (one JSON object per scenario) and
 # $BENCH_DIR/report.md (tables, machine, commands).
 #
@@ -40,7 +53,9 @@
 #   BENCH_PG_DB (ledger_bench)  BENCH_DIR (target/bench)  BENCH_PORT (18180; simulator +1)
 #   BENCH_RUST_LOG (warn)  BENCH_PG_ANALYZE_EVERY (5 s; 0 = off: emulates autovacuum's
 #   ANALYZE, which this server has turned off)  BENCH_SQLITE_CEILING_THREADS (1)
-#   BENCH_PG_INPROC (1: also the in-process ceiling on PostgreSQL)  BENCH_BUILD (1)
+#   BENCH_PG_INPROC (1: also the in-process own-SQL ceilings on PostgreSQL)  BENCH_BUILD (1)
+#   BENCH_OWN_CEILINGS (1; 0: only the plain ceilings)  BENCH_CLIENT_CURVE ("8 16 32 64";
+#   "": no curve)  BENCH_CURVE_DURATION (BENCH_DURATION)
 #   BENCH_SCENARIOS ("ingest-single ingest-batch send quota ceilings": a subset reruns
 #   only those; add "push" and/or "webhooks" for those two, e.g.
 #   BENCH_SCENARIOS="push webhooks" BENCH_PHASES=empty scripts/bench.sh)  BENCH_REUSE_DB (0; 1: keep the database of the last run, no bulk load)
@@ -93,6 +108,9 @@ BENCH_PG_ANALYZE_EVERY=${BENCH_PG_ANALYZE_EVERY:-5}
 BENCH_SQLITE_CEILING_THREADS=${BENCH_SQLITE_CEILING_THREADS:-1}
 BENCH_PG_INPROC=${BENCH_PG_INPROC:-1}
 BENCH_BUILD=${BENCH_BUILD:-1}
+BENCH_OWN_CEILINGS=${BENCH_OWN_CEILINGS:-1}
+BENCH_CLIENT_CURVE=${BENCH_CLIENT_CURVE-"8 16 32 64"}
+BENCH_CURVE_DURATION=${BENCH_CURVE_DURATION:-$BENCH_DURATION}
 BENCH_SCENARIOS=${BENCH_SCENARIOS:-"ingest-single ingest-batch send quota ceilings"}
 BENCH_REUSE_DB=${BENCH_REUSE_DB:-0}
 BENCH_APPEND=${BENCH_APPEND:-0}
@@ -180,8 +198,8 @@ load() { "$BIN/ledger-load" "$@"; }
 
 want() { [[ " $BENCH_SCENARIOS " == *" $1 "* ]]; }
 
-common() { # backend phase scenario
-  echo --url "$BASE" --key "$KEY" --clients "$BENCH_CLIENTS" --duration "$BENCH_DURATION" \
+common() { # backend phase scenario [clients duration]
+  echo --url "$BASE" --key "$KEY" --clients "${4:-$BENCH_CLIENTS}" --duration "${5:-$BENCH_DURATION}" \
     --warmup "$BENCH_WARMUP" --backend "$1" --phase "$2" --scenario "$3" \
     --pid "$SVC_PID" --sim-pid "$SIM_PID"
 }
@@ -240,13 +258,29 @@ service_scenarios() { # backend phase database-url
     load campaign --url "$BASE" --key "$KEY" --sim "$SIM" --prefix "o-$ph-cmp-" \
       --users "$BENCH_CAMPAIGN_USERS" --backend "$b" --phase "$ph" --pid "$SVC_PID" | record
   fi
-  want quota || return 0
-  log "$b/$ph: quota ($touched users of ingest-batch)"
-  load quota $(common "$b" "$ph" quota) --prefix "o-$ph-batch-" --users "${touched:-1}" | record
-  if [ "$ph" != empty ]; then
-    log "$b/$ph: quota-bulk ($BENCH_USERS bulk-loaded users)"
-    load quota $(common "$b" "$ph" quota-bulk) --prefix ob --users "$BENCH_USERS" | record
+  if want quota; then
+    log "$b/$ph: quota ($touched users of ingest-batch)"
+    load quota $(common "$b" "$ph" quota) --prefix "o-$ph-batch-" --users "${touched:-1}" | record
+    if [ "$ph" != empty ]; then
+      log "$b/$ph: quota-bulk ($BENCH_USERS bulk-loaded users)"
+      load quota $(common "$b" "$ph" quota-bulk) --prefix ob --users "$BENCH_USERS" | record
+    fi
   fi
+  # p99 against clients: the same scenarios with fewer (or more) clients.
+  local n
+  for n in $BENCH_CLIENT_CURVE; do
+    [ "$n" != "$BENCH_CLIENTS" ] || continue
+    if want ingest-single; then
+      log "$b/$ph: ingest-single with $n clients"
+      load ingest $(common "$b" "$ph" "ingest-single-c$n" "$n" "$BENCH_CURVE_DURATION") --batch 1 \
+        --prefix "o-$ph-single-" --users 100000 | record
+    fi
+    if want quota; then
+      log "$b/$ph: quota with $n clients"
+      load quota $(common "$b" "$ph" "quota-c$n" "$n" "$BENCH_CURVE_DURATION") --prefix "o-$ph-batch-" \
+        --users "${touched:-1}" | record
+    fi
+  done
 }
 
 pgbench_ceiling() { # db phase scenario script prefix users
@@ -306,8 +340,10 @@ run_postgres() {
     log "postgres/$ph: ceilings (service stopped)"
     psql -q "$url" -v users="$BENCH_CLAIM_USERS" -v per_user="$BENCH_CLAIM_PER_USER" -v app="$APP" \
       -v tag="$ph-$$" -f scripts/bench/pg_claim_fixture.sql >/dev/null
+    pgbench_ceiling "$db" "$ph" plain-insert pgbench_plain_insert.sql "opgp-$ph-" 100000
+    pgbench_ceiling "$db" "$ph" plain-claim pgbench_claim.sql oc "$BENCH_CLAIM_USERS"
+    [ "$BENCH_OWN_CEILINGS" = 1 ] || continue
     pgbench_ceiling "$db" "$ph" ceiling-ingest pgbench_ingest.sql "opgb-$ph-" 100000
-    pgbench_ceiling "$db" "$ph" ceiling-claim pgbench_claim.sql oc "$BENCH_CLAIM_USERS"
     if [ "$BENCH_PG_INPROC" = 1 ]; then
       load ceiling --db "$url" --op ingest --threads "$BENCH_CLIENTS" --duration "$BENCH_DURATION" \
         --warmup "$BENCH_WARMUP" --app "$APP" --prefix "o-$ph-inproc-" --users 100000 \
@@ -346,6 +382,13 @@ run_sqlite() {
     log "sqlite/$ph: ceilings (service stopped; $BENCH_SQLITE_CEILING_THREADS thread(s), in-process)"
     sed -e "s/@USERS@/$BENCH_CLAIM_USERS/g" -e "s/@PER_USER@/$BENCH_CLAIM_PER_USER/g" \
       -e "s/@APP@/$APP/g" -e "s/@TAG@/$ph-$$/g" scripts/bench/sqlite_claim_fixture.sql | sqlite3 "$file" >/dev/null
+    load ceiling --db "$url" --op plain-insert --threads "$BENCH_SQLITE_CEILING_THREADS" --duration "$BENCH_DURATION" \
+      --warmup "$BENCH_WARMUP" --app "$APP" --prefix "o-$ph-plain-" --users 100000 \
+      --backend sqlite --phase "$ph" --scenario plain-insert | record
+    load ceiling --db "$url" --op plain-claim --threads "$BENCH_SQLITE_CEILING_THREADS" --duration "$BENCH_DURATION" \
+      --warmup "$BENCH_WARMUP" --app "$APP" --prefix oc --users "$BENCH_CLAIM_USERS" \
+      --backend sqlite --phase "$ph" --scenario plain-claim | record
+    [ "$BENCH_OWN_CEILINGS" = 1 ] || continue
     load ceiling --db "$url" --op ingest --threads "$BENCH_SQLITE_CEILING_THREADS" --duration "$BENCH_DURATION" \
       --warmup "$BENCH_WARMUP" --app "$APP" --prefix "o-$ph-ceil-" --users 100000 \
       --backend sqlite --phase "$ph" --scenario ceiling-ingest | record
@@ -372,6 +415,8 @@ done
   echo "- machine: nproc=$(nproc), CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'), RAM: $(free -g | awk '/Mem:/{print $2}') GB"
   echo "- commit: $(git rev-parse --short HEAD 2>/dev/null || echo '?') ($(git status --porcelain 2>/dev/null | grep -c . || true) paths differ from it)"
   echo "- PostgreSQL: $(psql -qAt "$BENCH_PG_URL/postgres" -c 'SHOW server_version' 2>/dev/null || echo '?'); SQLite: $(sqlite3 --version | cut -d' ' -f1) (shell)"
+  echo "- load: $(uptime | sed 's/.*load/load/') at the end (the machine may be shared)"
+  echo "- BENCH_CLIENT_CURVE=\"$BENCH_CLIENT_CURVE\" BENCH_OWN_CEILINGS=$BENCH_OWN_CEILINGS BENCH_SCENARIOS=\"$BENCH_SCENARIOS\""
   echo "- BENCH_ROWS=$BENCH_ROWS BENCH_USERS=$BENCH_USERS BENCH_DURATION=$BENCH_DURATION BENCH_WARMUP=$BENCH_WARMUP BENCH_CLIENTS=$BENCH_CLIENTS BENCH_BATCH=$BENCH_BATCH BENCH_SEND_USERS=$BENCH_SEND_USERS BENCH_SEND_MESSAGES=$BENCH_SEND_MESSAGES BENCH_WEBHOOK_MESSAGES=$BENCH_WEBHOOK_MESSAGES BENCH_CAMPAIGN_USERS=$BENCH_CAMPAIGN_USERS BENCH_PG_ANALYZE_EVERY=$BENCH_PG_ANALYZE_EVERY RUST_LOG=$BENCH_RUST_LOG"
   echo "- service settings from the caller: $(env | grep '^LEDGER_' | tr '\n' ' ' || true)"
   grep '"setup":"bulk_load"' "$RESULTS" | sed 's/^/- bulk load: /' || true

@@ -1,6 +1,6 @@
 //! Taking credentials in: validation, duplicates, the per-user cap, one transaction.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
@@ -133,9 +133,16 @@ pub fn record(
 }
 
 /// Several independent reports (of concurrent requests) in ONE transaction — group
-/// commit — each with its own outcome, as if recorded one after the other. On
-/// PostgreSQL every user of the group is locked up front in one fixed order, so
-/// concurrent groups cannot deadlock.
+/// commit — each with its own outcome, as if recorded one after the other (in some
+/// order: they were concurrent). On PostgreSQL every user of the group is locked up
+/// front in one fixed order by one statement, so concurrent groups cannot deadlock
+/// and the cap holds.
+///
+/// Set-based: the form_ids and prepay_ids of the group — every (request, user) whose
+/// items are tokens only, the common case — are stored by a handful of statements
+/// whatever the group's size ([`store_tokens`]: the users' live counts, the values
+/// already known, one insert); only a user's report with subscription results takes
+/// the per-user path (its templates, the merge rule, the result counts).
 pub fn record_group(
     conn: &mut DbConn,
     rules: &Rules,
@@ -158,17 +165,254 @@ pub fn record_group(
     }
     write_tx(conn, |conn| {
         lock_users(conn, &locks)?;
-        for (users, outcome) in work.iter().zip(outcomes.iter_mut()) {
+        let mut tokens = Vec::new();
+        let mut others = Vec::new();
+        for (request, users) in work.iter().enumerate() {
             for ((app_id, openid), items) in users {
-                let templates = known_templates(conn, app_id, openid, items)?;
-                let (candidates, results) = admit(items, &templates, rules, now, outcome);
-                store_user(conn, rules, now, app_id, openid, &candidates, outcome)?;
-                count_results(conn, app_id, openid, &results, now)?;
+                let mut candidates = Vec::with_capacity(items.len());
+                for item in items {
+                    match item {
+                        Valid::Token(candidate) => candidates.push(*candidate),
+                        Valid::Result { .. } => break,
+                    }
+                }
+                if candidates.len() == items.len() {
+                    tokens.push(Tokens {
+                        request,
+                        app_id,
+                        openid,
+                        candidates,
+                    });
+                } else {
+                    others.push((request, *app_id, *openid, items));
+                }
             }
+        }
+        store_tokens(conn, rules, now, &tokens, &mut outcomes)?;
+        for (request, app_id, openid, items) in others {
+            let outcome = &mut outcomes[request];
+            let templates = known_templates(conn, app_id, openid, items)?;
+            let (candidates, results) = admit(items, &templates, rules, now, outcome);
+            store_user(conn, rules, now, app_id, openid, &candidates, outcome)?;
+            count_results(conn, app_id, openid, &results, now)?;
         }
         Ok::<_, DbError>(())
     })?;
     Ok(outcomes)
+}
+
+/// One request's form_ids and prepay_ids for one user, in the order reported.
+struct Tokens<'a> {
+    request: usize,
+    app_id: &'a str,
+    openid: &'a str,
+    candidates: Vec<Candidate<'a>>,
+}
+
+/// The tokens of a whole group, set-based, under the users' locks: one statement for
+/// the users' live credentials (per app: nearly always one), one for the values
+/// already known — only those of users the group could take to the cap, where a
+/// duplicate must not take room — then the rules applied in order (a value known or
+/// seen earlier in the group is a duplicate, a user's first ones fill the room under
+/// the cap, the rest are `user_cap`) and one insert, whose conflicts are the other
+/// duplicates. Same rules, same order, same outcome as [`store_user`] per user,
+/// without its per-user statements.
+fn store_tokens(
+    conn: &mut DbConn,
+    rules: &Rules,
+    now: DateTime<Utc>,
+    tokens: &[Tokens<'_>],
+    outcomes: &mut [RecordOutcome],
+) -> DbResult<()> {
+    if tokens.is_empty() {
+        return Ok(());
+    }
+    let now_db = to_db(now);
+    let cap = i64::from(rules.user_cap);
+    // Per app, per user: the values reported.
+    let mut apps: BTreeMap<&str, BTreeMap<&str, Vec<&str>>> = BTreeMap::new();
+    for t in tokens {
+        let values = apps
+            .entry(t.app_id)
+            .or_default()
+            .entry(t.openid)
+            .or_default();
+        values.extend(t.candidates.iter().filter_map(|c| c.value));
+    }
+    let mut live: HashMap<(&str, &str), i64> = HashMap::new();
+    let mut seen: HashSet<(&str, &str)> = HashSet::new();
+    for (&app_id, users) in &apps {
+        let openids: Vec<&str> = users.keys().copied().collect();
+        let counts: Vec<(String, i64)> = dispatch!(conn, |conn| c::credentials
+            .filter(c::app_id.eq(app_id))
+            .filter(c::openid.eq_any(&openids))
+            .filter(c::uses_left.gt(0))
+            .filter(c::invalid.eq(false))
+            .filter(c::expires_at.is_null().or(c::expires_at.gt(now_db)))
+            .group_by(c::openid)
+            .select((c::openid, diesel::dsl::count_star()))
+            .load(conn))?;
+        // Keyed by the reports' strings, not the rows'.
+        for (openid, n) in counts {
+            if let Some((&openid, _)) = users.get_key_value(openid.as_str()) {
+                live.insert((app_id, openid), n);
+            }
+        }
+        // Users who could reach the cap: their duplicates must be known first.
+        let mut tight: Vec<&str> = Vec::new();
+        for (&openid, values) in users {
+            let held = live.get(&(app_id, openid)).copied().unwrap_or(0);
+            if held + values.len() as i64 > cap {
+                tight.extend(values.iter().copied());
+            }
+        }
+        if tight.is_empty() {
+            continue;
+        }
+        let known: Vec<Option<String>> = dispatch!(conn, |conn| c::credentials
+            .filter(c::app_id.eq(app_id))
+            .filter(c::value.eq_any(&tight))
+            .select(c::value)
+            .load(conn))?;
+        let reported: HashSet<&str> = tight.iter().copied().collect();
+        for value in known.iter().flatten() {
+            if let Some(v) = reported.get(value.as_str()) {
+                seen.insert((app_id, *v));
+            }
+        }
+    }
+    // The rules, in order.
+    let mut room: HashMap<(&str, &str), i64> = HashMap::new();
+    let mut rows: Vec<(usize, NewCredential<'_>)> = Vec::new();
+    for t in tokens {
+        let outcome = &mut outcomes[t.request];
+        let user = (t.app_id, t.openid);
+        let left = room
+            .entry(user)
+            .or_insert_with(|| cap - live.get(&user).copied().unwrap_or(0));
+        for cand in &t.candidates {
+            let value = cand.value.unwrap_or_default();
+            if !seen.insert((t.app_id, value)) {
+                outcome.duplicates += 1;
+                continue;
+            }
+            if *left <= 0 {
+                outcome.rejected.push(Rejection {
+                    value: value.to_string(),
+                    reason: RejectReason::UserCap,
+                });
+                continue;
+            }
+            *left -= 1;
+            rows.push((
+                t.request,
+                NewCredential {
+                    app_id: t.app_id,
+                    openid: t.openid,
+                    kind: cand.kind.as_str(),
+                    value: cand.value,
+                    template_id: None,
+                    uses_total: cand.uses,
+                    uses_left: cand.uses,
+                    issued_at: to_db(cand.issued_at),
+                    expires_at: cand.expires_at.map(to_db),
+                    created_at: now_db,
+                    updated_at: now_db,
+                    reported_at: None,
+                    pushed_at: None,
+                },
+            ));
+        }
+    }
+    // A value another transaction stored since we looked is a duplicate too.
+    let stored = insert_tokens(conn, now_db, &rows)?;
+    for ((request, _), stored) in rows.iter().zip(stored) {
+        if stored {
+            outcomes[*request].accepted += 1;
+        } else {
+            outcomes[*request].duplicates += 1;
+        }
+    }
+    Ok(())
+}
+
+#[derive(QueryableByName)]
+struct StoredValue {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    app_id: String,
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    value: String,
+}
+
+/// Inserts token rows (values set, no template, not pushed); for each, whether it was
+/// stored (false: its value was there already). PostgreSQL: one statement over
+/// arrays, whatever the number of rows. SQLite: row by row, in-process, prepared
+/// once, no round trips.
+fn insert_tokens(
+    conn: &mut DbConn,
+    now_db: chrono::NaiveDateTime,
+    rows: &[(usize, NewCredential<'_>)],
+) -> DbResult<Vec<bool>> {
+    use diesel::sql_types::{Array, Int4, Text, Timestamp};
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    match conn {
+        DbConn::Pg(pg) => {
+            let apps: Vec<&str> = rows.iter().map(|(_, r)| r.app_id).collect();
+            let openids: Vec<&str> = rows.iter().map(|(_, r)| r.openid).collect();
+            let kinds: Vec<&str> = rows.iter().map(|(_, r)| r.kind).collect();
+            let values: Vec<&str> = rows
+                .iter()
+                .map(|(_, r)| r.value.unwrap_or_default())
+                .collect();
+            let uses: Vec<i32> = rows.iter().map(|(_, r)| r.uses_total).collect();
+            let issued: Vec<chrono::NaiveDateTime> =
+                rows.iter().map(|(_, r)| r.issued_at).collect();
+            let expires: Vec<chrono::NaiveDateTime> = rows
+                .iter()
+                .map(|(_, r)| r.expires_at.unwrap_or(now_db))
+                .collect();
+            let stored: Vec<StoredValue> = diesel::sql_query(
+                "INSERT INTO credentials (app_id, openid, kind, value, uses_total, uses_left, \
+                 issued_at, expires_at, created_at, updated_at) \
+                 SELECT a, o, k, v, u, u, i, e, $8, $8 \
+                 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int4[], \
+                             $6::timestamp[], $7::timestamp[]) AS t(a, o, k, v, u, i, e) \
+                 ON CONFLICT DO NOTHING RETURNING app_id, value",
+            )
+            .bind::<Array<Text>, _>(&apps)
+            .bind::<Array<Text>, _>(&openids)
+            .bind::<Array<Text>, _>(&kinds)
+            .bind::<Array<Text>, _>(&values)
+            .bind::<Array<Int4>, _>(uses)
+            .bind::<Array<Timestamp>, _>(issued)
+            .bind::<Array<Timestamp>, _>(expires)
+            .bind::<Timestamp, _>(now_db)
+            .load(pg)?;
+            let stored: HashSet<(String, String)> =
+                stored.into_iter().map(|s| (s.app_id, s.value)).collect();
+            Ok(rows
+                .iter()
+                .map(|(_, r)| {
+                    stored.contains(&(
+                        r.app_id.to_string(),
+                        r.value.unwrap_or_default().to_string(),
+                    ))
+                })
+                .collect())
+        }
+        DbConn::Sqlite(lite) => rows
+            .iter()
+            .map(|(_, row)| {
+                let n = diesel::insert_into(c::credentials)
+                    .values(row)
+                    .on_conflict_do_nothing()
+                    .execute(lite)?;
+                Ok(n == 1)
+            })
+            .collect(),
+    }
 }
 
 type Users<'a> = BTreeMap<(&'a str, &'a str), Vec<Valid<'a>>>;
@@ -309,17 +553,20 @@ fn admit<'a>(
 }
 
 /// PostgreSQL: serialises reports of these users (sorted), so the per-user cap holds
-/// under concurrency. SQLite's write transaction already serialises everything.
+/// under concurrency: one statement for all of them, which takes the locks in the
+/// order given (unnest yields its rows in array order). SQLite's write transaction
+/// already serialises everything.
 pub(super) fn lock_users(conn: &mut DbConn, users: &[(&str, &str)]) -> DbResult<()> {
+    use diesel::sql_types::{Array, Text};
     if let DbConn::Pg(pg) = conn {
-        for (app_id, openid) in users {
-            diesel::sql_query(
-                "SELECT pg_advisory_xact_lock(hashtextextended($1 || chr(31) || $2, 0))",
-            )
-            .bind::<diesel::sql_types::Text, _>(app_id)
-            .bind::<diesel::sql_types::Text, _>(openid)
-            .execute(pg)?;
-        }
+        let (apps, openids): (Vec<&str>, Vec<&str>) = users.iter().copied().unzip();
+        diesel::sql_query(
+            "SELECT pg_advisory_xact_lock(hashtextextended(a || chr(31) || o, 0)) \
+             FROM unnest($1::text[], $2::text[]) AS u(a, o)",
+        )
+        .bind::<Array<Text>, _>(apps)
+        .bind::<Array<Text>, _>(openids)
+        .execute(pg)?;
     }
     Ok(())
 }

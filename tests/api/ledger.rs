@@ -416,3 +416,60 @@ backend_tests! {
 fn postgres_three_instances_claim_each_use_once() {
     race_claims(&helpers::TestDb::postgres(), 3, 64, 20);
 }
+
+crate::helpers::backend_app_tests! {
+    /// Set-based ingest keeps the cap exact: 64 reporters at once on one user, half
+    /// through each of two instances on one database (groups commit concurrently on
+    /// both, and on PostgreSQL each instance has several writers). Every request
+    /// reports the same value first, then two of its own: the value is stored once
+    /// (it comes first, so the first request to be recorded has room for it) and
+    /// is a duplicate for the 63 others; the cap admits exactly 10 credentials.
+    async fn sixty_four_concurrent_reporters_on_one_user_fill_the_cap_exactly(tdb) {
+        use crate::helpers::{TestApp, KEY_ADMIN, KEY_SEND};
+        use serde_json::json;
+
+        const CAP: u64 = 10;
+        let first = TestApp::spawn_with(tdb, |s| s.user_cap = CAP as u32).await;
+        let second = TestApp::start(first.test_db.clone(), first.sim.clone(), |s| {
+            s.user_cap = CAP as u32
+        })
+        .await;
+        let apps = Arc::new([first, second]);
+        let calls: Vec<_> = (0..64)
+            .map(|i| {
+                let apps = apps.clone();
+                let body = json!({"credentials": [
+                    {"openid": "crowded", "kind": "form_id", "value": "shared"},
+                    {"openid": "crowded", "kind": "form_id", "value": format!("a{i}")},
+                    {"openid": "crowded", "kind": "form_id", "value": format!("b{i}")},
+                ]});
+                actix_web::rt::spawn(async move {
+                    apps[i % 2].post("/v1/credentials", Some(KEY_SEND), &body).await
+                })
+            })
+            .collect();
+        let (mut accepted, mut duplicates, mut capped) = (0, 0, 0);
+        for call in calls {
+            let (status, res) = call.await.unwrap();
+            assert_eq!(status, 200, "{res}");
+            let rejected = res["rejected"].as_array().unwrap();
+            assert!(
+                rejected.iter().all(|r| r["reason"] == "user_cap"),
+                "only the cap refuses: {res}"
+            );
+            let (a, d) = (res["accepted"].as_u64().unwrap(), res["duplicates"].as_u64().unwrap());
+            assert_eq!(a + d + rejected.len() as u64, 3, "each request answered for its own items: {res}");
+            accepted += a;
+            duplicates += d;
+            capped += rejected.len() as u64;
+        }
+        assert_eq!(accepted, CAP);
+        assert_eq!(duplicates, 63);
+        assert_eq!(capped, 64 * 3 - CAP - 63);
+        assert_eq!(apps[0].credential_count(), CAP as i64);
+        for app in apps.iter() {
+            let (status, q) = app.get("/v1/admin/users/crowded/quota", Some(KEY_ADMIN)).await;
+            assert_eq!((status, q["sendable"].as_u64()), (200, Some(CAP)), "{q}");
+        }
+    }
+}
