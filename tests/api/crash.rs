@@ -395,16 +395,26 @@ async fn kill_a_campaigns_runner(tdb: TestDb) {
     assert!(midway, "the campaign did not get going");
     drop(a); // SIGKILL: the campaign's runner, and a third of the senders
     let at_kill = deliveries(&http, &sim_base).await.len();
-    assert!(at_kill < 1500, "nearly everything was sent before the kill ({at_kill})");
+    assert!(
+        at_kill < 1500,
+        "nearly everything was sent before the kill ({at_kill})"
+    );
 
     let deadline = Instant::now() + Duration::from_secs(120);
     let done = loop {
         let c = campaign(bases[1].clone()).await;
         let n = |k: &str| c["counts"][k].as_i64().unwrap();
-        let parts: i64 = ["queued", "sent", "no_quota", "failed", "skipped", "cancelled"]
-            .iter()
-            .map(|k| n(k))
-            .sum();
+        let parts: i64 = [
+            "queued",
+            "sent",
+            "no_quota",
+            "failed",
+            "skipped",
+            "cancelled",
+        ]
+        .iter()
+        .map(|k| n(k))
+        .sum();
         assert_eq!(n("targeted"), parts, "counts add up at every moment: {c}");
         if c["status"] == "done" || Instant::now() > deadline {
             break c;
@@ -455,8 +465,15 @@ async fn kill_a_campaigns_runner(tdb: TestDb) {
     );
     let sent = statuses.get("sent/").copied().unwrap_or(0);
     assert_eq!(delivered.len(), sent, "sent ⇔ delivered: {statuses:?}");
-    assert_eq!(sent, 1900, "every form_id was spent on its recipient: {statuses:?}");
-    assert_eq!(statuses.get("no_quota/no_quota"), Some(&100), "{statuses:?}");
+    assert_eq!(
+        sent, 1900,
+        "every form_id was spent on its recipient: {statuses:?}"
+    );
+    assert_eq!(
+        statuses.get("no_quota/no_quota"),
+        Some(&100),
+        "{statuses:?}"
+    );
     assert_eq!(done["counts"]["sent"], 1900, "{done}");
 }
 
