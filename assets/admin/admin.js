@@ -13,6 +13,19 @@
   const KIND_LABEL = { form_id: 'form_id', prepay_id: 'prepay_id', subscription: 'subscription' };
   const STATUSES = ['queued', 'sending', 'sent', 'no_quota', 'failed'];
   const USERS_PAGE = 50;
+  const CAMPAIGNS_PAGE = 50;
+  const CAMPAIGNS_MAX_PAGE = 500; // the API's largest limit
+  const CAMPAIGN_REFRESH_MS = 3000;
+  // The parts of a campaign's recipients that are final, in the bar's order.
+  const CAMPAIGN_PARTS = ['sent', 'no_quota', 'failed', 'skipped', 'cancelled'];
+  const CAMPAIGN_STATUSES = ['scheduled', 'running', 'paused', 'done', 'cancelled'];
+  const CAMPAIGN_ACTIVE = ['scheduled', 'running', 'paused'];
+  // Which action makes sense in which status (the API answers 409 for the others).
+  const CAMPAIGN_ACTIONS = {
+    pause: ['scheduled', 'running'],
+    resume: ['paused'],
+    cancel: ['scheduled', 'running', 'paused'],
+  };
 
   const state = {
     key: null,
@@ -22,6 +35,11 @@
     usersCursors: [null], // cursor of each page seen, for Previous
     lookupSeq: 0,
     currentOpenid: null,
+    campaigns: [], // every campaign loaded (all apps the key sees), newest first
+    campaignsCursor: null, // next_cursor of the last page loaded
+    campaignsSeq: 0,
+    campaignsTimer: null,
+    campaignBusy: new Set(), // ids with an action in flight
   };
 
   // ---------- small DOM helpers ----------
@@ -177,7 +195,7 @@
     return encodeURIComponent(value);
   }
 
-  async function api(path, params = {}, key = state.key) {
+  async function api(path, params = {}, key = state.key, method = 'GET') {
     const url = new URL(path, window.location.origin);
     for (const [name, value] of Object.entries(params)) {
       if (value !== null && value !== undefined && value !== '') url.searchParams.set(name, value);
@@ -185,6 +203,7 @@
     let res;
     try {
       res = await fetch(url, {
+        method,
         headers: { Authorization: 'Bearer ' + key, Accept: 'application/json' },
         cache: 'no-store',
         credentials: 'omit',
@@ -214,6 +233,18 @@
   async function call(path, params = {}) {
     try {
       return await api(path, Object.assign({ app_id: state.appId }, params));
+    } catch (err) {
+      if (err instanceof ApiFailure && err.status === 401) {
+        signOut('Your admin key is no longer accepted (401). Sign in again.');
+      }
+      throw err;
+    }
+  }
+
+  /** POSTs to `path` (no body, no app_id: the path names the resource); a 401 signs out. */
+  async function post(path) {
+    try {
+      return await api(path, {}, state.key, 'POST');
     } catch (err) {
       if (err instanceof ApiFailure && err.status === 401) {
         signOut('Your admin key is no longer accepted (401). Sign in again.');
@@ -283,14 +314,24 @@
     state.appId = null;
     state.apps = null;
     state.currentOpenid = null;
+    stopCampaignRefresh();
+    state.campaignsSeq++;
+    state.campaigns = [];
+    state.campaignsCursor = null;
+    state.campaignBusy.clear();
     sessionStorage.removeItem(KEY_STORE);
     sessionStorage.removeItem(APP_STORE);
     for (const id of ['overview-live', 'messages-24h', 'messages-chart', 'top-errcodes', 'apps-list',
-      'quota-tiles', 'quota-kinds', 'quota-subs', 'user-messages', 'users-list']) {
+      'quota-tiles', 'quota-kinds', 'quota-subs', 'user-messages', 'users-list', 'campaigns-list']) {
       $(id).replaceChildren();
     }
     show($('lookup-result'), false);
     $('lookup-openid').value = '';
+    $('campaigns-count').textContent = '';
+    $('campaigns-updated').textContent = '';
+    show($('campaigns-more'), false);
+    notice($('campaigns-status'), null);
+    notice($('campaigns-action-status'), null);
     showSignIn(message);
   }
 
@@ -679,11 +720,226 @@
     $('users-next').dataset.cursor = page.next_cursor || '';
   }
 
+  // ---------- campaigns ----------
+
+  /**
+   * The loaded campaigns of the app the page is about. `GET /v1/campaigns` has no app
+   * filter (it lists every app the key sees), so the page filters by `app_id` here.
+   */
+  function appCampaigns() {
+    return state.appId === null ? state.campaigns : state.campaigns.filter((c) => c.app_id === state.appId);
+  }
+
+  /** Still changing: worth asking again in a few seconds. */
+  function campaignLive(c) {
+    return CAMPAIGN_ACTIVE.includes(c.status) || (c.status === 'cancelled' && !c.finished_at);
+  }
+
+  function stopCampaignRefresh() {
+    if (state.campaignsTimer !== null) {
+      clearTimeout(state.campaignsTimer);
+      state.campaignsTimer = null;
+    }
+  }
+
+  /** Refreshes the list in a few seconds while a shown campaign may still change. */
+  function scheduleCampaignRefresh() {
+    stopCampaignRefresh();
+    if (!state.key || !appCampaigns().some(campaignLive)) return;
+    state.campaignsTimer = setTimeout(() => {
+      state.campaignsTimer = null;
+      loadCampaigns();
+    }, CAMPAIGN_REFRESH_MS);
+  }
+
+  /**
+   * `fresh`: start over at the first page; `more`: append the next page; neither: ask
+   * again for the first page, large enough to hold every campaign loaded so far
+   * (newest first, so new ones join at the top and the rest are brought up to date).
+   */
+  async function loadCampaigns({ fresh = false, more = false } = {}) {
+    const status = $('campaigns-status');
+    if (more && !state.campaignsCursor) return;
+    const seq = ++state.campaignsSeq;
+    stopCampaignRefresh();
+    if (fresh) {
+      state.campaigns = [];
+      state.campaignsCursor = null;
+      notice($('campaigns-action-status'), null);
+      notice(status, 'info', 'Loading…');
+    }
+    const limit = more || fresh ? CAMPAIGNS_PAGE
+      : Math.min(CAMPAIGNS_MAX_PAGE, Math.max(CAMPAIGNS_PAGE, state.campaigns.length));
+    $('campaigns-more').disabled = true;
+    let page;
+    try {
+      page = await call('/v1/campaigns', {
+        app_id: null, // not a filter of this endpoint: the key's apps are listed
+        status: $('campaigns-filter').value || null,
+        limit,
+        cursor: more ? state.campaignsCursor : null,
+      });
+    } catch (err) {
+      if (seq !== state.campaignsSeq || !state.key) return;
+      if (err instanceof ApiFailure && err.missingEndpoint) {
+        notice(status, 'info', 'Not available: this version of the service does not run campaigns.');
+      } else {
+        notice(status, 'error', 'Could not load the campaigns: ' + describe(err));
+        scheduleCampaignRefresh();
+      }
+      $('campaigns-more').disabled = !state.campaignsCursor;
+      return;
+    }
+    if (seq !== state.campaignsSeq || !state.key) return; // a newer load, or signed out
+    notice(status, null);
+    const got = Array.isArray(page.campaigns) ? page.campaigns.filter((c) => c && typeof c === 'object') : [];
+    state.campaigns = more ? state.campaigns.concat(got) : got;
+    state.campaignsCursor = page.next_cursor || null;
+    const now = new Date();
+    $('campaigns-updated').textContent =
+      `updated ${pad(now.getUTCHours())}:${pad(now.getUTCMinutes())}:${pad(now.getUTCSeconds())} UTC`;
+    renderCampaigns();
+    scheduleCampaignRefresh();
+  }
+
+  function renderCampaigns() {
+    const list = appCampaigns();
+    const filter = $('campaigns-filter').value;
+    const others = state.campaigns.length - list.length;
+    if (!list.length) {
+      let text = filter ? `No ${filter} campaigns` : 'No campaigns';
+      if (state.appId !== null) text += ` of ${state.appId}`;
+      text += state.campaignsCursor ? ' among those loaded; "More" loads older ones.' : '.';
+      replace($('campaigns-list'), empty(text));
+    } else {
+      const t = table(['campaign', 'status', 'progress', 'rate', 'schedule', 'actions'],
+        list.map((c) => [
+          campaignCell(c),
+          campaignStatusCell(c),
+          progressCell(c),
+          h('span', { class: 'rate', text: c.rate_per_s === null || c.rate_per_s === undefined
+            ? 'unlimited' : `${num(c.rate_per_s)} /s` }),
+          scheduleCell(c),
+          actionButtons(c),
+        ]), { className: 'campaigns' });
+      t.querySelectorAll('tbody tr').forEach((tr, i) => {
+        tr.setAttribute('data-campaign', String(list[i].id));
+        tr.setAttribute('data-status', String(list[i].status));
+      });
+      replace($('campaigns-list'), t);
+    }
+    let count = list.length ? plural(list.length, 'campaign') : '';
+    if (others > 0) count += `${count ? ' · ' : ''}${num(others)} of other apps hidden`;
+    $('campaigns-count').textContent = count;
+    show($('campaigns-more'), Boolean(state.campaignsCursor));
+    $('campaigns-more').disabled = !state.campaignsCursor;
+  }
+
+  function campaignCell(c) {
+    return h('div', null,
+      h('span', { class: 'mono campaign-id', text: String(c.id) }),
+      h('span', { class: 'campaign-sub' }, 'template ', h('span', { class: 'mono template', text: c.template_id || '' })),
+      h('span', { class: 'campaign-sub muted',
+        text: [c.channel, c.audience === 'holding' ? 'everyone holding a credential' : c.audience,
+          state.appId === null ? c.app_id : null].filter(Boolean).join(' · ') }));
+  }
+
+  function campaignStatusCell(c) {
+    const known = CAMPAIGN_STATUSES.includes(c.status);
+    return h('div', null,
+      h('span', { class: 'badge campaign-status ' + (known ? c.status : 'unknown'), text: c.status || '?' }),
+      c.paused_until
+        ? h('span', { class: 'held', title: c.paused_until,
+          text: `held by WeChat's daily limit until ${utc(c.paused_until)}` })
+        : null);
+  }
+
+  /** The recipients that are final over those targeted, one stacked segment per outcome. */
+  function progressCell(c) {
+    const counts = c.counts && typeof c.counts === 'object' ? c.counts : {};
+    const n = (k) => Math.max(0, Number(counts[k]) || 0);
+    const targeted = n('targeted');
+    const final = CAMPAIGN_PARTS.reduce((acc, k) => acc + n(k), 0);
+    const pct = targeted ? Math.floor((100 * final) / targeted) : 0;
+    const label = `${num(final)} of ${num(targeted)} recipients final`;
+    const svg = s('svg', { viewBox: '0 0 100 10', preserveAspectRatio: 'none', class: 'bar-svg', 'aria-hidden': 'true' });
+    let x = 0;
+    for (const k of CAMPAIGN_PARTS) {
+      if (!n(k) || !targeted) continue;
+      const w = (100 * n(k)) / targeted;
+      svg.appendChild(s('rect', { x, y: 0, width: w, height: 10, class: 'seg ' + k, 'data-part': k },
+        s('title', { text: `${k} ${num(n(k))}` })));
+      x += w;
+    }
+    return h('div', { class: 'progress', role: 'progressbar', 'aria-label': label,
+      'aria-valuemin': 0, 'aria-valuemax': targeted, 'aria-valuenow': final },
+    h('div', { class: 'progress-head' },
+      h('span', { class: 'progress-final', text: `${num(final)} / ${num(targeted)}` }),
+      h('span', { class: 'muted progress-pct', text: `${pct}%` })),
+    svg,
+    h('div', { class: 'parts' }, CAMPAIGN_PARTS.concat(['queued']).map((k) =>
+      h('span', { 'data-part': k }, h('span', { class: 'dot ' + k }), k,
+        h('span', { class: 'part-n', text: num(n(k)) })))));
+  }
+
+  function scheduleCell(c) {
+    const row = (label, iso, fallback) => [
+      h('dt', { text: label }),
+      h('dd', { title: iso || null, text: iso ? utc(iso) : fallback }),
+    ];
+    return h('dl', { class: 'schedule' },
+      row('send at', c.send_at, 'at once'),
+      row('started', c.started_at, '–'),
+      row('finished', c.finished_at, '–'));
+  }
+
+  function actionButtons(c) {
+    const busy = state.campaignBusy.has(c.id);
+    const labels = { pause: 'Pause', resume: 'Resume', cancel: 'Cancel' };
+    return h('div', { class: 'actions' }, Object.keys(CAMPAIGN_ACTIONS).map((action) => {
+      const allowed = CAMPAIGN_ACTIONS[action].includes(c.status);
+      const b = h('button', {
+        type: 'button', class: 'secondary small-btn' + (action === 'cancel' ? ' danger' : ''),
+        'data-action': action, text: labels[action], disabled: busy || !allowed ? 'disabled' : null,
+        title: allowed ? null : `a ${c.status} campaign cannot ${action}`,
+      });
+      b.addEventListener('click', () => campaignAction(c, action));
+      return b;
+    }));
+  }
+
+  async function campaignAction(c, action) {
+    const status = $('campaigns-action-status');
+    if (action === 'cancel' && !window.confirm(
+      `Cancel campaign ${c.id} (${c.template_id})?\n\nEvery recipient not yet being sent ends ` +
+      'cancelled. This cannot be undone.')) {
+      return;
+    }
+    state.campaignBusy.add(c.id);
+    renderCampaigns();
+    try {
+      const view = await post(`/v1/campaigns/${seg(c.id)}/${action}`);
+      if (!state.key) return;
+      notice(status, null);
+      const i = state.campaigns.findIndex((x) => x.id === c.id);
+      if (i >= 0 && view && typeof view === 'object' && view.id === c.id) state.campaigns[i] = view;
+    } catch (err) {
+      if (!state.key) return;
+      notice(status, 'error', `Could not ${action} campaign ${c.id}: ${describe(err)}`);
+    } finally {
+      state.campaignBusy.delete(c.id);
+    }
+    if (!state.key) return;
+    renderCampaigns();
+    loadCampaigns(); // bring every count up to date, and refresh while it runs
+  }
+
   // ---------- wiring ----------
 
   function loadAll() {
     state.usersCursors = [null];
     loadOverview();
+    loadCampaigns({ fresh: true });
     loadUsers();
     if (state.currentOpenid) lookup(state.currentOpenid);
   }
@@ -717,6 +973,9 @@
       if (state.usersCursors.length > 1) state.usersCursors.pop();
       loadUsers();
     });
+    $('campaigns-refresh').addEventListener('click', () => loadCampaigns());
+    $('campaigns-filter').addEventListener('change', () => loadCampaigns({ fresh: true }));
+    $('campaigns-more').addEventListener('click', () => loadCampaigns({ more: true }));
     $('lookup-form').addEventListener('submit', (ev) => {
       ev.preventDefault();
       lookup($('lookup-openid').value);

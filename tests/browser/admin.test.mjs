@@ -37,6 +37,35 @@ async function apiPost(pathname, body, key) {
   return json;
 }
 
+/** Calls the API with `key` and expects `status`; returns the JSON answer. */
+async function apiCall(method, pathname, body, key, status) {
+  const res = await fetch(base + pathname, {
+    method,
+    headers: { Authorization: 'Bearer ' + key, 'Content-Type': 'application/json' },
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  const json = await res.json();
+  assert.equal(res.status, status, `${method} ${pathname}: ${JSON.stringify(json)}`);
+  return json;
+}
+
+/** Mints one form_id per openid in the sandbox's simulator (so WeChat accepts it) and registers it. */
+async function holdFormIds(openids) {
+  const credentials = [];
+  for (const openid of openids) {
+    const res = await fetch(base + '/sim/form-ids', {
+      method: 'POST',
+      headers: { 'Content-Type': 'application/json' },
+      body: JSON.stringify({ appid: 'wxsandbox', openid, count: 1 }),
+    });
+    const json = await res.json();
+    assert.equal(res.status, 200, `POST /sim/form-ids: ${JSON.stringify(json)}`);
+    for (const value of json.form_ids) credentials.push({ openid, kind: 'form_id', value });
+  }
+  const seeded = await apiPost('/v1/credentials', { credentials }, SEND_KEY);
+  assert.equal(seeded.accepted, credentials.length, JSON.stringify(seeded));
+}
+
 /** Waits until `selector`'s text is `expected`; fails with what it was instead. */
 async function expectText(selector, expected, timeout = 10000) {
   try {
@@ -303,12 +332,124 @@ test('without the newer endpoints the panels say "not available"', async () => {
   assert.ok(/not available/i.test(apps) || /wxsandbox/.test(apps), apps);
 });
 
+test('campaigns: progress and counts; pause, resume and cancel from the page', async () => {
+  const holders = ['o-camp-1', 'o-camp-2', 'o-camp-3'];
+  await holdFormIds([...holders, 'o-quick-1', 'o-quick-2']);
+  // Done at once: two recipients holding a form_id each, no pace.
+  const quick = await apiCall('POST', '/v1/campaigns',
+    { template_id: 'TPL_QUICK', audience: { openids: ['o-quick-1', 'o-quick-2'] } }, SEND_KEY, 202);
+  // Paced at one recipient a second: 60 recipients, three holding a form_id, the rest
+  // none (they end no_quota), so it runs for about a minute unless paused or cancelled.
+  const audience = [...holders, ...Array.from({ length: 57 }, (_, i) => `o-camp-none-${i}`)];
+  const slow = await apiCall('POST', '/v1/campaigns',
+    { template_id: 'TPL_SLOW', rate_per_s: 1, audience: { openids: audience } }, SEND_KEY, 202);
+  // An admin key may act on campaigns but not create them.
+  await apiCall('POST', '/v1/campaigns', { template_id: 'TPL_X', audience: { openids: ['o-x'] } }, ADMIN_KEY, 403);
+
+  const posts = [];
+  page.on('request', (req) => {
+    if (req.method() === 'POST' && new URL(req.url()).pathname.startsWith('/v1/campaigns/')) {
+      posts.push(new URL(req.url()).pathname);
+    }
+  });
+  const row = (c) => `#campaigns-list tr[data-campaign="${c.id}"]`;
+  const buttonsEnabled = (c) => page.$$eval(`${row(c)} button[data-action]`, (bs) =>
+    Object.fromEntries(bs.map((b) => [b.dataset.action, !b.disabled])));
+  const apiStatus = async (c) => (await apiCall('GET', `/v1/campaigns/${c.id}`, undefined, ADMIN_KEY, 200)).status;
+
+  await page.click('#campaigns-refresh');
+  // The finished campaign: done, a full bar of sent, no action left.
+  await expectText(`${row(quick)} .campaign-status`, 'done', 15000);
+  await expectText(`${row(quick)} .progress-final`, '2 / 2');
+  await expectText(`${row(quick)} [data-part=sent] .part-n`, '2');
+  await expectText(`${row(quick)} .rate`, 'unlimited');
+  await expectText(`${row(quick)} .template`, 'TPL_QUICK');
+  const quickBar = await page.$eval(`${row(quick)} .progress`, (el) => ({
+    now: el.getAttribute('aria-valuenow'),
+    max: el.getAttribute('aria-valuemax'),
+    parts: [...el.querySelectorAll('rect.seg')].map((r) => r.getAttribute('class')),
+    width: [...el.querySelectorAll('rect.seg')].reduce((a, r) => a + Number(r.getAttribute('width')), 0),
+  }));
+  assert.deepEqual(quickBar, { now: '2', max: '2', parts: ['seg sent'], width: 100 });
+  assert.deepEqual(await buttonsEnabled(quick), { pause: false, resume: false, cancel: false });
+
+  // The paced one runs, with its pace and its 60 recipients.
+  await expectText(`${row(slow)} .campaign-status`, 'running', 15000);
+  await expectText(`${row(slow)} .rate`, '1 /s');
+  assert.equal(await page.getAttribute(`${row(slow)} .progress`, 'aria-valuemax'), '60');
+  assert.deepEqual(await buttonsEnabled(slow), { pause: true, resume: false, cancel: true });
+
+  // The status filter asks the API for one status.
+  await page.selectOption('#campaigns-filter', 'done');
+  await page.waitForFunction((id) => {
+    const rows = [...document.querySelectorAll('#campaigns-list tbody tr')];
+    return rows.length === 1 && rows[0].dataset.campaign === id;
+  }, quick.id);
+  await page.selectOption('#campaigns-filter', '');
+  await page.locator(row(slow)).waitFor();
+
+  // A refused action is shown in the card (the answer is mocked: the real campaign can pause).
+  const pauseUrl = (u) => u.pathname === `/v1/campaigns/${slow.id}/pause`;
+  await page.route(pauseUrl, (route) => route.fulfill({
+    status: 409, contentType: 'application/json',
+    body: JSON.stringify({ error: { code: 'conflict', message: 'the campaign is done: it cannot change' } }),
+  }));
+  await page.click(`${row(slow)} button[data-action=pause]`);
+  assert.match(await visibleText('#campaigns-action-status.error'), /cannot change \(409 conflict\)/);
+  await page.unroute(pauseUrl);
+
+  // Pause: the page and the API say paused; only Resume and Cancel are left.
+  await page.click(`${row(slow)} button[data-action=pause]`);
+  await expectText(`${row(slow)} .campaign-status`, 'paused');
+  assert.equal(await page.locator('#campaigns-action-status').isVisible(), false, 'a success clears the error');
+  assert.equal(await apiStatus(slow), 'paused');
+  assert.deepEqual(await buttonsEnabled(slow), { pause: false, resume: true, cancel: true });
+
+  // Resume: running again.
+  await page.click(`${row(slow)} button[data-action=resume]`);
+  await expectText(`${row(slow)} .campaign-status`, 'running');
+  assert.equal(await apiStatus(slow), 'running');
+  await page.locator('#campaigns').screenshot({ path: path.join(SCREENSHOTS, 'admin-campaigns.png') });
+
+  // Cancel asks first: declined, nothing is sent to the API.
+  const declined = new Promise((resolve) => page.once('dialog', (d) => resolve(d.dismiss())));
+  await page.click(`${row(slow)} button[data-action=cancel]`);
+  await declined;
+  assert.equal(await apiStatus(slow), 'running');
+  const accepted = new Promise((resolve) => page.once('dialog', (d) => {
+    const message = d.message();
+    d.accept().then(() => resolve(message));
+  }));
+  await page.click(`${row(slow)} button[data-action=cancel]`);
+  assert.match(await accepted, new RegExp(`Cancel campaign ${slow.id}`));
+  await expectText(`${row(slow)} .campaign-status`, 'cancelled');
+  assert.equal(await apiStatus(slow), 'cancelled');
+  assert.deepEqual(await buttonsEnabled(slow), { pause: false, resume: false, cancel: false });
+  assert.deepEqual(posts.filter((p) => p.endsWith('/cancel')), [`/v1/campaigns/${slow.id}/cancel`]);
+
+  // Once every recipient is final the bar is full, and the page's counts are the API's.
+  await page.waitForFunction((sel) => {
+    const el = document.querySelector(sel);
+    return el && el.getAttribute('aria-valuenow') === '60';
+  }, `${row(slow)} .progress`, { timeout: 15000 });
+  const final = await apiCall('GET', `/v1/campaigns/${slow.id}`, undefined, ADMIN_KEY, 200);
+  assert.equal(final.counts.queued, 0);
+  assert.ok(final.counts.cancelled > 0, JSON.stringify(final.counts));
+  const shown = await page.$$eval(`${row(slow)} .parts [data-part]`, (spans) =>
+    Object.fromEntries(spans.map((sp) => [sp.dataset.part, Number(sp.querySelector('.part-n').textContent)])));
+  const { targeted, ...parts } = final.counts;
+  assert.equal(targeted, 60);
+  assert.deepEqual(shown, parts);
+  await page.screenshot({ path: path.join(SCREENSHOTS, 'admin-campaigns-full.png'), fullPage: true });
+});
+
 test('sign out forgets the key', async () => {
   await page.click('#signout');
   await page.locator('#signin-form').waitFor({ state: 'visible' });
   assert.equal(await page.locator('#app').isVisible(), false);
   assert.equal(await page.evaluate(() => sessionStorage.length), 0);
   assert.equal(await page.locator('#users-list').textContent(), '', 'no data left in the page');
+  assert.equal(await page.locator('#campaigns-list').textContent(), '', 'no campaigns left in the page');
   await page.reload();
   await page.locator('#signin-form').waitFor({ state: 'visible' });
   assert.equal(await page.locator('#app').isVisible(), false);
