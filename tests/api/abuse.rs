@@ -519,8 +519,11 @@ async fn roles_by_endpoint_matrix() {
         .await;
     let message = format!("/v1/messages/{}", message["id"].as_str().unwrap());
     let later = (chrono::Utc::now() + chrono::TimeDelta::days(1)).to_rfc3339();
-    let new_campaign = json!({"template_id": "T", "audience": {"openids": ["o1"]}, "send_at": later});
-    let (_, campaign) = app.post("/v1/campaigns", Some(KEY_SEND), &new_campaign).await;
+    let new_campaign =
+        json!({"template_id": "T", "audience": {"openids": ["o1"]}, "send_at": later});
+    let (_, campaign) = app
+        .post("/v1/campaigns", Some(KEY_SEND), &new_campaign)
+        .await;
     let campaign = campaign["id"].as_str().unwrap().to_string();
     // (method, path, body, which roles pass)
     let rows: Vec<(&str, String, Value, &str)> = vec![
@@ -539,7 +542,12 @@ async fn roles_by_endpoint_matrix() {
         ("GET", message, Value::Null, "send"),
         ("POST", "/v1/campaigns".into(), new_campaign, "send"),
         ("GET", "/v1/campaigns".into(), Value::Null, "send+admin"),
-        ("GET", format!("/v1/campaigns/{campaign}"), Value::Null, "send+admin"),
+        (
+            "GET",
+            format!("/v1/campaigns/{campaign}"),
+            Value::Null,
+            "send+admin",
+        ),
         (
             "GET",
             format!("/v1/messages?campaign_id={campaign}"),

@@ -510,7 +510,13 @@ async fn a_scheduled_campaign_survives_its_instance(tdb: TestDb) {
             .iter()
             .map(|f| json!({"openid": openid, "kind": "form_id", "value": f}))
             .collect();
-        post_json(&http, &format!("{}/v1/credentials", base(0)), Some(KEY_SEND), &json!({"credentials": items})).await;
+        post_json(
+            &http,
+            &format!("{}/v1/credentials", base(0)),
+            Some(KEY_SEND),
+            &json!({"credentials": items}),
+        )
+        .await;
     }
     let send_at = chrono::Utc::now() + chrono::TimeDelta::seconds(4);
     let c = post_json(
@@ -528,7 +534,12 @@ async fn a_scheduled_campaign_survives_its_instance(tdb: TestDb) {
         wait_up(&http, &format!("{}/readyz", base(i))).await;
     }
     let done = eventually_some(Duration::from_secs(60), || async {
-        let c = get_json(&http, &format!("{}/v1/campaigns/{id}", base(2)), Some(KEY_SEND)).await;
+        let c = get_json(
+            &http,
+            &format!("{}/v1/campaigns/{id}", base(2)),
+            Some(KEY_SEND),
+        )
+        .await;
         (c["status"] == "done").then_some(c)
     })
     .await
@@ -537,12 +548,17 @@ async fn a_scheduled_campaign_survives_its_instance(tdb: TestDb) {
     let delivered = deliveries(&http, &sim_base).await;
     let mut per_user: HashMap<String, usize> = HashMap::new();
     for d in &delivered {
-        *per_user.entry(d["touser"].as_str().unwrap().to_string()).or_default() += 1;
+        *per_user
+            .entry(d["touser"].as_str().unwrap().to_string())
+            .or_default() += 1;
         let at: chrono::DateTime<chrono::Utc> = d["at"].as_str().unwrap().parse().unwrap();
         assert!(at >= send_at, "sent at {at}, before send_at {send_at}");
     }
     assert_eq!(per_user.len(), 40);
-    assert!(per_user.values().all(|n| *n == 1), "a recipient got two messages: {per_user:?}");
+    assert!(
+        per_user.values().all(|n| *n == 1),
+        "a recipient got two messages: {per_user:?}"
+    );
 }
 
 backend_app_tests! {
