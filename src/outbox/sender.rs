@@ -508,13 +508,15 @@ impl Sender {
 }
 
 type Reply<R> = oneshot::Sender<DbResult<R>>;
+/// Writes a group in one transaction: the result of each job, in order.
+type WriteGroup<J, R> = fn(&mut DbConn, &[J]) -> DbResult<Vec<DbResult<R>>>;
 
 /// Group commit: jobs submitted while a group is being written wait for the next
 /// group, which is written by one call of `write` (one transaction). The first job
 /// to find no writer starts one; the writer stops when the queue is empty.
 struct Group<J, R> {
     queue: Mutex<Queue<J, R>>,
-    write: fn(&mut DbConn, &[J]) -> DbResult<Vec<DbResult<R>>>,
+    write: WriteGroup<J, R>,
 }
 
 struct Queue<J, R> {
@@ -523,7 +525,7 @@ struct Queue<J, R> {
 }
 
 impl<J: Send + 'static, R: Send + 'static> Group<J, R> {
-    fn new(write: fn(&mut DbConn, &[J]) -> DbResult<Vec<DbResult<R>>>) -> Self {
+    fn new(write: WriteGroup<J, R>) -> Self {
         Group {
             queue: Mutex::new(Queue {
                 jobs: Vec::new(),
