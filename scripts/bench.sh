@@ -61,6 +61,8 @@
 #   BENCH_SCENARIOS="push webhooks" BENCH_PHASES=empty scripts/bench.sh)  BENCH_REUSE_DB (0; 1: keep the database of the last run, no bulk load)
 #   BENCH_APPEND (0; 1: append to results.jsonl instead of starting it anew)
 #   BENCH_SEND_MESSAGES (20000: most messages the send scenario posts)
+#   BENCH_SIM_LATENCY_MS (0: the simulator's answer to each send in the send scenario
+#   comes this much later, as a real WeChat call takes tens of ms)
 #   BENCH_WEBHOOK_USERS (250) x BENCH_WEBHOOK_PER_USER (40) simulator form_ids, and
 #   BENCH_WEBHOOK_MESSAGES (10000: most messages the webhooks scenario posts)
 #   BENCH_CAMPAIGN_USERS (100000: recipients of the campaign scenario)
@@ -90,6 +92,7 @@ BENCH_BATCH=${BENCH_BATCH:-20}
 BENCH_SEND_USERS=${BENCH_SEND_USERS:-1000}
 BENCH_SEND_PER_USER=${BENCH_SEND_PER_USER:-200}
 BENCH_SEND_MESSAGES=${BENCH_SEND_MESSAGES:-20000}
+BENCH_SIM_LATENCY_MS=${BENCH_SIM_LATENCY_MS:-0}
 BENCH_DRAIN_TIMEOUT=${BENCH_DRAIN_TIMEOUT:-90}
 BENCH_WEBHOOK_USERS=${BENCH_WEBHOOK_USERS:-250}
 BENCH_WEBHOOK_PER_USER=${BENCH_WEBHOOK_PER_USER:-40}
@@ -232,10 +235,13 @@ service_scenarios() { # backend phase database-url
     log "$b/$ph: send setup ($BENCH_SEND_USERS users x $BENCH_SEND_PER_USER simulator form_ids)"
     load send-setup --url "$BASE" --key "$KEY" --sim "$SIM" --app "$APP" --prefix "o-$ph-send-" \
       --users "$BENCH_SEND_USERS" --per-user "$BENCH_SEND_PER_USER" >&2
-    log "$b/$ph: send"
+    log "$b/$ph: send (simulator latency $BENCH_SIM_LATENCY_MS ms)"
+    curl -sf -o /dev/null -XPOST "$SIM/sim/faults" -H 'content-type: application/json' \
+      -d "{\"send\":{\"latency_ms\":$BENCH_SIM_LATENCY_MS}}"
     load send $(common "$b" "$ph" send) --sim "$SIM" --prefix "o-$ph-send-" \
       --users "$BENCH_SEND_USERS" --messages "$BENCH_SEND_MESSAGES" \
-      --drain-timeout "$BENCH_DRAIN_TIMEOUT" | record
+      --drain-timeout "$BENCH_DRAIN_TIMEOUT" | sed "s/^{/{\"sim_latency_ms\":$BENCH_SIM_LATENCY_MS,/" | record
+    curl -sf -o /dev/null -XPOST "$SIM/sim/faults" -H 'content-type: application/json' -d '{}'
   fi
   if want push; then
     log "$b/$ph: push (safe mode)"

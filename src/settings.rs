@@ -154,7 +154,8 @@ pub struct Settings {
     pub session_ttl: Duration,
     /// Bound on one WeChat call (connect is bounded by a third of it).
     pub wechat_timeout: Duration,
-    /// Sender workers per instance.
+    /// Messages one instance sends at once (WeChat calls in flight; none holds a
+    /// database connection).
     pub sender_workers: usize,
     /// A worker's hold on a message; a dead worker's messages are taken over after it.
     pub sender_lease: Duration,
@@ -217,7 +218,7 @@ impl Default for Settings {
             token_force_interval: Duration::from_secs(30),
             session_ttl: Duration::from_secs(30 * 86_400),
             wechat_timeout: Duration::from_secs(10),
-            sender_workers: 8,
+            sender_workers: 256,
             sender_lease: Duration::from_secs(30),
             young_window: Duration::from_secs(60),
             young_retry: Duration::from_secs(5),
@@ -385,7 +386,7 @@ settings! {
     token_force_interval_s => |s, v| s.token_force_interval = secs(v, 0, 86_400)?;
     session_ttl_s => |s, v| s.session_ttl = secs(v, 60, 365 * 86_400)?;
     wechat_timeout_s => |s, v| s.wechat_timeout = secs(v, 1, 120)?;
-    sender_workers => |s, v| s.sender_workers = int(v, 1, 256)? as usize;
+    sender_workers => |s, v| s.sender_workers = int(v, 1, 4096)? as usize;
     sender_lease_s => |s, v| s.sender_lease = secs(v, 2, 3600)?;
     young_window_s => |s, v| s.young_window = secs(v, 0, 3600)?;
     young_retry_s => |s, v| s.young_retry = secs(v, 0, 600)?;

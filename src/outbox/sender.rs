@@ -1,18 +1,23 @@
-//! Sender workers: pick a due message, take a step, settle it.
+//! Sender: a dispatcher leases due messages in batches and gives each its own task,
+//! which takes the message's step (policy hold, token, claim, call, settle) holding
+//! no database connection during the WeChat call. The claims and the settlements of
+//! the steps under way are written in groups, one transaction (one commit) each.
+//! PostgreSQL instances wake each other with LISTEN/NOTIFY.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, Utc};
-use tokio::sync::{watch, Notify};
+use tokio::sync::{oneshot, watch, Notify};
 
 use super::policy::Policy;
 pub use super::settle::next_beijing_midnight;
 use super::settle::{self, Settlement};
-use super::store::{self, MessageRow};
+use super::store::{self, ClaimJob, MessageRow, SettleJob};
 use super::waiters::{Waiter, Waiters};
 use super::Content;
-use crate::db::{Db, DbResult};
+use crate::db::{Backend, Db, DbConn, DbError, DbResult};
 use crate::ledger::Kind;
 use crate::metrics::Metrics;
 use crate::secret::Secret;
@@ -20,11 +25,25 @@ use crate::tokens::TokenManager;
 use crate::wechat::client::{WechatClient, WechatError};
 use crate::wechat::wire::{SubscribeMessage, TemplateMessage};
 
-/// How often an idle worker looks for work another instance queued.
+/// How often an idle sender looks for work another instance queued, when nothing
+/// would tell it (SQLite, or PostgreSQL while its listener is down).
 const IDLE_POLL: Duration = Duration::from_millis(100);
+/// The longest an idle sender sleeps while it listens for other instances'
+/// notifications (PostgreSQL): a lease of a dead instance running out wakes nobody.
+const IDLE_LISTENING: Duration = Duration::from_secs(1);
+/// How often the listener looks at its connection for notifications.
+const LISTEN_POLL: Duration = Duration::from_millis(5);
+/// The shortest gap between two notifications this instance sends (they coalesce).
+const NOTIFY_GAP: Duration = Duration::from_millis(10);
+/// Most messages leased by one statement.
+const MAX_LEASE: usize = 256;
+/// Most claims or settlements written by one transaction.
+const MAX_GROUP: usize = 256;
 
 #[derive(Debug, Clone)]
 pub struct SenderConfig {
+    /// Messages this instance works on at once (each a WeChat call in flight at
+    /// most; a call holds no database connection).
     pub workers: usize,
     /// A worker's hold on a message; must outlast one WeChat call comfortably. A
     /// message of a worker that died is taken over after it.
@@ -42,6 +61,14 @@ pub struct Sender {
     wake: Notify,
     waiters: Waiters,
     metrics: Arc<Metrics>,
+    /// Claims of the steps under way, written together.
+    claims: Arc<Group<ClaimJob, Option<MessageRow>>>,
+    /// Settlements of the steps under way, written together.
+    settles: Arc<Group<SettleJob, bool>>,
+    /// Something is due: tell the other instances (PostgreSQL NOTIFY).
+    publish: Notify,
+    /// The listener for other instances' notifications is up.
+    listening: AtomicBool,
 }
 
 impl Sender {
@@ -61,26 +88,43 @@ impl Sender {
             owner: format!("sender-{:016x}", rand::random::<u64>()),
             wake: Notify::new(),
             waiters: Waiters::default(),
+            claims: Arc::new(Group::new(store::claim_many)),
+            settles: Arc::new(Group::new(store::settle_many)),
+            publish: Notify::new(),
+            listening: AtomicBool::new(false),
         }
     }
 
-    /// Starts the workers; they stop taking new work when `stop` flips to true and
-    /// the returned handles finish once their current step is settled.
+    /// Starts the dispatcher (and on PostgreSQL the listener and the notifier); it
+    /// stops taking new work when `stop` flips to true and the returned handle
+    /// finishes once every step under way is settled.
     pub fn spawn(
         self: &Arc<Self>,
         stop: watch::Receiver<bool>,
     ) -> Vec<tokio::task::JoinHandle<()>> {
-        (0..self.config.workers.max(1))
-            .map(|_| {
-                let (me, stop) = (self.clone(), stop.clone());
-                tokio::spawn(async move { me.work(stop).await })
-            })
-            .collect()
+        if self.db.backend() == Backend::Postgres {
+            // A thread of its own, not the blocking pool: a runtime shut down
+            // without `stop` (a test's) does not wait for it; it ends with the
+            // sender.
+            let (me, stop_listen) = (Arc::downgrade(self), stop.clone());
+            let listener = std::thread::Builder::new()
+                .name("sender-listen".into())
+                .spawn(move || Sender::listen(&me, &stop_listen));
+            if let Err(e) = listener {
+                log::warn!("sender: cannot listen for other instances: {e}");
+            }
+            let (me, stop_notify) = (self.clone(), stop.clone());
+            tokio::spawn(async move { me.notify_others(stop_notify).await });
+        }
+        let me = self.clone();
+        vec![tokio::spawn(async move { me.dispatch(stop).await })]
     }
 
-    /// Something is due now (a new message, a report): wake an idle worker.
+    /// Something is due now (a new message, a report): wake the dispatcher, and
+    /// tell the other instances.
     pub fn nudge(&self) {
         self.wake.notify_one();
+        self.publish.notify_one();
     }
 
     /// Waits for message `id` to reach a final status in this instance; only its own
@@ -95,38 +139,151 @@ impl Sender {
         self.db.run(move |c| store::release_leases(c, &owner)).await
     }
 
-    async fn work(&self, mut stop: watch::Receiver<bool>) {
+    /// Leases as many due messages as there are free workers and starts a step of
+    /// each; waits for a nudge, a notification, a finished step (its user may have
+    /// another message due) or the next message due.
+    async fn dispatch(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let workers = self.config.workers.max(1);
+        let mut steps = tokio::task::JoinSet::new();
         while !*stop.borrow() {
-            match self.step().await {
-                Ok(true) => continue,
-                Ok(false) => {}
-                Err(e) => log::warn!("sender: {e}"),
+            while steps.try_join_next().is_some() {}
+            let free = workers.saturating_sub(steps.len()).min(MAX_LEASE);
+            let mut wait = IDLE_POLL;
+            if free > 0 {
+                match self.lease(free).await {
+                    Ok(leased) => {
+                        let full = leased.len() == free;
+                        for msg in leased {
+                            let me = self.clone();
+                            steps.spawn(async move {
+                                let id = msg.id;
+                                if let Err(e) = me.process(msg).await {
+                                    log::warn!("sender: message {id}: {e}");
+                                }
+                            });
+                        }
+                        if full {
+                            continue;
+                        }
+                        wait = self.idle_wait().await;
+                    }
+                    Err(e) => log::warn!("sender: {e}"),
+                }
             }
             tokio::select! {
                 _ = self.wake.notified() => {}
-                _ = tokio::time::sleep(IDLE_POLL) => {}
+                _ = tokio::time::sleep(wait) => {}
                 _ = stop.changed() => {}
+                Some(_) = steps.join_next(), if !steps.is_empty() => {}
+            }
+        }
+        while steps.join_next().await.is_some() {}
+    }
+
+    async fn lease(&self, limit: usize) -> DbResult<Vec<MessageRow>> {
+        let owner = self.owner.clone();
+        let lease = TimeDelta::from_std(self.config.lease).unwrap_or(TimeDelta::seconds(30));
+        self.db
+            .run(move |c| {
+                let now = crate::time::now();
+                store::lease_due(c, &owner, now, now + lease, limit)
+            })
+            .await
+    }
+
+    /// How long to sleep with nothing due: while other instances' notifications
+    /// reach this one, until the next message is due (at most [`IDLE_LISTENING`]);
+    /// otherwise [`IDLE_POLL`].
+    async fn idle_wait(&self) -> Duration {
+        if !self.listening.load(Ordering::Relaxed) {
+            return IDLE_POLL;
+        }
+        let now = crate::time::now();
+        match self.db.run(move |c| store::next_due(c, now)).await {
+            Ok(Some(at)) => (at - now)
+                .to_std()
+                .unwrap_or(Duration::ZERO)
+                .clamp(Duration::from_millis(1), IDLE_LISTENING),
+            Ok(None) => IDLE_LISTENING,
+            Err(e) => {
+                log::warn!("sender: {e}");
+                IDLE_POLL
             }
         }
     }
 
-    /// Takes one step of the message due first. False if nothing was due.
-    async fn step(&self) -> DbResult<bool> {
-        let owner = self.owner.clone();
-        let lease = TimeDelta::from_std(self.config.lease).unwrap_or(TimeDelta::seconds(30));
-        let picked = self
-            .db
-            .run(move |c| {
-                let now = crate::time::now();
-                store::lease_next(c, &owner, now, now + lease)
-            })
-            .await?;
-        match picked {
-            Some(msg) => {
-                self.process(msg).await?;
-                Ok(true)
+    /// PostgreSQL: holds a connection that LISTENs for other instances' "due now"
+    /// and wakes the dispatcher on each (diesel's `PgConnection` exposes no socket
+    /// to wait on, so the connection is looked at every [`LISTEN_POLL`]: a
+    /// non-blocking read). Runs on a thread of its own until `stop` or until the
+    /// sender is gone.
+    fn listen(me: &std::sync::Weak<Sender>, stop: &watch::Receiver<bool>) {
+        let go_on = || !*stop.borrow() && stop.has_changed().is_ok();
+        while go_on() {
+            let Some(sender) = me.upgrade() else { return };
+            let conn = sender.db.get();
+            drop(sender);
+            let mut conn = match conn {
+                Ok(conn) => conn,
+                Err(e) => {
+                    log::warn!("sender: cannot listen for other instances: {e}");
+                    std::thread::sleep(Duration::from_secs(1));
+                    continue;
+                }
+            };
+            match store::listen_due(&mut conn) {
+                Ok(true) => {}
+                Ok(false) => return,
+                Err(e) => {
+                    log::warn!("sender: cannot listen for other instances: {e}");
+                    std::thread::sleep(Duration::from_secs(1));
+                    continue;
+                }
             }
-            None => Ok(false),
+            while go_on() {
+                let Some(sender) = me.upgrade() else { return };
+                if !sender.listening.swap(true, Ordering::Relaxed) {
+                    // Whatever was notified before the LISTEN took effect.
+                    sender.wake.notify_one();
+                }
+                match store::received_due(&mut conn) {
+                    Ok(payloads) => {
+                        if payloads.iter().any(|p| *p != sender.owner) {
+                            sender.wake.notify_one();
+                        }
+                    }
+                    Err(e) => {
+                        log::warn!("sender: listening for other instances: {e}");
+                        sender.listening.store(false, Ordering::Relaxed);
+                        break;
+                    }
+                }
+                drop(sender);
+                std::thread::sleep(LISTEN_POLL);
+            }
+            if let Some(sender) = me.upgrade() {
+                sender.listening.store(false, Ordering::Relaxed);
+            }
+            // The connection goes back to the pool: without the subscription.
+            if let Err(e) = store::unlisten_due(&mut conn) {
+                log::warn!("sender: {e}");
+            }
+        }
+    }
+
+    /// PostgreSQL: sends NOTIFY for the nudges of this instance, coalesced (at most
+    /// one per [`NOTIFY_GAP`]), until `stop`.
+    async fn notify_others(&self, mut stop: watch::Receiver<bool>) {
+        while !*stop.borrow() {
+            tokio::select! {
+                _ = self.publish.notified() => {}
+                _ = stop.changed() => continue,
+            }
+            let owner = self.owner.clone();
+            if let Err(e) = self.db.run(move |c| store::notify_due(c, &owner)).await {
+                log::warn!("sender: cannot notify other instances: {e}");
+            }
+            tokio::time::sleep(NOTIFY_GAP).await;
         }
     }
 
@@ -224,11 +381,11 @@ impl Sender {
                 .await?;
             return Ok(ours.then_some(msg));
         }
-        let m = msg.clone();
-        let claimed = self
-            .db
-            .run(move |c| store::claim_credential(c, &m, &owner, crate::time::now()))
-            .await?;
+        let job = ClaimJob {
+            msg: msg.clone(),
+            owner,
+        };
+        let claimed = self.claims.submit(&self.db, job).await?;
         let hit = if claimed.is_some() { "hit" } else { "miss" };
         self.metrics.claims.with_label_values(&[hit]).inc();
         if claimed.is_none() {
@@ -298,10 +455,26 @@ impl Sender {
     /// Writes the step's end; reports a final status, wakes a worker for a step due now.
     async fn settle(&self, msg: &MessageRow, settlement: Settlement) -> DbResult<()> {
         let (m, owner, s) = (msg.clone(), self.owner.clone(), settlement.clone());
-        let applied = self
-            .db
-            .run(move |c| store::settle(c, &m, &owner, &s, crate::time::now()))
-            .await?;
+        let alone = move |c: &mut DbConn| store::settle(c, &m, &owner, &s, crate::time::now());
+        let applied = if store::settles_alone(msg, &settlement) {
+            self.db.run(alone).await?
+        } else {
+            let job = SettleJob {
+                msg: msg.clone(),
+                owner: self.owner.clone(),
+                settlement: settlement.clone(),
+            };
+            match self.settles.submit(&self.db, job).await {
+                Ok(applied) => applied,
+                Err(e) => {
+                    // The group's transaction failed (or this settlement in it):
+                    // once more in a transaction of its own. If the group did
+                    // commit, the lease is gone and this finds it so.
+                    log::warn!("message {}: settling in a group: {e}; alone", msg.id);
+                    self.db.run(alone).await?
+                }
+            }
+        };
         if !applied {
             log::warn!(
                 "message {}: lease lost before settling; another worker redoes the step",
@@ -338,5 +511,93 @@ impl Sender {
             self.nudge();
         }
         Ok(())
+    }
+}
+
+type Reply<R> = oneshot::Sender<DbResult<R>>;
+/// Writes a group in one transaction: the result of each job, in order.
+type WriteGroup<J, R> = fn(&mut DbConn, &[J]) -> DbResult<Vec<DbResult<R>>>;
+
+/// Group commit: jobs submitted while a group is being written wait for the next
+/// group, which is written by one call of `write` (one transaction). The first job
+/// to find no writer starts one; the writer stops when the queue is empty.
+struct Group<J, R> {
+    queue: Mutex<Queue<J, R>>,
+    write: WriteGroup<J, R>,
+}
+
+struct Queue<J, R> {
+    jobs: Vec<(J, Reply<R>)>,
+    writing: bool,
+}
+
+impl<J: Send + 'static, R: Send + 'static> Group<J, R> {
+    fn new(write: WriteGroup<J, R>) -> Self {
+        Group {
+            queue: Mutex::new(Queue {
+                jobs: Vec::new(),
+                writing: false,
+            }),
+            write,
+        }
+    }
+
+    fn queue(&self) -> std::sync::MutexGuard<'_, Queue<J, R>> {
+        // A queue of jobs stays consistent whatever panicked while holding it.
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues `job` and waits for the transaction that writes it.
+    async fn submit(self: &Arc<Self>, db: &Db, job: J) -> DbResult<R> {
+        let (reply, answer) = oneshot::channel();
+        let lead = {
+            let mut q = self.queue();
+            q.jobs.push((job, reply));
+            !std::mem::replace(&mut q.writing, true)
+        };
+        if lead {
+            let (me, db) = (self.clone(), db.clone());
+            tokio::spawn(async move { me.write_all(db).await });
+        }
+        answer.await.unwrap_or_else(|_| {
+            Err(DbError::Unavailable(
+                "the group's transaction did not run".into(),
+            ))
+        })
+    }
+
+    async fn write_all(self: Arc<Self>, db: Db) {
+        loop {
+            let group: Vec<(J, Reply<R>)> = {
+                let mut q = self.queue();
+                if q.jobs.is_empty() {
+                    q.writing = false;
+                    return;
+                }
+                let n = q.jobs.len().min(MAX_GROUP);
+                q.jobs.drain(..n).collect()
+            };
+            let write = self.write;
+            // No connection: the replies are dropped, and every job hears so.
+            let _ = db
+                .run(move |c| {
+                    let (jobs, replies): (Vec<J>, Vec<Reply<R>>) = group.into_iter().unzip();
+                    match write(c, &jobs) {
+                        Ok(results) => {
+                            for (reply, result) in replies.into_iter().zip(results) {
+                                let _ = reply.send(result);
+                            }
+                        }
+                        Err(e) => {
+                            let e = e.to_string();
+                            for reply in replies {
+                                let _ = reply.send(Err(DbError::Unavailable(e.clone())));
+                            }
+                        }
+                    }
+                    Ok(())
+                })
+                .await;
+        }
     }
 }

@@ -3,7 +3,7 @@
 use chrono::{DateTime, NaiveDateTime, Utc};
 use diesel::dsl::case_when;
 use diesel::prelude::*;
-use diesel::sql_types::{Text, Timestamp};
+use diesel::sql_types::{BigInt, Text, Timestamp};
 
 use super::settle::{CredentialFate, Settlement};
 use super::{Channel, Content, Status};
@@ -292,41 +292,62 @@ pub fn recent_for_user(
     Ok(out)
 }
 
-/// Leases the message that is due first and not leased (or whose lease ran out: its
-/// worker died), of a user who has no other message leased: one send at a time per
-/// (app, openid), on every instance (the partial unique index
-/// `messages_one_leased_per_user` settles a race between two instances; the loser
-/// looks again). PostgreSQL: SKIP LOCKED, so instances take different messages.
+/// Leases the message that is due first; see [`lease_due`].
 pub fn lease_next(
     conn: &mut DbConn,
     owner: &str,
     now: DateTime<Utc>,
     until: DateTime<Utc>,
 ) -> DbResult<Option<MessageRow>> {
+    Ok(lease_due(conn, owner, now, until, 1)?.into_iter().next())
+}
+
+/// Leases up to `limit` messages that are due first and not leased (or whose lease
+/// ran out: its worker died), in one statement, at most one per user, and only of
+/// users who have no other message leased: one send at a time per (app, openid), on
+/// every instance (the partial unique index `messages_one_leased_per_user` settles a
+/// race between two instances; the loser looks again). PostgreSQL: SKIP LOCKED, so
+/// instances take different messages.
+pub fn lease_due(
+    conn: &mut DbConn,
+    owner: &str,
+    now: DateTime<Utc>,
+    until: DateTime<Utc>,
+    limit: usize,
+) -> DbResult<Vec<MessageRow>> {
     let lock = skip_locked(conn);
+    // The candidates are locked (PostgreSQL) in the CTE; of two candidates of one
+    // user only the one due first is leased (the unique index would refuse both).
     let sql = native_sql(
         conn,
         &format!(
-            "UPDATE messages SET lease_owner = $1, lease_until = $2 \
-             WHERE id = (SELECT id FROM messages m \
+            "WITH cand AS (SELECT id, app_id, openid, next_attempt_at FROM messages m \
                WHERE status IN ('queued', 'sending') AND next_attempt_at <= $3 \
                  AND (lease_until IS NULL OR lease_until < $3) \
                  AND app_id NOT IN (SELECT app_id FROM app_pauses WHERE until > $3) \
                  AND NOT EXISTS (SELECT 1 FROM messages o \
                    WHERE o.app_id = m.app_id AND o.openid = m.openid \
                      AND o.lease_owner IS NOT NULL AND o.id <> m.id) \
-               ORDER BY next_attempt_at LIMIT 1{lock}) \
+               ORDER BY next_attempt_at LIMIT $4{lock}), \
+             firsts AS (SELECT id FROM (SELECT id, row_number() OVER \
+               (PARTITION BY app_id, openid ORDER BY next_attempt_at, id) AS n FROM cand) f \
+               WHERE n = 1) \
+             UPDATE messages SET lease_owner = $1, lease_until = $2 \
+             WHERE id IN (SELECT id FROM firsts) \
              RETURNING *"
         ),
     );
-    for _ in 0..3 {
-        let leased: DbResult<Option<MessageRow>> = single_write(conn, |conn| {
+    // A race lost to another instance (the unique index) rolls the whole statement
+    // back: look again, the last times for one message only.
+    let limit = i64::try_from(limit.max(1)).unwrap_or(i64::MAX);
+    for limit in [limit, limit, 1, 1, 1] {
+        let leased: DbResult<Vec<MessageRow>> = single_write(conn, |conn| {
             Ok(dispatch!(conn, |c| diesel::sql_query(&sql)
                 .bind::<Text, _>(owner)
                 .bind::<Timestamp, _>(to_db(until))
                 .bind::<Timestamp, _>(to_db(now))
-                .get_result::<MessageRow>(c)
-                .optional())?)
+                .bind::<BigInt, _>(limit)
+                .load::<MessageRow>(c))?)
         });
         match leased {
             Err(DbError::Query(diesel::result::Error::DatabaseError(
@@ -336,7 +357,137 @@ pub fn lease_next(
             other => return other,
         }
     }
-    Ok(None)
+    Ok(Vec::new())
+}
+
+/// When the next message not due yet becomes due (a retry, a `send_at`), if any:
+/// how long an idle sender may sleep when another instance would wake it.
+pub fn next_due(conn: &mut DbConn, now: DateTime<Utc>) -> DbResult<Option<DateTime<Utc>>> {
+    use diesel::dsl::min;
+    use messages::dsl as m;
+    let at: Option<NaiveDateTime> = dispatch!(conn, |c| m::messages
+        .filter(m::status.eq_any([Status::Queued.as_str(), Status::Sending.as_str()]))
+        .filter(m::next_attempt_at.gt(to_db(now)))
+        .select(min(m::next_attempt_at))
+        .first(c))?;
+    Ok(at.map(|t| t.and_utc()))
+}
+
+/// The PostgreSQL channel on which instances tell each other that a message is due.
+pub const DUE_CHANNEL: &str = "ledger_outbox_due";
+
+/// Tells the other instances (LISTEN [`DUE_CHANNEL`]) that a message is due now;
+/// `payload` names the sender, which ignores its own. A hint, not a record: the
+/// commit does not wait for the WAL flush. Nothing on SQLite.
+pub fn notify_due(conn: &mut DbConn, payload: &str) -> DbResult<()> {
+    if let DbConn::Pg(c) = conn {
+        c.transaction(|c| {
+            diesel::sql_query("SET LOCAL synchronous_commit = off").execute(c)?;
+            diesel::sql_query("SELECT pg_notify($1, $2)")
+                .bind::<Text, _>(DUE_CHANNEL)
+                .bind::<Text, _>(payload)
+                .execute(c)
+        })?;
+    }
+    Ok(())
+}
+
+/// Starts listening on [`DUE_CHANNEL`] on this (PostgreSQL) connection; false on
+/// SQLite, which has no notifications.
+pub fn listen_due(conn: &mut DbConn) -> DbResult<bool> {
+    match conn {
+        DbConn::Pg(c) => {
+            diesel::sql_query(format!("LISTEN {DUE_CHANNEL}")).execute(c)?;
+            Ok(true)
+        }
+        DbConn::Sqlite(_) => Ok(false),
+    }
+}
+
+/// Stops listening on this connection (before it goes back to the pool).
+pub fn unlisten_due(conn: &mut DbConn) -> DbResult<()> {
+    if let DbConn::Pg(c) = conn {
+        diesel::sql_query("UNLISTEN *").execute(c)?;
+    }
+    Ok(())
+}
+
+/// The payloads of the notifications received on a listening connection since the
+/// last look, without waiting (diesel's `notifications_iter`: libpq's
+/// `PQconsumeInput` and `PQnotifies`).
+pub fn received_due(conn: &mut DbConn) -> DbResult<Vec<String>> {
+    match conn {
+        DbConn::Pg(c) => Ok(c
+            .notifications_iter()
+            .map(|n| n.map(|n| n.payload))
+            .collect::<Result<_, _>>()?),
+        DbConn::Sqlite(_) => Ok(Vec::new()),
+    }
+}
+
+/// A claim of [`claim_many`]: the message and the lease owner.
+#[derive(Debug)]
+pub struct ClaimJob {
+    pub msg: MessageRow,
+    pub owner: String,
+}
+
+/// [`claim_credential`] for several messages in one transaction (one commit); each
+/// in a savepoint of its own, so one message's failure leaves the others' claims.
+pub fn claim_many(
+    conn: &mut DbConn,
+    jobs: &[ClaimJob],
+) -> DbResult<Vec<DbResult<Option<MessageRow>>>> {
+    write_tx(conn, |conn| {
+        let now = crate::time::now();
+        Ok(jobs
+            .iter()
+            .map(|j| claim_credential(conn, &j.msg, &j.owner, now))
+            .collect())
+    })
+}
+
+/// A settlement of [`settle_many`].
+#[derive(Debug)]
+pub struct SettleJob {
+    pub msg: MessageRow,
+    pub owner: String,
+    pub settlement: Settlement,
+}
+
+/// [`settle`] for several messages in one transaction (one commit), in message id
+/// order; each in a savepoint of its own (a lost lease or a failure leaves the
+/// others settled). A settlement that [`settles_alone`] does not belong here.
+pub fn settle_many(conn: &mut DbConn, jobs: &[SettleJob]) -> DbResult<Vec<DbResult<bool>>> {
+    let mut order: Vec<usize> = (0..jobs.len()).collect();
+    order.sort_by_key(|&i| jobs[i].msg.id);
+    write_tx(conn, |conn| {
+        let now = crate::time::now();
+        let mut results: Vec<Option<DbResult<bool>>> = jobs.iter().map(|_| None).collect();
+        for i in order {
+            let j = &jobs[i];
+            results[i] = Some(settle(conn, &j.msg, &j.owner, &j.settlement, now));
+        }
+        Ok(results
+            .into_iter()
+            .map(|r| r.unwrap_or(Ok(false)))
+            .collect())
+    })
+}
+
+/// A settlement that takes the user's lock (a sent event may have overtaken it, see
+/// [`settle`]): written in a transaction of its own, so a group never holds several
+/// users' locks in an order the push does not know.
+pub fn settles_alone(msg: &MessageRow, s: &Settlement) -> bool {
+    takes_user_lock(msg, s)
+}
+
+fn takes_user_lock(msg: &MessageRow, s: &Settlement) -> bool {
+    let subscribed = msg.credential_kind.as_deref() == Some(Kind::Subscription.as_str());
+    let outcome_unknown = subscribed
+        && s.error.as_ref().map(|e| e.code)
+            == Some(super::settle::MessageErrorCode::OutcomeUnknown);
+    s.wechat_msgid.is_some() || outcome_unknown
 }
 
 /// Claims a use of the user's credential for the message and marks the call in
@@ -426,7 +577,7 @@ pub fn settle(
     let outcome_unknown = subscribed
         && s.error.as_ref().map(|e| e.code)
             == Some(super::settle::MessageErrorCode::OutcomeUnknown);
-    let pending = s.wechat_msgid.is_some() || outcome_unknown;
+    let pending = takes_user_lock(msg, s);
     write_tx(conn, |conn| {
         if pending {
             ledger::lock_user(conn, &msg.app_id, &msg.openid)?;
