@@ -223,8 +223,6 @@ impl TestApp {
         sim: TestSim,
         tweak: impl FnOnce(&mut Settings),
     ) -> TestApp {
-        // The service's log, shown with a failing test's output (RUST_LOG sets the level).
-        let _ = env_logger::builder().is_test(true).try_init();
         let mut settings = test_settings(&test_db);
         settings.wechat_api_base = sim.base.clone();
         tweak(&mut settings);
