@@ -327,7 +327,11 @@ backend_app_tests! {
         for m in recipients(&app, KEY_SEND, &id, 100).await {
             let to_wechat = delivered_to.contains(m["openid"].as_str().unwrap());
             match status_of(&m) {
-                "cancelled" => assert!(!to_wechat, "a cancelled recipient reached WeChat: {m}"),
+                "cancelled" => {
+                    assert!(!to_wechat, "a cancelled recipient reached WeChat: {m}");
+                    let (_, q) = app.get(&format!("/v1/admin/users/{}/quota", m["openid"].as_str().unwrap()), Some(KEY_ADMIN)).await;
+                    assert_eq!(q["sendable"], 1, "a cancelled recipient's form_id was spent: {q}");
+                }
                 "sent" => assert!(to_wechat, "{m}"),
                 other => panic!("{other}: {m}"),
             }

@@ -527,6 +527,16 @@ async fn a_scheduled_campaign_survives_its_instance(tdb: TestDb) {
     )
     .await;
     let id = c["id"].as_str().unwrap().to_string();
+    // A single message with the same send_at, to a user of the campaign: it gets
+    // both, the campaign's first (one send per user at a time), neither early.
+    let single = post_json(
+        &http,
+        &format!("{}/v1/messages", base(0)),
+        Some(KEY_SEND),
+        &json!({"openid": "s00", "template_id": "TPL_SINGLE", "send_at": send_at.to_rfc3339()}),
+    )
+    .await;
+    let single = single["id"].as_str().unwrap().to_string();
     drop(a); // SIGKILL before send_at
     let _b = service(&url, &sim_base, ports[1]);
     let _c = service(&url, &sim_base, ports[2]);
@@ -545,14 +555,37 @@ async fn a_scheduled_campaign_survives_its_instance(tdb: TestDb) {
     .await
     .expect("the campaign never finished");
     assert_eq!(done["counts"]["sent"], 40, "{done}");
-    let delivered = deliveries(&http, &sim_base).await;
+    let m = final_message(
+        &http,
+        &base(1),
+        &single,
+        Instant::now() + Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(m["status"], "sent", "{m}");
+    let mut delivered = deliveries(&http, &sim_base).await;
+    let singles = delivered
+        .iter()
+        .filter(|d| d["template_id"] == "TPL_SINGLE")
+        .count();
+    assert_eq!(
+        singles, 1,
+        "the scheduled single message reached WeChat once"
+    );
+    for d in &delivered {
+        let at: chrono::DateTime<chrono::Utc> = d["at"].as_str().unwrap().parse().unwrap();
+        assert!(
+            at >= send_at,
+            "{} sent at {at}, before send_at {send_at}",
+            d["template_id"]
+        );
+    }
+    delivered.retain(|d| d["template_id"] != "TPL_SINGLE");
     let mut per_user: HashMap<String, usize> = HashMap::new();
     for d in &delivered {
         *per_user
             .entry(d["touser"].as_str().unwrap().to_string())
             .or_default() += 1;
-        let at: chrono::DateTime<chrono::Utc> = d["at"].as_str().unwrap().parse().unwrap();
-        assert!(at >= send_at, "sent at {at}, before send_at {send_at}");
     }
     assert_eq!(per_user.len(), 40);
     assert!(

@@ -551,6 +551,10 @@ backend_app_tests! {
             app.get(&format!("/v1/messages/{id}"), Some(KEY_SEND)).await.1["delivery"]["status"] == "refused"
         });
         assert!(refused.await);
+        // The simulator counts an answer after it has read it, which can be a moment
+        // after the ledger committed what the push said.
+        let counted = helpers::eventually(Duration::from_secs(5), || async { app.sim.sim.pushes_answered() >= 4 });
+        assert!(counted.await, "{} answered", app.sim.sim.pushes_answered());
         assert_eq!(app.sim.sim.pushes_answered(), 4, "2 popups, 1 change, 1 sent event");
     }
 }
