@@ -222,10 +222,7 @@ impl CampaignRow {
 
     /// The credentials a recipient may spend, as its messages will (for "holding").
     fn pick(&self) -> DbResult<ledger::Pick<'_>> {
-        Ok(match self.channel()? {
-            Channel::Subscription => ledger::Pick::SubscriptionOnly(&self.template_id),
-            Channel::Template => ledger::Pick::SubscriptionFirst(&self.template_id),
-        })
+        Ok(self.channel()?.pick(&self.template_id))
     }
 }
 

@@ -111,6 +111,16 @@ impl Channel {
     }
 }
 
+impl Channel {
+    /// The credentials a message of this channel and template may spend.
+    pub fn pick(self, template_id: &str) -> crate::ledger::Pick<'_> {
+        match self {
+            Channel::Subscription => crate::ledger::Pick::SubscriptionOnly(template_id),
+            Channel::Template => crate::ledger::Pick::SubscriptionFirst(template_id),
+        }
+    }
+}
+
 impl TryFrom<&str> for Channel {
     type Error = DbError;
 

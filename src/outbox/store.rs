@@ -98,10 +98,7 @@ impl MessageRow {
 
     /// The credentials this message may use: its channel decides.
     pub fn pick(&self) -> DbResult<ledger::Pick<'_>> {
-        Ok(match self.channel()? {
-            Channel::Subscription => ledger::Pick::SubscriptionOnly(&self.template_id),
-            Channel::Template => ledger::Pick::SubscriptionFirst(&self.template_id),
-        })
+        Ok(self.channel()?.pick(&self.template_id))
     }
 }
 

@@ -111,6 +111,38 @@ async fn final_message(http: &reqwest::Client, base: &str, id: &str, deadline: I
     }
 }
 
+/// Mints `count` form_ids for `openid` in the simulator and registers them with the
+/// service at `base`; returns how many it accepted.
+async fn register_minted(
+    http: &reqwest::Client,
+    sim_base: &str,
+    base: &str,
+    openid: &str,
+    count: usize,
+) -> usize {
+    let minted = post_json(
+        http,
+        &format!("{sim_base}/sim/form-ids"),
+        None,
+        &json!({"appid": APP, "openid": openid, "count": count}),
+    )
+    .await;
+    let items: Vec<Value> = minted["form_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| json!({"openid": openid, "kind": "form_id", "value": f}))
+        .collect();
+    let res = post_json(
+        http,
+        &format!("{base}/v1/credentials"),
+        Some(KEY_SEND),
+        &json!({"credentials": items}),
+    )
+    .await;
+    res["accepted"].as_u64().unwrap() as usize
+}
+
 async fn kill_in_flight(tdb: TestDb) {
     let http = reqwest::Client::new();
     let (_sim, sim_base) = slow_simulator(&http).await;
@@ -123,29 +155,9 @@ async fn kill_in_flight(tdb: TestDb) {
 
     let mut recorded = 0;
     for u in 0..20 {
-        let openid = format!("user{u}");
-        let minted = post_json(
-            &http,
-            &format!("{sim_base}/sim/form-ids"),
-            None,
-            &json!({"appid": APP, "openid": openid, "count": 5}),
-        )
-        .await;
-        let items: Vec<Value> = minted["form_ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|f| json!({"openid": openid, "kind": "form_id", "value": f}))
-            .collect();
-        recorded += items.len();
-        let res = post_json(
-            &http,
-            &format!("{base_a}/v1/credentials"),
-            Some(KEY_SEND),
-            &json!({"credentials": items}),
-        )
-        .await;
-        assert_eq!(res["accepted"], 5);
+        let accepted = register_minted(&http, &sim_base, &base_a, &format!("user{u}"), 5).await;
+        assert_eq!(accepted, 5);
+        recorded += accepted;
     }
     let mut ids = Vec::new();
     for i in 0..120 {
@@ -497,26 +509,10 @@ async fn a_scheduled_campaign_survives_its_instance(tdb: TestDb) {
     wait_up(&http, &format!("{}/readyz", base(0))).await;
     let openids: Vec<String> = (0..40).map(|i| format!("s{i:02}")).collect();
     for openid in &openids {
-        let minted = post_json(
-            &http,
-            &format!("{sim_base}/sim/form-ids"),
-            None,
-            &json!({"appid": APP, "openid": openid, "count": 2}),
-        )
-        .await;
-        let items: Vec<Value> = minted["form_ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|f| json!({"openid": openid, "kind": "form_id", "value": f}))
-            .collect();
-        post_json(
-            &http,
-            &format!("{}/v1/credentials", base(0)),
-            Some(KEY_SEND),
-            &json!({"credentials": items}),
-        )
-        .await;
+        assert_eq!(
+            register_minted(&http, &sim_base, &base(0), openid, 2).await,
+            2
+        );
     }
     let send_at = chrono::Utc::now() + chrono::TimeDelta::seconds(4);
     let c = post_json(
