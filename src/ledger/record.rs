@@ -292,10 +292,11 @@ fn store_tokens(
             .or_insert_with(|| cap - live.get(&user).copied().unwrap_or(0));
         for cand in &t.candidates {
             let value = cand.value.unwrap_or_default();
-            if !seen.insert((t.app_id, value)) {
+            if seen.contains(&(t.app_id, value)) {
                 outcome.duplicates += 1;
                 continue;
             }
+            // A refused value is not known: its next report is judged afresh.
             if *left <= 0 {
                 outcome.rejected.push(Rejection {
                     value: value.to_string(),
@@ -303,6 +304,7 @@ fn store_tokens(
                 });
                 continue;
             }
+            seen.insert((t.app_id, value));
             *left -= 1;
             rows.push((
                 t.request,

@@ -156,6 +156,23 @@ backend_tests! {
         assert_eq!(reasons(&out), vec![("e".to_string(), RejectReason::UserCap)]);
         // Another user is not affected.
         assert_eq!(record_at(&db, &rules, t0(), "v", vec![form("e")]).accepted, 1);
+        // The same in one group commit of several requests: a value refused for the
+        // cap is not known, so its second report is refused too, not a duplicate;
+        // an admitted value's second report is a duplicate.
+        let reports: Vec<Vec<Report>> = ["f", "g", "g", "f"]
+            .iter()
+            .map(|v| vec![Report { app_id: APP.into(), openid: "v".into(), items: vec![form(v)] }])
+            .collect();
+        let slices: Vec<&[Report]> = reports.iter().map(Vec::as_slice).collect();
+        let rules = Rules { user_cap: 2, ..Rules::default() };
+        let outs = ledger::record_group(&mut db.get().unwrap(), &rules, t0(), &slices).unwrap();
+        let summary: Vec<_> = outs.iter().map(|o| (o.accepted, o.duplicates, reasons(o))).collect();
+        assert_eq!(summary, vec![
+            (1, 0, vec![]),
+            (0, 0, vec![("g".to_string(), RejectReason::UserCap)]),
+            (0, 0, vec![("g".to_string(), RejectReason::UserCap)]),
+            (0, 1, vec![]),
+        ]);
     }
 
     /// Issue 14.4: invented templates and results cannot grow a user's rows
