@@ -160,15 +160,15 @@ pub fn apply(
                     };
                     match delivery::apply_sent(conn, &event, now)? {
                         delivery::Delivered::Message(id) => {
-                            store::message_event(conn, id, EventType::MessageDelivery)?;
+                            store::message_event(conn, id, app_id, EventType::MessageDelivery)?;
                             applied.deliveries += 1;
                         }
                         delivery::Delivered::Resolved(id) => {
                             log::info!(
                                 "message {id}: WeChat's sent event proves the ambiguous send was accepted; sent"
                             );
-                            store::message_event(conn, id, EventType::MessageFinished)?;
-                            store::message_event(conn, id, EventType::MessageDelivery)?;
+                            store::message_event(conn, id, app_id, EventType::MessageFinished)?;
+                            store::message_event(conn, id, app_id, EventType::MessageDelivery)?;
                             applied.deliveries += 1;
                             applied.resolved += 1;
                         }

@@ -688,7 +688,7 @@ pub fn settle(
                 );
             }
             if claimed != super::delivery::Pending::None {
-                message_event(conn, msg.id, EventType::MessageDelivery)?;
+                message_event(conn, msg.id, &msg.app_id, EventType::MessageDelivery)?;
             }
         }
         if final_status {
@@ -730,18 +730,19 @@ fn finished_event(conn: &mut DbConn, msg: &MessageRow, status: Status) -> DbResu
     if matches!(status, Status::Skipped | Status::Cancelled) {
         return Ok(());
     }
-    message_event(conn, msg.id, EventType::MessageFinished)
+    message_event(conn, msg.id, &msg.app_id, EventType::MessageFinished)
 }
 
 /// Queues webhook event `event` (`message.finished` or `message.delivery`) with the
-/// message resource as it stands in this transaction, if a webhook wants it.
-pub fn message_event(conn: &mut DbConn, id: i64, event: EventType) -> DbResult<()> {
+/// message resource as it stands in this transaction, if a webhook of message `id`'s
+/// app `app_id` wants it (asked first: the resource is loaded only then).
+pub fn message_event(conn: &mut DbConn, id: i64, app_id: &str, event: EventType) -> DbResult<()> {
+    if !webhooks::wanted(conn, app_id, event)? {
+        return Ok(());
+    }
     let Some(view) = super::view(conn, id)? else {
         return Ok(());
     };
-    if !webhooks::wanted(conn, &view.app_id, event)? {
-        return Ok(());
-    }
     let data = serde_json::to_value(&view)
         .map_err(|e| DbError::Corrupt(format!("message {id} does not serialise: {e}")))?;
     webhooks::enqueue(conn, &view.app_id, event, &data)?;
