@@ -14,6 +14,10 @@
 #                  form_ids; messages reaching `sent` counted by the simulator
 #   quota          64 clients, GET /v1/admin/users/{openid}/quota (users of ingest-batch)
 #   quota-bulk     (scale only) the same over the bulk-loaded users
+#   drain          the senders alone: BENCH_DRAIN_MESSAGES messages posted with one
+#                  send_at BENCH_DRAIN_DUE_S ahead (users and form_ids as in send), then
+#                  sent per second from send_at to the last delivery (simulator's
+#                  count), once per latency of BENCH_DRAIN_LATENCIES: drain-0ms, drain-50ms
 #   push           (only when named in BENCH_SCENARIOS) 64 clients POST safe-mode
 #                  (encrypted, signed) subscribe_msg_popup_event pushes, one accept
 #                  each, to /v1/wechat/push/{app}; pushes answered 200 `success` per
@@ -56,7 +60,7 @@
 #   BENCH_PG_INPROC (1: also the in-process own-SQL ceilings on PostgreSQL)  BENCH_BUILD (1)
 #   BENCH_OWN_CEILINGS (1; 0: only the plain ceilings)  BENCH_CLIENT_CURVE ("8 16 32 64";
 #   "": no curve)  BENCH_CURVE_DURATION (BENCH_DURATION)
-#   BENCH_SCENARIOS ("ingest-single ingest-batch send quota ceilings": a subset reruns
+#   BENCH_SCENARIOS ("ingest-single ingest-batch send drain quota ceilings": a subset reruns
 #   only those; add "push" and/or "webhooks" for those two, e.g.
 #   BENCH_SCENARIOS="push webhooks" BENCH_PHASES=empty scripts/bench.sh)  BENCH_REUSE_DB (0; 1: keep the database of the last run, no bulk load)
 #   BENCH_APPEND (0; 1: append to results.jsonl instead of starting it anew)
@@ -66,6 +70,8 @@
 #   BENCH_WEBHOOK_USERS (250) x BENCH_WEBHOOK_PER_USER (40) simulator form_ids, and
 #   BENCH_WEBHOOK_MESSAGES (10000: most messages the webhooks scenario posts)
 #   BENCH_CAMPAIGN_USERS (100000: recipients of the campaign scenario)
+#   BENCH_DRAIN_MESSAGES (10000)  BENCH_DRAIN_DUE_S (25: posting must end before)
+#   BENCH_DRAIN_LATENCIES ("0 50": simulator latencies in ms, one drain each)
 #   BENCH_DRAIN_TIMEOUT (90 s: how long it then waits for the backlog to be sent, so
 #   the next scenario does not run beside the senders)
 #   BENCH_PG_DB_SET (e.g. "plan_cache_mode = force_custom_plan": ALTER DATABASE … SET
@@ -92,6 +98,9 @@ BENCH_BATCH=${BENCH_BATCH:-20}
 BENCH_SEND_USERS=${BENCH_SEND_USERS:-1000}
 BENCH_SEND_PER_USER=${BENCH_SEND_PER_USER:-200}
 BENCH_SEND_MESSAGES=${BENCH_SEND_MESSAGES:-20000}
+BENCH_DRAIN_MESSAGES=${BENCH_DRAIN_MESSAGES:-10000}
+BENCH_DRAIN_DUE_S=${BENCH_DRAIN_DUE_S:-25}
+BENCH_DRAIN_LATENCIES=${BENCH_DRAIN_LATENCIES:-"0 50"}
 BENCH_SIM_LATENCY_MS=${BENCH_SIM_LATENCY_MS:-0}
 BENCH_DRAIN_TIMEOUT=${BENCH_DRAIN_TIMEOUT:-90}
 BENCH_WEBHOOK_USERS=${BENCH_WEBHOOK_USERS:-250}
@@ -114,7 +123,7 @@ BENCH_BUILD=${BENCH_BUILD:-1}
 BENCH_OWN_CEILINGS=${BENCH_OWN_CEILINGS:-1}
 BENCH_CLIENT_CURVE=${BENCH_CLIENT_CURVE-"8 16 32 64"}
 BENCH_CURVE_DURATION=${BENCH_CURVE_DURATION:-$BENCH_DURATION}
-BENCH_SCENARIOS=${BENCH_SCENARIOS:-"ingest-single ingest-batch send quota ceilings"}
+BENCH_SCENARIOS=${BENCH_SCENARIOS:-"ingest-single ingest-batch send drain quota ceilings"}
 BENCH_REUSE_DB=${BENCH_REUSE_DB:-0}
 BENCH_APPEND=${BENCH_APPEND:-0}
 BACKENDS=${*:-"sqlite postgres"}
@@ -216,7 +225,7 @@ pg_analyze_loop() { # db
 }
 
 # Whether any scenario against the running service is wanted.
-want_service() { want ingest-single || want ingest-batch || want send || want quota || want push || want webhooks || want campaign; }
+want_service() { want ingest-single || want ingest-batch || want send || want drain || want quota || want push || want webhooks || want campaign; }
 
 # The service scenarios of one phase, against the running service.
 service_scenarios() { # backend phase database-url
@@ -242,6 +251,22 @@ service_scenarios() { # backend phase database-url
       --users "$BENCH_SEND_USERS" --messages "$BENCH_SEND_MESSAGES" \
       --drain-timeout "$BENCH_DRAIN_TIMEOUT" | sed "s/^{/{\"sim_latency_ms\":$BENCH_SIM_LATENCY_MS,/" | record
     curl -sf -o /dev/null -XPOST "$SIM/sim/faults" -H 'content-type: application/json' -d '{}'
+  fi
+  if want drain; then
+    # The senders alone: BENCH_DRAIN_MESSAGES messages posted with one send_at
+    # BENCH_DRAIN_DUE_S ahead, then drained; once per simulator latency.
+    for lat in $BENCH_DRAIN_LATENCIES; do
+      log "$b/$ph: drain setup ($BENCH_SEND_USERS users, simulator at $lat ms)"
+      load send-setup --url "$BASE" --key "$KEY" --sim "$SIM" --app "$APP" --prefix "o-$ph-drain$lat-" \
+        --users "$BENCH_SEND_USERS" --per-user $(( BENCH_DRAIN_MESSAGES / BENCH_SEND_USERS + 1 )) >&2
+      curl -sf -o /dev/null -XPOST "$SIM/sim/faults" -H 'content-type: application/json' \
+        -d "{\"send\":{\"latency_ms\":$lat}}"
+      log "$b/$ph: drain of $BENCH_DRAIN_MESSAGES messages due in $BENCH_DRAIN_DUE_S s (simulator at $lat ms)"
+      load send $(common "$b" "$ph" "drain-${lat}ms") --sim "$SIM" --prefix "o-$ph-drain$lat-" \
+        --users "$BENCH_SEND_USERS" --messages "$BENCH_DRAIN_MESSAGES" --due-in "$BENCH_DRAIN_DUE_S" \
+        --drain-timeout "$BENCH_DRAIN_TIMEOUT" | sed "s/^{/{\"sim_latency_ms\":$lat,/" | record
+      curl -sf -o /dev/null -XPOST "$SIM/sim/faults" -H 'content-type: application/json' -d '{}'
+    done
   fi
   if want push; then
     log "$b/$ph: push (safe mode)"

@@ -19,6 +19,12 @@ fn send_metric(r: &Value) -> &'static str {
     }
 }
 
+/// The `send` scenario in drain mode (`drain-0ms`, `drain-50ms`: the simulator's
+/// latency): every message due at one `send_at`, the senders alone.
+fn is_drain(scenario: &str) -> bool {
+    scenario.starts_with("drain-")
+}
+
 /// The webhook delivery rate of the `webhooks` scenario: after posting stopped when
 /// there was a backlog, else while the clients were posting.
 fn webhook_metric(r: &Value) -> &'static str {
@@ -118,6 +124,7 @@ pub fn report(file: &str) {
                     "ingest-single" => (&["plain-insert", "ceiling-ingest"], "rps"),
                     "ingest-batch" => (&["plain-insert", "ceiling-ingest"], "items_per_s"),
                     "send" => (&["plain-claim", "ceiling-claim"], send_metric(r)),
+                    _ if is_drain(sc) => (&["plain-claim", "ceiling-claim"], "drain_sent_per_s"),
                     _ => (&[], "rps"),
                 };
                 let ceiling = ceil_names
@@ -138,6 +145,13 @@ pub fn report(file: &str) {
                         "{} sent/s ({} while posting)",
                         f(&r[send_metric(r)]),
                         f(&r["sent_per_s"])
+                    )
+                } else if is_drain(sc) {
+                    format!(
+                        "{} sent/s drained ({} posted, simulator at {} ms)",
+                        f(&r["drain_sent_per_s"]),
+                        r["posted"],
+                        r["sim_latency_ms"]
                     )
                 } else if sc == "webhooks" {
                     format!(
@@ -223,6 +237,29 @@ pub fn report(file: &str) {
                     ),
                     None => println!(
                         "| {ph} | send ≥ 0.4× plain claim ceiling | {sent:.0}/s, no plain ceiling measured | **no** |"
+                    ),
+                }
+            }
+            for r in rows.iter().filter(|r| {
+                r["backend"] == b.as_str()
+                    && r["phase"] == ph.as_str()
+                    && r["scenario"].as_str().is_some_and(is_drain)
+            }) {
+                let sent = r["drain_sent_per_s"].as_f64().unwrap_or(0.0);
+                let lat = &r["sim_latency_ms"];
+                let late = if r["posting_outlasted_send_at"] == true {
+                    " (posting outlasted send_at: not the senders alone)"
+                } else {
+                    ""
+                };
+                match plain_claim {
+                    Some(c) => println!(
+                        "| {ph} | send drained, simulator at {lat} ms, ≥ 0.4× plain claim ceiling ({c:.0}/s) | {sent:.0}/s = {:.2}×{late} | {} |",
+                        sent / c,
+                        yes(sent >= 0.4 * c && late.is_empty())
+                    ),
+                    None => println!(
+                        "| {ph} | send drained, simulator at {lat} ms, ≥ 0.4× plain claim ceiling | {sent:.0}/s, no plain ceiling measured | **no** |"
                     ),
                 }
             }

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use crate::load::{
     check, client, closed_loop, nonce, post_json, result_json, round1, round2, Common,
 };
-use crate::procstat::vm_hwm_kb;
+use crate::procstat::{cpu_json, cpu_snap, vm_hwm_kb};
 
 #[derive(Args)]
 pub struct IngestArgs {
@@ -56,6 +56,11 @@ pub struct SendArgs {
     /// After posting stops, wait at most this long for the backlog to be sent.
     #[arg(long, default_value_t = 60.0)]
     drain_timeout: f64,
+    /// Drain mode: post exactly `messages` messages, each with `send_at` this many
+    /// seconds after the start, and time the senders alone sending them from then.
+    /// 0: messages are due at once and sent while the clients post.
+    #[arg(long, default_value_t = 0.0)]
+    due_in: f64,
 }
 
 pub async fn ingest(a: IngestArgs) -> Result<Value, String> {
@@ -157,6 +162,9 @@ pub async fn sim_outcomes(
 }
 
 pub async fn send(a: SendArgs) -> Result<Value, String> {
+    if a.due_in > 0.0 {
+        return send_drain(a).await;
+    }
     let c = a.common.clone();
     let http = client(c.clients);
     let poll_http = client(2);
@@ -267,5 +275,97 @@ pub async fn send(a: SendArgs) -> Result<Value, String> {
         }),
     );
     v["rss_peak_kb"] = json!(rss_end);
+    Ok(v)
+}
+
+/// The senders alone: `messages` messages posted, all due at one `send_at`; from then
+/// on nothing but the senders works. The rate is the deliveries (the simulator's
+/// count, sampled every 50 ms) over the time from `send_at` to the last one.
+async fn send_drain(a: SendArgs) -> Result<Value, String> {
+    let mut c = a.common.clone();
+    // Every message is posted, however long it takes (the check below says whether
+    // that was before `send_at`).
+    (c.warmup, c.duration) = (0.0, a.due_in + a.drain_timeout);
+    let http = client(c.clients);
+    let poll_http = client(2);
+    let base_ok = sim_outcomes(&poll_http, &a.sim)
+        .await?
+        .get("ok")
+        .copied()
+        .unwrap_or(0);
+    let t0 = Instant::now();
+    let due = chrono::Utc::now() + chrono::TimeDelta::milliseconds((a.due_in * 1000.0) as i64);
+    let send_at: Arc<str> = due
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+        .into();
+    let url: Arc<str> = format!("{}/v1/messages", c.url).into();
+    let auth: Arc<str> = format!("Bearer {}", c.key).into();
+    let prefix: Arc<str> = a.prefix.clone().into();
+    let users = a.users.max(1);
+    let op = move |n: u64| {
+        let (http, url, auth, prefix, send_at) = (
+            http.clone(),
+            url.clone(),
+            auth.clone(),
+            prefix.clone(),
+            send_at.clone(),
+        );
+        async move {
+            let body = json!({"openid": format!("{prefix}{}", n % users), "template_id": "TPL_BENCH",
+                              "send_at": &*send_at,
+                              "data": {"keyword1": {"value": format!("order {n}")}}});
+            let v = post_json(&http, &url, &auth, &body).await?;
+            if v["id"].is_null() {
+                return Err(format!("no id: {v}"));
+            }
+            Ok(1)
+        }
+    };
+    let posting = closed_loop(&c, a.messages, op).await;
+    let posted = posting.tally.requests;
+    let posted_secs = t0.elapsed().as_secs_f64();
+    let due_at = Duration::from_secs_f64(a.due_in);
+    let early = sim_outcomes(&poll_http, &a.sim)
+        .await?
+        .get("ok")
+        .copied()
+        .unwrap_or(0)
+        - base_ok;
+    tokio::time::sleep(due_at.saturating_sub(t0.elapsed())).await;
+    let before = cpu_snap(c.pid, c.sim_pid);
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs_f64(a.drain_timeout);
+    let (mut last, mut last_at) = (0u64, start);
+    while last < posted && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let ok = sim_outcomes(&poll_http, &a.sim)
+            .await?
+            .get("ok")
+            .copied()
+            .unwrap_or(0)
+            - base_ok;
+        if ok != last {
+            (last, last_at) = (ok, Instant::now());
+        }
+    }
+    let secs = (last_at - start).as_secs_f64().max(0.001);
+    let cpu = cpu_json(before, cpu_snap(c.pid, c.sim_pid), secs);
+    let mut v = result_json(
+        &c,
+        &posting,
+        json!({
+            "posted": posted,
+            "posted_secs": round2(posted_secs),
+            "due_in_s": a.due_in,
+            "posting_outlasted_send_at": posted_secs > a.due_in,
+            "sent_before_send_at": early,
+            "sent_total": last,
+            "drain_secs": round2(secs),
+            "drain_sent_per_s": round1(last as f64 / secs),
+        }),
+    );
+    // The window that matters is the drain, not the posting.
+    v["cpu_cores"] = cpu;
+    v["rss_peak_kb"] = json!(c.pid.and_then(vm_hwm_kb));
     Ok(v)
 }

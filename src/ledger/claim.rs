@@ -20,17 +20,36 @@ pub struct Use {
     pub credential: Credential,
 }
 
-/// The subscription to the template, oldest first.
-const SUBSCRIPTION: &str = "SELECT id FROM credentials \
-     WHERE app_id = $1 AND openid = $2 AND kind = 'subscription' AND template_id = $4 \
-       AND uses_left > 0 AND NOT invalid \
-     ORDER BY id LIMIT 1";
+/// How a claim picks the row it spends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Picker {
+    /// The subscription to the template, oldest first.
+    Subscription,
+    /// The form_id / prepay_id that expires first; ties: the oldest report.
+    Soonest,
+}
 
-/// The form_id / prepay_id that expires first; ties: the oldest report.
-const SOONEST: &str = "SELECT id FROM credentials \
-     WHERE app_id = $1 AND openid = $2 AND kind IN ('form_id', 'prepay_id') \
-       AND uses_left > 0 AND NOT invalid AND expires_at > $3 \
-     ORDER BY expires_at, id LIMIT 1";
+impl Picker {
+    /// The subquery selecting the row's id, for the user `app`, `openid` (and template
+    /// `template`) at `now`: SQL expressions, parameters or columns, so one rule
+    /// serves [`claim`] and [`claim_each`].
+    fn sql(self, app: &str, openid: &str, now: &str, template: &str) -> String {
+        match self {
+            Picker::Subscription => format!(
+                "SELECT id FROM credentials \
+                 WHERE app_id = {app} AND openid = {openid} AND kind = 'subscription' \
+                   AND template_id = {template} AND uses_left > 0 AND NOT invalid \
+                 ORDER BY id LIMIT 1"
+            ),
+            Picker::Soonest => format!(
+                "SELECT id FROM credentials \
+                 WHERE app_id = {app} AND openid = {openid} AND kind IN ('form_id', 'prepay_id') \
+                   AND uses_left > 0 AND NOT invalid AND expires_at > {now} \
+                 ORDER BY expires_at, id LIMIT 1"
+            ),
+        }
+    }
+}
 
 /// Which credentials a claim may take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,16 +80,16 @@ pub fn claim(
     pick: Pick<'_>,
     now: DateTime<Utc>,
 ) -> DbResult<Option<Use>> {
-    let (pickers, template_id): (&[&str], Option<&str>) = match pick {
-        Pick::Tokens => (&[SOONEST], None),
-        Pick::SubscriptionFirst(t) => (&[SUBSCRIPTION, SOONEST], Some(t)),
-        Pick::SubscriptionOnly(t) => (&[SUBSCRIPTION], Some(t)),
+    let (pickers, template_id): (&[Picker], Option<&str>) = match pick {
+        Pick::Tokens => (&[Picker::Soonest], None),
+        Pick::SubscriptionFirst(t) => (&[Picker::Subscription, Picker::Soonest], Some(t)),
+        Pick::SubscriptionOnly(t) => (&[Picker::Subscription], Some(t)),
     };
     for &picker in pickers {
         let locks: &[&str] = match conn {
             // A subscription has one use: one locked by another claimer is being
             // spent, so waiting for it would only find it used up.
-            DbConn::Pg(_) if picker == SUBSCRIPTION => &[" FOR UPDATE SKIP LOCKED"],
+            DbConn::Pg(_) if picker == Picker::Subscription => &[" FOR UPDATE SKIP LOCKED"],
             DbConn::Pg(_) => &[" FOR UPDATE SKIP LOCKED", " FOR UPDATE"],
             DbConn::Sqlite(_) => &[""],
         };
@@ -85,7 +104,7 @@ pub fn claim(
                         .bind::<Timestamp, _>(to_db(now));
                     // SQLite refuses a parameter the statement does not use.
                     let query = match template_id {
-                        Some(t) if picker == SUBSCRIPTION => query.bind::<Text, _>(t),
+                        Some(t) if picker == Picker::Subscription => query.bind::<Text, _>(t),
                         _ => query,
                     };
                     query.get_result::<CredentialRow>(conn).optional()
@@ -102,14 +121,95 @@ pub fn claim(
 }
 
 /// `UPDATE … RETURNING` that spends one use of the row `picker` selects.
-fn spend_sql(conn: &DbConn, picker: &str, lock: &str) -> String {
+fn spend_sql(conn: &DbConn, picker: Picker, lock: &str) -> String {
+    let picked = picker.sql("$1", "$2", "$3", "$4");
     native_sql(
         conn,
         &format!(
             "UPDATE credentials SET uses_left = uses_left - 1, updated_at = $3 \
-             WHERE id = ({picker}{lock}) AND uses_left > 0 RETURNING *"
+             WHERE id = ({picked}{lock}) AND uses_left > 0 RETURNING *"
         ),
     )
+}
+
+/// One user's claim of [`claim_each`].
+#[derive(Debug, Clone, Copy)]
+pub struct Want<'a> {
+    pub app_id: &'a str,
+    pub openid: &'a str,
+    pub pick: Pick<'a>,
+}
+
+#[derive(QueryableByName)]
+struct Taken {
+    /// The want's position (1-based).
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    n: i64,
+    #[diesel(embed)]
+    row: CredentialRow,
+}
+
+/// [`claim`] for many users in one statement, in the caller's transaction: the use
+/// taken for each want, where one was free. PostgreSQL only, over arrays, with
+/// `SKIP LOCKED` and no waiting: a None is not "the user has nothing", so the caller
+/// asks [`claim`] for those (it waits for a locked multi-use row and says whether
+/// anything is left). SQLite: None for every want ([`claim`] one by one costs no
+/// round trip there).
+pub fn claim_each(
+    conn: &mut DbConn,
+    wants: &[Want<'_>],
+    now: DateTime<Utc>,
+) -> DbResult<Vec<Option<Use>>> {
+    use diesel::sql_types::{Array, Int4};
+    let mut taken: Vec<Option<Use>> = wants.iter().map(|_| None).collect();
+    let DbConn::Pg(pg) = conn else {
+        return Ok(taken);
+    };
+    if wants.is_empty() {
+        return Ok(taken);
+    }
+    let (mut apps, mut openids, mut modes, mut templates) = (vec![], vec![], vec![], vec![]);
+    for w in wants {
+        let (mode, template) = match w.pick {
+            Pick::Tokens => (0, ""),
+            Pick::SubscriptionFirst(t) => (1, t),
+            Pick::SubscriptionOnly(t) => (2, t),
+        };
+        apps.push(w.app_id);
+        openids.push(w.openid);
+        modes.push(mode);
+        templates.push(template);
+    }
+    let subscription = Picker::Subscription.sql("w.a", "w.o", "$5", "w.t");
+    let soonest = Picker::Soonest.sql("w.a", "w.o", "$5", "w.t");
+    // COALESCE stops at its first non-null argument: the subscription first, the
+    // tokens only if there is none.
+    let sql = format!(
+        "WITH p AS (SELECT w.n, COALESCE( \
+             CASE WHEN w.m > 0 THEN ({subscription} FOR UPDATE SKIP LOCKED) END, \
+             CASE WHEN w.m < 2 THEN ({soonest} FOR UPDATE SKIP LOCKED) END) AS id \
+           FROM unnest($1::text[], $2::text[], $3::int4[], $4::text[]) \
+             WITH ORDINALITY AS w(a, o, m, t, n)) \
+         UPDATE credentials c SET uses_left = c.uses_left - 1, updated_at = $5 \
+         FROM p WHERE c.id = p.id AND c.uses_left > 0 \
+         RETURNING p.n, c.*"
+    );
+    let rows: Vec<Taken> = diesel::sql_query(sql)
+        .bind::<Array<Text>, _>(&apps)
+        .bind::<Array<Text>, _>(&openids)
+        .bind::<Array<Int4>, _>(&modes)
+        .bind::<Array<Text>, _>(&templates)
+        .bind::<Timestamp, _>(to_db(now))
+        .load(pg)?;
+    for t in rows {
+        // Two wants of one user may pick one row: it is spent once, for one of them.
+        if let Some(slot) = usize::try_from(t.n - 1).ok().and_then(|i| taken.get_mut(i)) {
+            *slot = Some(Use {
+                credential: t.row.try_into()?,
+            });
+        }
+    }
+    Ok(taken)
 }
 
 /// Gives a claimed use back: the message failed for a reason that is not the

@@ -9,7 +9,7 @@ mod grants;
 mod query;
 mod record;
 
-pub use claim::{claim, invalidate, release, release_id, Pick, Use};
+pub use claim::{claim, claim_each, invalidate, release, release_id, Pick, Use, Want};
 pub use grants::{lock_user, record_pushed, PushedResults, MERGE_WINDOW};
 pub use query::{
     holders, live_grants, purge, purge_results, quota, stats, users, KindQuota, Quota, Stats,

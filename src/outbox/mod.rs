@@ -12,6 +12,7 @@ pub mod delivery;
 pub mod policy;
 pub mod recipients;
 pub mod sender;
+mod sets;
 pub mod settle;
 pub mod store;
 pub mod templates;
