@@ -218,7 +218,7 @@ impl Default for Settings {
             token_force_interval: Duration::from_secs(30),
             session_ttl: Duration::from_secs(30 * 86_400),
             wechat_timeout: Duration::from_secs(10),
-            sender_workers: 256,
+            sender_workers: 512,
             sender_lease: Duration::from_secs(30),
             young_window: Duration::from_secs(60),
             young_retry: Duration::from_secs(5),

@@ -446,17 +446,27 @@ where
     }
 }
 
-/// Runs one read-then-write statement: in an immediate transaction on SQLite (a
-/// deferred one could fail on upgrading its read snapshot), as it is on PostgreSQL,
-/// where a single statement is atomic and a transaction would only add round trips.
+/// Runs one read-then-write statement. SQLite: in an immediate transaction (a
+/// deferred one could fail on upgrading its read snapshot), or as it is inside one
+/// already (a statement is atomic: a savepoint would only add two statements).
+/// PostgreSQL: as it is; a single statement is atomic and a transaction would only
+/// add round trips.
 pub fn single_write<T, E, F>(conn: &mut DbConn, f: F) -> Result<T, E>
 where
     F: FnOnce(&mut DbConn) -> Result<T, E>,
     E: From<diesel::result::Error>,
 {
-    match conn {
-        DbConn::Sqlite(_) => write_tx(conn, f),
-        DbConn::Pg(_) => f(conn),
+    let alone = match conn {
+        DbConn::Sqlite(c) => AnsiTransactionManager::transaction_manager_status_mut(c)
+            .transaction_depth()?
+            .is_none(),
+        DbConn::Pg(_) => false,
+    };
+    // Inside a transaction already, the statement is atomic without a savepoint.
+    if alone {
+        write_tx(conn, f)
+    } else {
+        f(conn)
     }
 }
 

@@ -70,8 +70,8 @@ pub enum Pick<'a> {
 /// so concurrent claimers on any number of instances take different rows without
 /// waiting; only if every candidate is locked by someone else does it wait for a row
 /// lock (held for one statement), so a multi-use credential is not reported missing
-/// just because another claim touched it. SQLite: the same statement in an immediate
-/// transaction. The `uses_left > 0` guard on the UPDATE itself makes a double spend
+/// just because another claim touched it. SQLite: one statement (the subscription,
+/// else the soonest token: `COALESCE`) in an immediate transaction. The `uses_left > 0` guard on the UPDATE itself makes a double spend
 /// impossible whatever the isolation level.
 pub fn claim(
     conn: &mut DbConn,
@@ -85,49 +85,67 @@ pub fn claim(
         Pick::SubscriptionFirst(t) => (&[Picker::Subscription, Picker::Soonest], Some(t)),
         Pick::SubscriptionOnly(t) => (&[Picker::Subscription], Some(t)),
     };
-    for &picker in pickers {
-        let locks: &[&str] = match conn {
-            // A subscription has one use: one locked by another claimer is being
-            // spent, so waiting for it would only find it used up.
-            DbConn::Pg(_) if picker == Picker::Subscription => &[" FOR UPDATE SKIP LOCKED"],
-            DbConn::Pg(_) => &[" FOR UPDATE SKIP LOCKED", " FOR UPDATE"],
-            DbConn::Sqlite(_) => &[""],
-        };
-        for lock in locks {
-            let sql = spend_sql(conn, picker, lock);
-            let row = single_write(conn, |conn| {
-                dispatch!(conn, |conn| {
-                    let query = diesel::sql_query(&sql)
-                        .into_boxed()
-                        .bind::<Text, _>(app_id)
-                        .bind::<Text, _>(openid)
-                        .bind::<Timestamp, _>(to_db(now));
-                    // SQLite refuses a parameter the statement does not use.
-                    let query = match template_id {
-                        Some(t) if picker == Picker::Subscription => query.bind::<Text, _>(t),
-                        _ => query,
-                    };
-                    query.get_result::<CredentialRow>(conn).optional()
-                })
-            })?;
-            if let Some(row) = row {
-                return Ok(Some(Use {
-                    credential: row.try_into()?,
-                }));
-            }
+    // Each try: the pickers its statement takes in turn, and the row lock. SQLite
+    // has no row locks: one statement takes the subscription, else the soonest token.
+    let tries: Vec<(&[Picker], &str)> = match conn {
+        DbConn::Sqlite(_) => vec![(pickers, "")],
+        // A subscription has one use: one locked by another claimer is being spent,
+        // so waiting for it would only find it used up.
+        DbConn::Pg(_) => pickers
+            .iter()
+            .flat_map(|picker| {
+                let locks: &[&str] = match picker {
+                    Picker::Subscription => &[" FOR UPDATE SKIP LOCKED"],
+                    Picker::Soonest => &[" FOR UPDATE SKIP LOCKED", " FOR UPDATE"],
+                };
+                locks
+                    .iter()
+                    .map(move |lock| (std::slice::from_ref(picker), *lock))
+            })
+            .collect(),
+    };
+    for (pickers, lock) in tries {
+        let sql = spend_sql(conn, pickers, lock);
+        let row = single_write(conn, |conn| {
+            dispatch!(conn, |conn| {
+                let query = diesel::sql_query(&sql)
+                    .into_boxed()
+                    .bind::<Text, _>(app_id)
+                    .bind::<Text, _>(openid)
+                    .bind::<Timestamp, _>(to_db(now));
+                // SQLite refuses a parameter the statement does not use.
+                let query = match template_id {
+                    Some(t) if pickers.contains(&Picker::Subscription) => query.bind::<Text, _>(t),
+                    _ => query,
+                };
+                query.get_result::<CredentialRow>(conn).optional()
+            })
+        })?;
+        if let Some(row) = row {
+            return Ok(Some(Use {
+                credential: row.try_into()?,
+            }));
         }
     }
     Ok(None)
 }
 
-/// `UPDATE … RETURNING` that spends one use of the row `picker` selects.
-fn spend_sql(conn: &DbConn, picker: Picker, lock: &str) -> String {
-    let picked = picker.sql("$1", "$2", "$3", "$4");
+/// `UPDATE … RETURNING` that spends one use of the row the first of `pickers` that
+/// finds one selects.
+fn spend_sql(conn: &DbConn, pickers: &[Picker], lock: &str) -> String {
+    let subqueries: Vec<String> = pickers
+        .iter()
+        .map(|p| format!("({}{lock})", p.sql("$1", "$2", "$3", "$4")))
+        .collect();
+    let picked = match subqueries.as_slice() {
+        [one] => one.clone(),
+        more => format!("COALESCE({})", more.join(", ")),
+    };
     native_sql(
         conn,
         &format!(
             "UPDATE credentials SET uses_left = uses_left - 1, updated_at = $3 \
-             WHERE id = ({picked}{lock}) AND uses_left > 0 RETURNING *"
+             WHERE id = {picked} AND uses_left > 0 RETURNING *"
         ),
     )
 }
