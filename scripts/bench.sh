@@ -48,7 +48,8 @@
 #                  clients for each N of BENCH_CLIENT_CURVE (BENCH_CLIENTS itself is the
 #                  main run); the report tabulates p99 and Little's-law mean latency
 # Results: $BENCH_DIR/results.jsonl (one JSON object per scenario) and
-# $BENCH_DIR/report.md (tables, machine, commands).
+# $BENCH_DIR/report.md (tables, machine, commands) and $BENCH_DIR/bench.svg (the
+# empty phase's ratios to the plain ceilings: docs/bench.svg in the README).
 #
 # Knobs (environment):
 #   BENCH_ROWS (10000000)  BENCH_USERS (BENCH_ROWS/10)  BENCH_DURATION (15 s measured)
@@ -453,5 +454,7 @@ done
   grep '"setup":"bulk_load"' "$RESULTS" | sed 's/^/- bulk load: /' || true
   "$BIN/ledger-load" report "$RESULTS"
 } > "$BENCH_DIR/report.md"
-log "done: $BENCH_DIR/report.md"
+# The chart of the README (copy it to docs/bench.svg when the run is the one kept).
+load chart "$RESULTS" --phase empty > "$BENCH_DIR/bench.svg"
+log "done: $BENCH_DIR/report.md, $BENCH_DIR/bench.svg"
 cat "$BENCH_DIR/report.md"

@@ -31,6 +31,7 @@
 
 mod campaign;
 mod ceiling;
+mod chart;
 mod load;
 mod procstat;
 mod push;
@@ -43,6 +44,7 @@ use clap::{Parser, Subcommand};
 
 use campaign::{campaign, CampaignArgs};
 use ceiling::{ceiling, CeilingArgs};
+use chart::{chart, ChartArgs};
 use push::{push, PushArgs};
 use report::{report, ReportArgs};
 use scenarios::{ingest, quota, send, IngestArgs, QuotaArgs, SendArgs};
@@ -67,6 +69,8 @@ enum Cmd {
     Campaign(CampaignArgs),
     Ceiling(CeilingArgs),
     Report(ReportArgs),
+    /// An SVG of the run's ratios to the plain ceilings (docs/bench.svg).
+    Chart(ChartArgs),
 }
 
 fn main() {
@@ -82,6 +86,10 @@ fn main() {
         Cmd::Ceiling(a) => ceiling(a),
         Cmd::Report(a) => {
             report(&a.file);
+            return;
+        }
+        Cmd::Chart(a) => {
+            print!("{}", chart(&a));
             return;
         }
     };
