@@ -201,13 +201,15 @@ pub async fn send(a: SendArgs) -> Result<Value, String> {
     let op = move |n: u64| {
         let (http, url, auth, prefix) = (http.clone(), url.clone(), auth.clone(), prefix.clone());
         async move {
-            let body = json!({"openid": format!("{prefix}{}", n % users), "template_id": "TPL_BENCH",
-                              "data": {"keyword1": {"value": format!("order {n}")}}});
-            let v = post_json(&http, &url, &auth, &body).await?;
-            if v["id"].is_null() {
-                return Err(format!("no id: {v}"));
-            }
-            Ok(1)
+            post_message(
+                &http,
+                &url,
+                &auth,
+                format!("{prefix}{}", n % users),
+                n,
+                None,
+            )
+            .await
         }
     };
     let r = closed_loop(&c, a.messages, op).await;
@@ -311,14 +313,8 @@ async fn send_drain(a: SendArgs) -> Result<Value, String> {
             send_at.clone(),
         );
         async move {
-            let body = json!({"openid": format!("{prefix}{}", n % users), "template_id": "TPL_BENCH",
-                              "send_at": &*send_at,
-                              "data": {"keyword1": {"value": format!("order {n}")}}});
-            let v = post_json(&http, &url, &auth, &body).await?;
-            if v["id"].is_null() {
-                return Err(format!("no id: {v}"));
-            }
-            Ok(1)
+            let openid = format!("{prefix}{}", n % users);
+            post_message(&http, &url, &auth, openid, n, Some(&send_at)).await
         }
     };
     let posting = closed_loop(&c, a.messages, op).await;
@@ -368,4 +364,26 @@ async fn send_drain(a: SendArgs) -> Result<Value, String> {
     v["cpu_cores"] = cpu;
     v["rss_peak_kb"] = json!(c.pid.and_then(vm_hwm_kb));
     Ok(v)
+}
+
+/// Posts message `n` of the send scenarios to `openid`, due at `send_at` if given; 1
+/// when the service answered with the message's id.
+async fn post_message(
+    http: &reqwest::Client,
+    url: &str,
+    auth: &str,
+    openid: String,
+    n: u64,
+    send_at: Option<&str>,
+) -> Result<u64, String> {
+    let mut body = json!({"openid": openid, "template_id": "TPL_BENCH",
+                          "data": {"keyword1": {"value": format!("order {n}")}}});
+    if let Some(at) = send_at {
+        body["send_at"] = json!(at);
+    }
+    let v = post_json(http, url, auth, &body).await?;
+    if v["id"].is_null() {
+        return Err(format!("no id: {v}"));
+    }
+    Ok(1)
 }

@@ -414,13 +414,7 @@ where
     F: FnOnce(&mut DbConn) -> Result<T, E>,
     E: From<diesel::result::Error>,
 {
-    let nested = match conn {
-        DbConn::Sqlite(c) => AnsiTransactionManager::transaction_manager_status_mut(c)
-            .transaction_depth()?
-            .is_some(),
-        DbConn::Pg(_) => true,
-    };
-    if nested {
+    if sqlite_in_transaction(conn)?.unwrap_or(true) {
         // PostgreSQL, or already inside a (write) transaction: a savepoint suffices.
         return conn.transaction(f);
     }
@@ -446,6 +440,18 @@ where
     }
 }
 
+/// Whether a SQLite connection is inside a transaction; None on PostgreSQL.
+fn sqlite_in_transaction(conn: &mut DbConn) -> diesel::QueryResult<Option<bool>> {
+    match conn {
+        DbConn::Sqlite(c) => Ok(Some(
+            AnsiTransactionManager::transaction_manager_status_mut(c)
+                .transaction_depth()?
+                .is_some(),
+        )),
+        DbConn::Pg(_) => Ok(None),
+    }
+}
+
 /// Runs one read-then-write statement. SQLite: in an immediate transaction (a
 /// deferred one could fail on upgrading its read snapshot), or as it is inside one
 /// already (a statement is atomic: a savepoint would only add two statements).
@@ -456,14 +462,8 @@ where
     F: FnOnce(&mut DbConn) -> Result<T, E>,
     E: From<diesel::result::Error>,
 {
-    let alone = match conn {
-        DbConn::Sqlite(c) => AnsiTransactionManager::transaction_manager_status_mut(c)
-            .transaction_depth()?
-            .is_none(),
-        DbConn::Pg(_) => false,
-    };
     // Inside a transaction already, the statement is atomic without a savepoint.
-    if alone {
+    if sqlite_in_transaction(conn)? == Some(false) {
         write_tx(conn, f)
     } else {
         f(conn)
