@@ -37,6 +37,10 @@ const LISTEN_POLL: Duration = Duration::from_millis(5);
 const NOTIFY_GAP: Duration = Duration::from_millis(10);
 /// Most messages leased by one statement.
 const MAX_LEASE: usize = 256;
+/// While at least this many calls are in flight, the dispatcher waits for this many
+/// to be free before it leases: one lease statement per finished call would scan
+/// the due queue once per message.
+const LEASE_BATCH: usize = 32;
 /// Most claims or settlements written by one transaction.
 const MAX_GROUP: usize = 256;
 
@@ -139,8 +143,9 @@ impl Sender {
         self.db.run(move |c| store::release_leases(c, &owner)).await
     }
 
-    /// Leases as many due messages as there are free workers and starts a step of
-    /// each; waits for a nudge, a notification, a finished step (its user may have
+    /// Leases as many due messages as there are free workers (once [`LEASE_BATCH`]
+    /// are free, while that many are busy) and starts a step of each; waits for a
+    /// nudge, a notification, a finished step (its user may have
     /// another message due) or the next message due.
     async fn dispatch(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let workers = self.config.workers.max(1);
@@ -148,8 +153,9 @@ impl Sender {
         while !*stop.borrow() {
             while steps.try_join_next().is_some() {}
             let free = workers.saturating_sub(steps.len()).min(MAX_LEASE);
+            let batch = LEASE_BATCH.min(workers);
             let mut wait = IDLE_POLL;
-            if free > 0 {
+            if free > 0 && (free >= batch || steps.len() < batch) {
                 match self.lease(free).await {
                     Ok(leased) => {
                         let full = leased.len() == free;
