@@ -71,8 +71,9 @@ pub enum Pick<'a> {
 /// waiting; only if every candidate is locked by someone else does it wait for a row
 /// lock (held for one statement), so a multi-use credential is not reported missing
 /// just because another claim touched it. SQLite: one statement (the subscription,
-/// else the soonest token: `COALESCE`) in an immediate transaction. The `uses_left > 0` guard on the UPDATE itself makes a double spend
-/// impossible whatever the isolation level.
+/// else the soonest token: `COALESCE`) in an immediate transaction. The
+/// `uses_left > 0` guard on the UPDATE itself makes a double spend impossible
+/// whatever the isolation level.
 pub fn claim(
     conn: &mut DbConn,
     app_id: &str,

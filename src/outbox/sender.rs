@@ -149,11 +149,11 @@ impl Sender {
     /// another message due) or the next message due.
     async fn dispatch(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let workers = self.config.workers.max(1);
+        let batch = LEASE_BATCH.min(workers);
         let mut steps = tokio::task::JoinSet::new();
         while !*stop.borrow() {
             while steps.try_join_next().is_some() {}
             let free = workers.saturating_sub(steps.len()).min(MAX_LEASE);
-            let batch = LEASE_BATCH.min(workers);
             let mut wait = IDLE_POLL;
             if free > 0 && (free >= batch || steps.len() < batch) {
                 match self.lease(free).await {

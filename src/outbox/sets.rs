@@ -12,8 +12,7 @@ use diesel::prelude::*;
 use diesel::sql_types::{Array, BigInt, Bool, Int4, Nullable, Text, Timestamp};
 
 use super::settle::CredentialFate;
-use super::store::{message_event, ClaimJob, MessageRow, SettleJob};
-use super::Status;
+use super::store::{finished_event, ClaimJob, MessageRow, SettleJob};
 use crate::db::{DbConn, DbError, DbResult};
 use crate::ledger::{self, Kind};
 use crate::time::to_db;
@@ -122,8 +121,8 @@ pub fn claim(
 pub fn plain(job: &SettleJob) -> bool {
     let s = &job.settlement;
     let subscription = job.msg.credential_kind.as_deref() == Some(Kind::Subscription.as_str());
+    // A msgid makes a settlement settle alone (it takes the user's lock).
     !super::store::settles_alone(&job.msg, s)
-        && s.wechat_msgid.is_none()
         && !s.awaits_report
         && s.pause_until.is_none()
         && match s.credential {
@@ -232,14 +231,12 @@ pub fn settle(
                 .bind::<Timestamp, _>(now_db)
                 .execute(pg(conn)?)?;
     }
-    // `message.finished`, where a webhook wants it: asked once per app.
+    // `message.finished`, as a settlement alone writes it; apps no webhook listens
+    // to are asked once per group, not once per message.
     let mut wanted: HashMap<&str, bool> = HashMap::new();
     for &i in &mine {
         let (msg, status) = (&jobs[i].msg, s(i).status);
-        let event = status.is_final()
-            && !matches!(status, Status::Skipped | Status::Cancelled)
-            && applied.contains(&msg.id);
-        if !event {
+        if !status.is_final() || !applied.contains(&msg.id) {
             continue;
         }
         let app = msg.app_id.as_str();
@@ -252,7 +249,7 @@ pub fn settle(
             }
         };
         if wants {
-            message_event(conn, msg.id, app, EventType::MessageFinished)?;
+            finished_event(conn, msg, status)?;
         }
     }
     Ok(mine

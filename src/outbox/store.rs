@@ -744,7 +744,7 @@ pub fn settle(
 
 /// `message.finished` with the message resource as it now stands (in the settling
 /// transaction: the event exists exactly when the final status does).
-fn finished_event(conn: &mut DbConn, msg: &MessageRow, status: Status) -> DbResult<()> {
+pub(super) fn finished_event(conn: &mut DbConn, msg: &MessageRow, status: Status) -> DbResult<()> {
     // The contract's event is for sent, no_quota and failed; a campaign's skipped
     // recipients show in its counts.
     if matches!(status, Status::Skipped | Status::Cancelled) {
