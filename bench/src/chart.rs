@@ -7,6 +7,8 @@ use std::fmt::Write as _;
 use clap::Args;
 use serde_json::Value;
 
+use crate::report::{Targets, SEND_TARGET};
+
 #[derive(Args)]
 pub struct ChartArgs {
     /// The JSONL file of the run.
@@ -32,7 +34,7 @@ const BARS: &[Bar] = &[
         label: "ingest, 1 per request",
         key: "rps",
         ceiling: "plain-insert",
-        target: |b| if b == "sqlite" { 1.5 } else { 1.0 },
+        target: |b| Targets::of(b).single,
     },
     Bar {
         scenario: "ingest-batch",
@@ -46,14 +48,14 @@ const BARS: &[Bar] = &[
         label: "send, drained, WeChat 0 ms",
         key: "drain_sent_per_s",
         ceiling: "plain-claim",
-        target: |_| 0.4,
+        target: |_| SEND_TARGET,
     },
     Bar {
         scenario: "drain-50ms",
         label: "send, drained, WeChat 50 ms",
         key: "drain_sent_per_s",
         ceiling: "plain-claim",
-        target: |_| 0.4,
+        target: |_| SEND_TARGET,
     },
     Bar {
         scenario: "campaign",
