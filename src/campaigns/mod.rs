@@ -458,10 +458,12 @@ fn materialise(
 }
 
 /// Releases the recipients the campaign's pace allows by now (all made, without a
-/// rate). Nothing while the app is paused by WeChat's daily limit; the pace starts
-/// anew after a gap in the runner's ticks (a runner change, the daily limit), so a
-/// backlog of allowance never goes out as a burst. Returns how many it released.
-fn release(conn: &mut DbConn, id: i64, now: DateTime<Utc>) -> DbResult<usize> {
+/// rate), keeping at most `window` of them released and not yet final, so the
+/// campaign never stands in front of other messages with more than that. Nothing
+/// while the app is paused by WeChat's daily limit; the pace starts anew after a
+/// gap in the runner's ticks (a runner change, the daily limit), so a backlog of
+/// allowance never goes out as a burst. Returns how many it released.
+fn release(conn: &mut DbConn, id: i64, window: i64, now: DateTime<Utc>) -> DbResult<usize> {
     write_tx(conn, |conn| {
         let Some(row) = store::tick(conn, id, now)? else {
             return Ok(0);
@@ -487,6 +489,10 @@ fn release(conn: &mut DbConn, id: i64, now: DateTime<Utc>) -> DbResult<usize> {
             }
         };
         let due = (allowance - row.released).min(10_000);
+        if due <= 0 {
+            return Ok(0);
+        }
+        let due = due.min(window - recipients::queued(conn, id)?);
         if due <= 0 {
             return Ok(0);
         }

@@ -119,9 +119,10 @@ impl Runner {
             row = self.make(row).await?;
         }
         if row.status == "running" {
+            let window = self.window();
             let released = self
                 .db
-                .run(move |c| super::release(c, id, crate::time::now()))
+                .run(move |c| super::release(c, id, window, crate::time::now()))
                 .await?;
             if released > 0 {
                 // One nudge wakes the dispatcher, which leases as many as it has room for.
@@ -205,6 +206,14 @@ impl Runner {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&id);
+    }
+
+    /// Most recipients of one campaign released and not yet final at once: enough
+    /// to keep every worker busy for a few rounds of a tick, few enough that a
+    /// message posted meanwhile (due after them) waits for this many at most, not
+    /// for the whole campaign.
+    fn window(&self) -> i64 {
+        (4 * self.sender.workers()).max(256) as i64
     }
 
     fn lease(&self) -> TimeDelta {

@@ -87,6 +87,16 @@ pub fn release(conn: &mut DbConn, campaign_id: i64, n: i64, now: DateTime<Utc>) 
         .execute(c))?)
 }
 
+/// How many of the campaign's recipients are released and not yet final.
+pub fn queued(conn: &mut DbConn, campaign_id: i64) -> DbResult<i64> {
+    use messages::dsl as m;
+    Ok(dispatch!(conn, |c| m::messages
+        .filter(m::campaign_id.eq(campaign_id))
+        .filter(m::status.eq(Status::Queued.as_str()))
+        .count()
+        .get_result(c))?)
+}
+
 /// Holds again the released recipients no sender has taken (not leased, no
 /// credential claimed): a paused campaign sends nothing new. Returns how many.
 pub fn hold(conn: &mut DbConn, campaign_id: i64, now: DateTime<Utc>) -> DbResult<usize> {

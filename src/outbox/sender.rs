@@ -131,6 +131,11 @@ impl Sender {
         self.publish.notify_one();
     }
 
+    /// Most WeChat calls this instance keeps in flight.
+    pub fn workers(&self) -> usize {
+        self.config.workers.max(1)
+    }
+
     /// Waits for message `id` to reach a final status in this instance; only its own
     /// finish wakes it (see [`Waiters`]).
     pub fn waiter(&self, id: i64) -> Waiter {

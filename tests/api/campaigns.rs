@@ -344,6 +344,31 @@ backend_app_tests! {
         assert_eq!(status, 404);
     }
 
+    /// A campaign without a rate does not stand in front of other traffic: a single
+    /// message posted while 2,000 recipients are being sent reaches WeChat after at
+    /// most a window of them (4 × the sender's workers, at least 256), not after the
+    /// whole campaign. Ordered by the simulator's record, not timed.
+    async fn a_campaign_without_a_rate_leaves_room_for_other_messages(tdb) {
+        let app = spawn(tdb, |c| c.faults.send.latency_ms = Some(helpers::Latency::Fixed(10)), |_| {}).await;
+        let audience = users("w", 2000);
+        forms(&app, &audience, 1).await;
+        forms(&app, &["solo".to_string()], 1).await;
+        let c = create(&app, json!({"template_id": "TPL", "audience": {"openids": audience}})).await;
+        let id = c["id"].as_str().unwrap().to_string();
+        until(&app, &id, 30, |c| c["counts"]["sent"].as_i64() >= Some(50)).await;
+        let (status, m) = app.post("/v1/messages?wait=30", Some(KEY_SEND), &json!({"openid": "solo", "template_id": "SOLO"})).await;
+        assert_eq!((status, m["status"].as_str()), (200, Some("sent")), "{m}");
+        let (status, _) = app.post(&format!("/v1/campaigns/{id}/cancel"), Some(KEY_SEND), &json!({})).await;
+        assert_eq!(status, 200);
+        let c = until(&app, &id, 30, finished).await;
+        let delivered = app.sim.sim.deliveries();
+        let solo = delivered.iter().find(|d| d.template_id == "SOLO").expect("the single message reached WeChat").seq;
+        let before = delivered.iter().filter(|d| d.template_id == "TPL" && d.seq < solo).count();
+        let not_sent = 2000 - c["counts"]["sent"].as_i64().unwrap() as usize;
+        assert!(before < 50 + 256 + 16, "{before} campaign sends went first");
+        assert!(not_sent > 1000, "the single message waited for most of the campaign: {c}");
+    }
+
     /// rate_per_s = 50: once running, the simulator's record shows 50 sends a
     /// second, within ±10 %.
     async fn a_campaign_keeps_its_pace(tdb) {
