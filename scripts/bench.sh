@@ -26,7 +26,9 @@
 #   campaign       (only when named in BENCH_SCENARIOS) one POST /v1/campaigns to
 #                  BENCH_CAMPAIGN_USERS (100000) users holding one simulator form_id
 #                  each, no rate_per_s: the request's time, then recipients sent per
-#                  second (simulator's count) until done, beside the send scenario's
+#                  second (simulator's count) until done, beside the send scenario's;
+#                  meanwhile single messages to 400 other users, one at a time, each
+#                  timed until sent (40 before the campaign, the rest while it runs)
 #   webhooks       (only when named in BENCH_SCENARIOS) a receiver inside ledger-load
 #                  is registered for message.finished; 64 clients post messages as
 #                  in send (own users, own send-setup); webhook events delivered per
@@ -286,8 +288,11 @@ service_scenarios() { # backend phase database-url
     log "$b/$ph: campaign setup ($BENCH_CAMPAIGN_USERS users x 1 simulator form_id)"
     load send-setup --url "$BASE" --key "$KEY" --sim "$SIM" --app "$APP" --prefix "o-$ph-cmp-" \
       --users "$BENCH_CAMPAIGN_USERS" --per-user 1 >&2
+    load send-setup --url "$BASE" --key "$KEY" --sim "$SIM" --app "$APP" --prefix "o-$ph-probe-" \
+      --users 400 --per-user 1 >&2
     log "$b/$ph: campaign"
     load campaign --url "$BASE" --key "$KEY" --sim "$SIM" --prefix "o-$ph-cmp-" \
+      --probe-prefix "o-$ph-probe-" --probe-users 400 \
       --users "$BENCH_CAMPAIGN_USERS" --backend "$b" --phase "$ph" --pid "$SVC_PID" | record
   fi
   if want quota; then

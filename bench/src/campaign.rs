@@ -1,8 +1,13 @@
 //! `campaign`: one `POST /v1/campaigns` naming `--users` openids (each holding a
 //! form_id registered by `send-setup`), no `rate_per_s`: how long the request takes,
 //! then recipients sent per second, from the simulator's delivery count (the oracle),
-//! until the campaign is `done`.
+//! until the campaign is `done`. With `--probe-users`, single messages to other users
+//! (each holding a form_id of its own) are posted one at a time, before the campaign
+//! and while it runs, and timed from `POST ?wait=30` to `sent`: what the campaign
+//! costs other traffic.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Args;
@@ -36,6 +41,40 @@ pub struct CampaignArgs {
     phase: String,
     #[arg(long)]
     pid: Option<u32>,
+    /// Openid prefix of the probe users (`<prefix>0`, `<prefix>1`, …).
+    #[arg(long, default_value = "")]
+    probe_prefix: String,
+    /// Probe users, one single message each: a tenth before the campaign, the
+    /// rest one every 200 ms while it runs. 0: no probes.
+    #[arg(long, default_value_t = 0)]
+    probe_users: u64,
+}
+
+/// Posts a single message to `openid` and waits for it: milliseconds until `sent`.
+async fn probe(http: &reqwest::Client, url: &str, auth: &str, openid: &str) -> Result<f64, String> {
+    let t0 = Instant::now();
+    let m = post_json(
+        http,
+        &format!("{url}/v1/messages?wait=30"),
+        auth,
+        &json!({"openid": openid, "template_id": "TPL_BENCH_PROBE"}),
+    )
+    .await?;
+    if m["status"] != "sent" {
+        return Err(format!("probe message not sent: {m}"));
+    }
+    Ok(t0.elapsed().as_secs_f64() * 1000.0)
+}
+
+/// Median and largest of `ms`, rounded.
+fn spread(mut ms: Vec<f64>) -> Value {
+    ms.sort_by(f64::total_cmp);
+    match ms.last() {
+        Some(max) => {
+            json!({"n": ms.len(), "p50_ms": round1(ms[ms.len() / 2]), "max_ms": round1(*max)})
+        }
+        None => json!({"n": 0}),
+    }
 }
 
 pub async fn campaign(a: CampaignArgs) -> Result<Value, String> {
@@ -50,6 +89,11 @@ pub async fn campaign(a: CampaignArgs) -> Result<Value, String> {
                 .unwrap_or(0),
         )
     };
+    let idle_probes = a.probe_users / 10;
+    let mut idle = Vec::new();
+    for u in 0..idle_probes {
+        idle.push(probe(&http, &a.url, &auth, &format!("{}{u}", a.probe_prefix)).await?);
+    }
     let before = delivered(http.clone(), a.sim.clone()).await?;
     let openids: Vec<String> = (0..a.users).map(|u| format!("{}{u}", a.prefix)).collect();
     let body = json!({"template_id": "TPL_BENCH_CAMPAIGN", "audience": {"openids": openids},
@@ -62,10 +106,35 @@ pub async fn campaign(a: CampaignArgs) -> Result<Value, String> {
         .ok_or_else(|| format!("no campaign id: {created}"))?
         .to_string();
     let deadline = t0 + Duration::from_secs_f64(a.timeout);
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let probed = Arc::new(AtomicU64::new(0));
+    let probes = {
+        let (http, url, auth, prefix) = (
+            http.clone(),
+            a.url.clone(),
+            auth.clone(),
+            a.probe_prefix.clone(),
+        );
+        let probed = probed.clone();
+        let users = idle_probes..a.probe_users;
+        tokio::spawn(async move {
+            let mut during = Vec::new();
+            for u in users {
+                if *stopped.borrow() {
+                    break;
+                }
+                during.push(probe(&http, &url, &auth, &format!("{prefix}{u}")).await?);
+                probed.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Ok::<_, String>(during)
+        })
+    };
     let (mut first, mut last, mut sent) = (None::<f64>, 0.0, 0u64);
     let finished = loop {
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let now = delivered(http.clone(), a.sim.clone()).await? - before;
+        let now = (delivered(http.clone(), a.sim.clone()).await? - before)
+            .saturating_sub(probed.load(Ordering::Relaxed));
         let at = t0.elapsed().as_secs_f64();
         if now > 0 && first.is_none() {
             first = Some(at);
@@ -84,6 +153,11 @@ pub async fn campaign(a: CampaignArgs) -> Result<Value, String> {
             break c;
         }
     };
+    let _ = stop.send(true);
+    let during = probes.await.map_err(|e| e.to_string())??;
+    // The simulator's count includes the probes sent while the campaign ran.
+    let sent = (delivered(http.clone(), a.sim.clone()).await? - before)
+        .saturating_sub(during.len() as u64);
     let counts = &finished["counts"];
     let span = (last - first.unwrap_or(0.0)).max(0.001);
     Ok(json!({
@@ -94,6 +168,8 @@ pub async fn campaign(a: CampaignArgs) -> Result<Value, String> {
         "sent": sent,
         "sent_per_s": round1(sent as f64 / span),
         "e2e_sent_per_s": round1(sent as f64 / last.max(0.001)),
+        "probe_idle": spread(idle),
+        "probe_during": spread(during),
         "rss_peak_kb": a.pid.and_then(vm_hwm_kb),
     }))
 }

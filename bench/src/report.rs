@@ -379,7 +379,8 @@ pub fn report(file: &str) {
 }
 
 /// The campaign scenario's lines of the targets table: its request answers within a
-/// second, every recipient is sent, and its rate beside the send scenario's.
+/// second, every recipient is sent, single messages posted meanwhile are not held up
+/// by it, and its rate beside the send scenario's.
 fn campaign_targets(ph: &str, r: &Value, send: Option<&Value>) {
     let yes = |ok: bool| if ok { "yes" } else { "**no**" };
     let create_ms = r["create_ms"].as_f64().unwrap_or(f64::MAX);
@@ -394,6 +395,16 @@ fn campaign_targets(ph: &str, r: &Value, send: Option<&Value>) {
         r["recipients"],
         yes(Some(sent) == r["recipients"].as_u64())
     );
+    let (idle, during) = (&r["probe_idle"], &r["probe_during"]);
+    if let Some(max) = during["max_ms"].as_f64() {
+        println!(
+            "| {ph} | campaign leaves room: {} single messages posted while it ran, sent in p50 {} / max {max:.0} ms (idle: p50 {} ms); max < 1 s | {max:.0} ms | {} |",
+            during["n"],
+            during["p50_ms"],
+            idle["p50_ms"],
+            yes(max < 1000.0)
+        );
+    }
     if let Some(s) = send {
         let rate = s[send_metric(s)].as_f64().unwrap_or(0.0);
         let ours = r["sent_per_s"].as_f64().unwrap_or(0.0);
