@@ -347,9 +347,11 @@ struct StoredValue {
 }
 
 /// Inserts token rows (values set, no template, not pushed); for each, whether it was
-/// stored (false: its value was there already). PostgreSQL: one statement over
-/// arrays, whatever the number of rows. SQLite: row by row, in-process, prepared
-/// once, no round trips.
+/// stored (false: its value was there already). One statement whatever the number
+/// of rows, `ON CONFLICT DO NOTHING RETURNING` the stored ones: PostgreSQL over
+/// arrays (`unnest`), SQLite over one JSON array (`json_each`) — row by row through
+/// diesel, building and binding each insert cost SQLite's one writer most of a
+/// group's time.
 fn insert_tokens(
     conn: &mut DbConn,
     now_db: chrono::NaiveDateTime,
@@ -359,23 +361,22 @@ fn insert_tokens(
     if rows.is_empty() {
         return Ok(Vec::new());
     }
-    match conn {
+    fn value<'a>(r: &NewCredential<'a>) -> &'a str {
+        r.value.unwrap_or_default()
+    }
+    let expires = |r: &NewCredential<'_>| r.expires_at.unwrap_or(now_db);
+    let stored: Vec<StoredValue> = match conn {
         DbConn::Pg(pg) => {
             let apps: Vec<&str> = rows.iter().map(|(_, r)| r.app_id).collect();
             let openids: Vec<&str> = rows.iter().map(|(_, r)| r.openid).collect();
             let kinds: Vec<&str> = rows.iter().map(|(_, r)| r.kind).collect();
-            let values: Vec<&str> = rows
-                .iter()
-                .map(|(_, r)| r.value.unwrap_or_default())
-                .collect();
+            let values: Vec<&str> = rows.iter().map(|(_, r)| value(r)).collect();
             let uses: Vec<i32> = rows.iter().map(|(_, r)| r.uses_total).collect();
             let issued: Vec<chrono::NaiveDateTime> =
                 rows.iter().map(|(_, r)| r.issued_at).collect();
-            let expires: Vec<chrono::NaiveDateTime> = rows
-                .iter()
-                .map(|(_, r)| r.expires_at.unwrap_or(now_db))
-                .collect();
-            let stored: Vec<StoredValue> = diesel::sql_query(
+            let expires: Vec<chrono::NaiveDateTime> =
+                rows.iter().map(|(_, r)| expires(r)).collect();
+            diesel::sql_query(
                 "INSERT INTO credentials (app_id, openid, kind, value, uses_total, uses_left, \
                  issued_at, expires_at, created_at, updated_at) \
                  SELECT a, o, k, v, u, u, i, e, $8, $8 \
@@ -391,29 +392,74 @@ fn insert_tokens(
             .bind::<Array<Timestamp>, _>(issued)
             .bind::<Array<Timestamp>, _>(expires)
             .bind::<Timestamp, _>(now_db)
-            .load(pg)?;
-            let stored: HashSet<(String, String)> =
-                stored.into_iter().map(|s| (s.app_id, s.value)).collect();
-            Ok(rows
+            .load(pg)?
+        }
+        DbConn::Sqlite(lite) => {
+            // Timestamps as diesel writes them on SQLite; a group's rows share most.
+            let mut text = SqliteTimestamps::default();
+            let json: Vec<_> = rows
                 .iter()
                 .map(|(_, r)| {
-                    stored.contains(&(
-                        r.app_id.to_string(),
-                        r.value.unwrap_or_default().to_string(),
-                    ))
+                    let issued = text.format(r.issued_at);
+                    let expires = text.format(expires(r));
+                    (
+                        r.app_id,
+                        r.openid,
+                        r.kind,
+                        value(r),
+                        r.uses_total,
+                        issued,
+                        expires,
+                    )
                 })
-                .collect())
+                .collect();
+            let json = serde_json::to_string(&json)
+                .map_err(|e| diesel::result::Error::SerializationError(Box::new(e)))?;
+            // `WHERE true`: SQLite's INSERT … SELECT needs one before an upsert clause.
+            diesel::sql_query(
+                "INSERT INTO credentials (app_id, openid, kind, value, uses_total, uses_left, \
+                 issued_at, expires_at, created_at, updated_at) \
+                 SELECT r->>0, r->>1, r->>2, r->>3, r->>4, r->>4, r->>5, r->>6, ?2, ?2 \
+                 FROM (SELECT value AS r, key FROM json_each(?1)) WHERE true ORDER BY key \
+                 ON CONFLICT DO NOTHING RETURNING app_id, value",
+            )
+            .bind::<Text, _>(json)
+            .bind::<Timestamp, _>(now_db)
+            .load(lite)?
         }
-        DbConn::Sqlite(lite) => rows
-            .iter()
-            .map(|(_, row)| {
-                let n = diesel::insert_into(c::credentials)
-                    .values(row)
-                    .on_conflict_do_nothing()
-                    .execute(lite)?;
-                Ok(n == 1)
-            })
-            .collect(),
+    };
+    let stored: HashSet<(String, String)> =
+        stored.into_iter().map(|s| (s.app_id, s.value)).collect();
+    Ok(rows
+        .iter()
+        .map(|(_, r)| stored.contains(&(r.app_id.to_string(), value(r).to_string())))
+        .collect())
+}
+
+/// `NaiveDateTime`s in the text diesel stores on SQLite (`%F %T%.f`), the format
+/// parsed once and the last value of each distinct instant reused.
+#[derive(Default)]
+struct SqliteTimestamps {
+    items: Vec<chrono::format::Item<'static>>,
+    last: Vec<(chrono::NaiveDateTime, String)>,
+}
+
+impl SqliteTimestamps {
+    fn format(&mut self, t: chrono::NaiveDateTime) -> String {
+        if let Some((_, s)) = self.last.iter().find(|(at, _)| *at == t) {
+            return s.clone();
+        }
+        if self.items.is_empty() {
+            self.items = chrono::format::StrftimeItems::new("%F %T%.f")
+                .parse_to_owned()
+                .unwrap_or_default();
+        }
+        let s = t.format_with_items(self.items.iter()).to_string();
+        if self.last.len() >= 8 {
+            self.last.remove(0);
+        }
+        self.last.push((t, s.clone()));
+        s
     }
 }
 
@@ -863,5 +909,29 @@ mod tests {
         assert_eq!(candidates.len(), 1);
         assert_eq!(results, Results::from([(("OLD", "accept"), 1)]));
         assert_eq!(outcome.rejected.len(), 4);
+    }
+
+    /// The JSON insert writes timestamps as text itself: it must be the text diesel
+    /// binds everywhere else, or SQLite's text comparisons (`expires_at > ?`) and the
+    /// oldest-first order would be wrong for these rows.
+    #[test]
+    fn sqlite_timestamps_are_the_text_diesel_binds() {
+        use diesel::sql_types::{Text, Timestamp};
+        #[derive(QueryableByName)]
+        struct Row {
+            #[diesel(sql_type = Text)]
+            t: String,
+        }
+        let mut conn = diesel::SqliteConnection::establish(":memory:").unwrap();
+        let mut ours = SqliteTimestamps::default();
+        for nanos in [0, 5_000_000, 123_456_000, 1, 999_999_999] {
+            let at = to_db(now()) + chrono::Duration::nanoseconds(nanos);
+            let theirs: Row = diesel::sql_query("SELECT CAST(? AS TEXT) AS t")
+                .bind::<Timestamp, _>(at)
+                .get_result(&mut conn)
+                .unwrap();
+            assert_eq!(ours.format(at), theirs.t, "{nanos} ns");
+            assert_eq!(ours.format(at), theirs.t, "{nanos} ns, reused");
+        }
     }
 }
