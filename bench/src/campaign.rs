@@ -45,7 +45,8 @@ pub struct CampaignArgs {
     #[arg(long, default_value = "")]
     probe_prefix: String,
     /// Probe users, one single message each: a tenth before the campaign, the
-    /// rest one every 200 ms while it runs. 0: no probes.
+    /// rest one at a time while it runs, each 200 ms after the previous one was
+    /// sent. 0: no probes.
     #[arg(long, default_value_t = 0)]
     probe_users: u64,
 }
