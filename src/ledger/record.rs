@@ -349,9 +349,8 @@ struct StoredValue {
 /// Inserts token rows (values set, no template, not pushed); for each, whether it was
 /// stored (false: its value was there already). One statement whatever the number
 /// of rows, `ON CONFLICT DO NOTHING RETURNING` the stored ones: PostgreSQL over
-/// arrays (`unnest`), SQLite over one JSON array (`json_each`) — row by row through
-/// diesel, building and binding each insert cost SQLite's one writer most of a
-/// group's time.
+/// arrays (`unnest`), SQLite over one JSON array (`json_each`). (Row by row through
+/// diesel, building and binding each insert took most of SQLite's one writer.)
 fn insert_tokens(
     conn: &mut DbConn,
     now_db: chrono::NaiveDateTime,
