@@ -117,6 +117,19 @@ impl CustomizeConnection<DbConn, diesel::r2d2::Error> for ConnectionSetup {
     }
 }
 
+/// Initialises the OpenSSL that libpq uses, without OpenSSL's exit handler; call
+/// before any PostgreSQL connection (the pool's manager does). By default OpenSSL 3
+/// frees its global state in an `atexit` handler while other threads may still be
+/// in it (a pool's worker opening a connection, the sender's LISTEN thread): the
+/// test binary died "double free or corruption (fasttop)" at exit, after every test
+/// had passed, about one run in six (gdb: `OPENSSL_cleanup` under `exit` with
+/// `r2d2-worker-*` and `sender-listen` threads alive). The first initialisation
+/// decides, and `openssl_sys::init` asks for `OPENSSL_INIT_NO_ATEXIT`; the OS frees
+/// the memory at exit anyway.
+pub fn init_libpq_tls() {
+    openssl_sys::init();
+}
+
 /// Opens connections of the URL's backend. diesel's `ConnectionManager<DbConn>` (the
 /// `MultiConnection` derive) tries each backend in turn and reports only "Invalid
 /// connection url for multiconnection", hiding libpq's reason: a wrong password, a
@@ -133,7 +146,10 @@ impl ManageConnection for Manager {
 
     fn connect(&self) -> Result<DbConn, Self::Error> {
         match self.backend {
-            Backend::Postgres => PgConnection::establish(&self.url).map(DbConn::Pg),
+            Backend::Postgres => {
+                init_libpq_tls();
+                PgConnection::establish(&self.url).map(DbConn::Pg)
+            }
             Backend::Sqlite => SqliteConnection::establish(&self.url).map(DbConn::Sqlite),
         }
         .map_err(diesel::r2d2::Error::ConnectionError)

@@ -32,8 +32,11 @@ pub use formid_ledger::wechat::{
     DataValue, ErrorClass, SubscribeMessage, TemplateMessage, WechatClient, WechatError,
 };
 
-/// The PostgreSQL server tests create their databases on.
+/// The PostgreSQL server tests create their databases on. Every direct connection
+/// of the tests starts from here, so OpenSSL is set up as the service sets it up
+/// (see [`formid_ledger::db::init_libpq_tls`]) whichever test connects first.
 pub fn postgres_admin_url() -> String {
+    formid_ledger::db::init_libpq_tls();
     std::env::var("LEDGER_TEST_POSTGRES_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }

@@ -97,6 +97,7 @@ struct PrivatePostgres {
 
 impl PrivatePostgres {
     fn start() -> PrivatePostgres {
+        formid_ledger::db::init_libpq_tls();
         let bin = pg_bin();
         let user = server_user();
         let dir = tempfile::tempdir().expect("temp dir");
