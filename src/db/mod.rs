@@ -122,7 +122,7 @@ impl CustomizeConnection<DbConn, diesel::r2d2::Error> for ConnectionSetup {
 /// frees its global state in an `atexit` handler while other threads may still be
 /// in it (a pool's worker opening a connection, the sender's LISTEN thread): the
 /// test binary died "double free or corruption (fasttop)" at exit, after every test
-/// had passed, about one run in six (gdb: `OPENSSL_cleanup` under `exit` with
+/// had passed, once in seven runs here (gdb: `OPENSSL_cleanup` under `exit` with
 /// `r2d2-worker-*` and `sender-listen` threads alive). The first initialisation
 /// decides, and `openssl_sys::init` asks for `OPENSSL_INIT_NO_ATEXIT`; the OS frees
 /// the memory at exit anyway.

@@ -327,7 +327,7 @@ async fn readiness_fails_when_postgres_is_gone() {
         unreachable!()
     };
     use diesel::prelude::*;
-    let mut admin = PgConnection::establish(&helpers::postgres_admin_url()).unwrap();
+    let mut admin = helpers::pg_connect(&helpers::postgres_admin_url()).unwrap();
     diesel::sql_query(format!("DROP DATABASE {name} WITH (FORCE)"))
         .execute(&mut admin)
         .unwrap();

@@ -32,13 +32,18 @@ pub use formid_ledger::wechat::{
     DataValue, ErrorClass, SubscribeMessage, TemplateMessage, WechatClient, WechatError,
 };
 
-/// The PostgreSQL server tests create their databases on. Every direct connection
-/// of the tests starts from here, so OpenSSL is set up as the service sets it up
-/// (see [`formid_ledger::db::init_libpq_tls`]) whichever test connects first.
+/// The PostgreSQL server tests create their databases on.
 pub fn postgres_admin_url() -> String {
-    formid_ledger::db::init_libpq_tls();
     std::env::var("LEDGER_TEST_POSTGRES_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// A direct connection (outside the service's pools), with OpenSSL set up first as
+/// the pools set it up ([`formid_ledger::db::init_libpq_tls`]), whichever test
+/// connects first. Every direct connection of the tests is made here.
+pub fn pg_connect(url: &str) -> diesel::ConnectionResult<PgConnection> {
+    formid_ledger::db::init_libpq_tls();
+    PgConnection::establish(url)
 }
 
 /// Runs each test body once per backend: `mod name { fn sqlite(); fn postgres(); }`,
@@ -103,7 +108,7 @@ impl TestDb {
             SEQ.fetch_add(1, Ordering::Relaxed),
             rand::random::<u32>()
         );
-        let mut conn = PgConnection::establish(&admin).unwrap_or_else(|e| {
+        let mut conn = pg_connect(&admin).unwrap_or_else(|e| {
             panic!("PostgreSQL tests need a server at {admin} (set LEDGER_TEST_POSTGRES_URL): {e}")
         });
         diesel::sql_query(format!("CREATE DATABASE {name}"))
@@ -131,7 +136,7 @@ impl TestDb {
 impl Drop for TestDb {
     fn drop(&mut self) {
         if let TestDb::Postgres { name, .. } = self {
-            if let Ok(mut conn) = PgConnection::establish(&postgres_admin_url()) {
+            if let Ok(mut conn) = pg_connect(&postgres_admin_url()) {
                 let _ = diesel::sql_query(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
                     .execute(&mut conn);
             }

@@ -18,7 +18,9 @@ use diesel::sql_types::{BigInt, Bool};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 use serde_json::json;
 
-use crate::helpers::{eventually_some, free_port, wait_up, APP, APP_SECRET, KEY_ADMIN, KEY_SEND};
+use crate::helpers::{
+    eventually_some, free_port, pg_connect, wait_up, APP, APP_SECRET, KEY_ADMIN, KEY_SEND,
+};
 
 const BIN: &str = env!("CARGO_BIN_EXE_formid-ledger");
 /// The service's role and its password (scram-sha-256 over TLS).
@@ -97,7 +99,6 @@ struct PrivatePostgres {
 
 impl PrivatePostgres {
     fn start() -> PrivatePostgres {
-        formid_ledger::db::init_libpq_tls();
         let bin = pg_bin();
         let user = server_user();
         let dir = tempfile::tempdir().expect("temp dir");
@@ -177,8 +178,7 @@ impl PrivatePostgres {
             ],
         );
 
-        let mut admin =
-            PgConnection::establish(&pg.admin_url()).expect("connect as postgres over TLS");
+        let mut admin = pg_connect(&pg.admin_url()).expect("connect as postgres over TLS");
         diesel::sql_query(format!("CREATE ROLE {ROLE} LOGIN PASSWORD '{PASSWORD}'"))
             .execute(&mut admin)
             .unwrap();
@@ -240,7 +240,7 @@ impl PrivatePostgres {
             #[diesel(sql_type = BigInt)]
             clear: i64,
         }
-        let mut admin = PgConnection::establish(&self.admin_url()).expect("connect as postgres");
+        let mut admin = pg_connect(&self.admin_url()).expect("connect as postgres");
         let counts: Counts = diesel::sql_query(format!(
             "SELECT count(*) FILTER (WHERE s.ssl) AS encrypted, \
                     count(*) FILTER (WHERE NOT s.ssl) AS clear \
@@ -353,7 +353,7 @@ async fn sslmode_require_encrypts_every_connection() {
     let pg = PrivatePostgres::start();
 
     // Without TLS the server refuses this role: a connection that works is encrypted.
-    let clear = PgConnection::establish(&pg.url("sslmode=disable"))
+    let clear = pg_connect(&pg.url("sslmode=disable"))
         .err()
         .expect("a connection without TLS is refused");
     assert!(clear.to_string().contains("no encryption"), "{clear}");
@@ -373,7 +373,7 @@ async fn sslmode_require_encrypts_every_connection() {
         #[diesel(sql_type = Bool)]
         ssl: bool,
     }
-    let mut conn = PgConnection::establish(&pg.url("sslmode=require")).unwrap();
+    let mut conn = pg_connect(&pg.url("sslmode=require")).unwrap();
     let own: Ssl = diesel::sql_query("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
         .get_result(&mut conn)
         .unwrap();
