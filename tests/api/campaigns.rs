@@ -352,7 +352,7 @@ backend_app_tests! {
 
     /// A campaign without a rate does not stand in front of other traffic: a single
     /// message posted while 2,000 recipients are being sent reaches WeChat after at
-    /// most a window of them (4 × the sender's workers, at least 256), not after the
+    /// most a window of them (2 × the sender's workers, at least 256), not after the
     /// whole campaign. Ordered by the simulator's record, not timed.
     async fn a_campaign_without_a_rate_leaves_room_for_other_messages(tdb) {
         let app = spawn(tdb, |c| c.faults.send.latency_ms = Some(helpers::Latency::Fixed(10)), |_| {}).await;
