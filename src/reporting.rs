@@ -15,11 +15,14 @@
 //! [`MAX_REPORTS`] items), so under load groups grow and under light load a report
 //! goes alone with no added wait.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot, Mutex};
+use tokio::sync::{mpsc, oneshot};
 
-use crate::db::{Backend, Db, DbError, DbResult};
+use diesel::r2d2::PooledConnection;
+
+use crate::db::{Backend, Db, DbConn, DbError, DbResult, Manager};
 use crate::ledger::{self, RecordOutcome, Report, Rules};
 use crate::metrics::Metrics;
 use crate::outbox::store::wake_waiting_many;
@@ -29,6 +32,9 @@ use crate::outbox::Sender;
 const MAX_REPORTS: usize = 1000;
 /// Requests waiting for a writer before new ones wait for room.
 const QUEUE: usize = 4096;
+/// A writer keeps its connection while groups keep coming; one idle longer than this
+/// is returned, and the next group checks one out (tested by the pool) anew.
+const RECHECK_AFTER: Duration = Duration::from_millis(250);
 
 struct Job {
     reports: Vec<Report>,
@@ -43,18 +49,26 @@ pub struct Reporting {
 }
 
 impl Reporting {
-    /// Starts the writers: one on SQLite (it has one writer anyway), a few on
-    /// PostgreSQL (groups commit in parallel; users are locked in one order).
+    /// Starts the writers: one on SQLite (it has one writer anyway), two on
+    /// PostgreSQL: one group commits while the next one forms, and users are locked
+    /// in one order. More writers make smaller groups, which cost PostgreSQL more
+    /// per report than they gain in parallelism on a small machine (BENCHMARKS.md:
+    /// 1, 2, 3 and 4 writers measured). Each writer is a thread of its own that keeps
+    /// its connection between groups, so a group costs neither a hop to the blocking
+    /// pool nor a checkout (with its ping).
     pub fn start(db: Db, rules: Rules, sender: Arc<Sender>, metrics: Arc<Metrics>) -> Self {
         let (queue, rx) = mpsc::channel(QUEUE);
         let rx = Arc::new(Mutex::new(rx));
         let writers = match db.backend() {
             Backend::Sqlite => 1,
-            Backend::Postgres => 4,
+            Backend::Postgres => 2,
         };
-        for _ in 0..writers {
+        for n in 0..writers {
             let (db, rules, rx) = (db.clone(), rules.clone(), rx.clone());
-            tokio::spawn(async move { write_groups(db, rules, rx).await });
+            std::thread::Builder::new()
+                .name(format!("report-writer-{n}"))
+                .spawn(move || write_groups(&db, &rules, &rx))
+                .expect("the OS starts a thread");
         }
         Reporting {
             queue,
@@ -97,49 +111,46 @@ impl Reporting {
     }
 }
 
-async fn write_groups(db: Db, rules: Rules, rx: Arc<Mutex<mpsc::Receiver<Job>>>) {
+/// A writer: takes what has queued, records it as one group, answers each request.
+/// Returns when the service is gone (every sender of the queue dropped).
+fn write_groups(db: &Db, rules: &Rules, rx: &Mutex<mpsc::Receiver<Job>>) {
+    let mut held: Option<(PooledConnection<Manager>, Instant)> = None;
     loop {
-        let mut jobs = Vec::new();
-        {
-            let mut rx = rx.lock().await;
-            let Some(first) = rx.recv().await else {
-                return; // the service is gone
+        let jobs = {
+            let mut rx = rx.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let Some(first) = rx.blocking_recv() else {
+                return;
             };
-            let mut items = first.reports.iter().map(|r| r.items.len()).sum::<usize>();
-            jobs.push(first);
+            let mut items: usize = first.reports.iter().map(|r| r.items.len()).sum();
+            let mut jobs = vec![first];
             while items < MAX_REPORTS {
                 let Ok(next) = rx.try_recv() else { break };
                 items += next.reports.iter().map(|r| r.items.len()).sum::<usize>();
                 jobs.push(next);
             }
-        }
+            jobs
+        };
         let (replies, groups): (Vec<_>, Vec<_>) =
             jobs.into_iter().map(|j| (j.reply, j.reports)).unzip();
-        let rules = rules.clone();
-        let result = db
-            .run(move |conn| {
-                let now = crate::time::now();
-                let slices: Vec<&[Report]> = groups.iter().map(Vec::as_slice).collect();
-                let outcomes = ledger::record_group(conn, &rules, now, &slices)?;
-                // Messages waiting for these users go now: one statement per app.
-                let mut waiting: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
-                for (reports, outcome) in groups.iter().zip(&outcomes) {
-                    if outcome.accepted > 0 {
-                        for r in reports {
-                            waiting
-                                .entry(r.app_id.as_str())
-                                .or_default()
-                                .push(r.openid.as_str());
-                        }
-                    }
-                }
-                let mut woken = 0;
-                for (app_id, openids) in waiting {
-                    woken += wake_waiting_many(conn, app_id, &openids, now)?;
-                }
-                Ok((outcomes, woken))
-            })
-            .await;
+        // A connection idle for a while goes back; the pool's checkout tests the next.
+        if held
+            .as_ref()
+            .is_some_and(|(_, used)| used.elapsed() > RECHECK_AFTER)
+        {
+            held = None;
+        }
+        let result = match held.take() {
+            Some((conn, _)) => Ok(conn),
+            None => db.get(),
+        }
+        .and_then(|mut conn| {
+            let recorded = record(&mut conn, rules, &groups);
+            // After an error the connection may be broken: the next group takes another.
+            if recorded.is_ok() {
+                held = Some((conn, Instant::now()));
+            }
+            recorded
+        });
         match result {
             Ok((outcomes, woken)) => {
                 // The wake-up count goes to the first request (it only nudges workers).
@@ -162,4 +173,32 @@ async fn write_groups(db: Db, rules: Rules, rx: Arc<Mutex<mpsc::Receiver<Job>>>)
             }
         }
     }
+}
+
+/// One group: the ledger's rules, then the messages waiting for its users made due.
+fn record(
+    conn: &mut DbConn,
+    rules: &Rules,
+    groups: &[Vec<Report>],
+) -> DbResult<(Vec<RecordOutcome>, usize)> {
+    let now = crate::time::now();
+    let slices: Vec<&[Report]> = groups.iter().map(Vec::as_slice).collect();
+    let outcomes = ledger::record_group(conn, rules, now, &slices)?;
+    // Messages waiting for these users go now: one statement per app.
+    let mut waiting: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
+    for (reports, outcome) in groups.iter().zip(&outcomes) {
+        if outcome.accepted > 0 {
+            for r in reports {
+                waiting
+                    .entry(r.app_id.as_str())
+                    .or_default()
+                    .push(r.openid.as_str());
+            }
+        }
+    }
+    let mut woken = 0;
+    for (app_id, openids) in waiting {
+        woken += wake_waiting_many(conn, app_id, &openids, now)?;
+    }
+    Ok((outcomes, woken))
 }
