@@ -140,8 +140,9 @@ pub fn record(
 ///
 /// Set-based: the form_ids and prepay_ids of the group — every (request, user) whose
 /// items are tokens only, the common case — are stored by a handful of statements
-/// whatever the group's size ([`store_tokens`]: the users' live counts, the values
-/// already known, one insert); only a user's report with subscription results takes
+/// whatever the group's size ([`store_tokens`]: on PostgreSQL one statement for the
+/// users far from the cap; the users' live counts, the values already known, one
+/// insert for the rest); only a user's report with subscription results takes
 /// the per-user path (its templates, the merge rule, the result counts).
 pub fn record_group(
     conn: &mut DbConn,
@@ -209,8 +210,11 @@ struct Tokens<'a> {
     candidates: Vec<Candidate<'a>>,
 }
 
-/// The tokens of a whole group, set-based, under the users' locks: one statement for
-/// the users' live credentials (per app: nearly always one), one for the values
+/// The tokens of a whole group, set-based, under the users' locks. On PostgreSQL the
+/// users whose reports fit under the cap whatever they hold are stored first, by
+/// [`store_roomy`]'s one statement, which also counts the others' live credentials.
+/// For the others (and every user on SQLite): one statement for the users' live
+/// credentials (per app: nearly always one; SQLite only), one for the values
 /// already known — only those of users the group could take to the cap, where a
 /// duplicate must not take room — then the rules applied in order (a value known or
 /// seen earlier in the group is a duplicate, a user's first ones fill the room under
@@ -229,9 +233,19 @@ fn store_tokens(
     }
     let now_db = to_db(now);
     let cap = i64::from(rules.user_cap);
+    // PostgreSQL: users whose report cannot reach the cap are settled by one
+    // statement; the rest (their live counts known) follow the rules below.
+    let mut live: HashMap<(&str, &str), i64> = HashMap::new();
+    let tokens: Vec<&Tokens<'_>> = match conn {
+        DbConn::Pg(pg) => store_roomy(pg, cap, now_db, tokens, outcomes, &mut live)?,
+        DbConn::Sqlite(_) => tokens.iter().collect(),
+    };
+    if tokens.is_empty() {
+        return Ok(());
+    }
     // Per app, per user: the values reported.
     let mut apps: BTreeMap<&str, BTreeMap<&str, Vec<&str>>> = BTreeMap::new();
-    for t in tokens {
+    for t in &tokens {
         let values = apps
             .entry(t.app_id)
             .or_default()
@@ -239,23 +253,24 @@ fn store_tokens(
             .or_default();
         values.extend(t.candidates.iter().filter_map(|c| c.value));
     }
-    let mut live: HashMap<(&str, &str), i64> = HashMap::new();
     let mut seen: HashSet<(&str, &str)> = HashSet::new();
     for (&app_id, users) in &apps {
-        let openids: Vec<&str> = users.keys().copied().collect();
-        let counts: Vec<(String, i64)> = dispatch!(conn, |conn| c::credentials
-            .filter(c::app_id.eq(app_id))
-            .filter(c::openid.eq_any(&openids))
-            .filter(c::uses_left.gt(0))
-            .filter(c::invalid.eq(false))
-            .filter(c::expires_at.is_null().or(c::expires_at.gt(now_db)))
-            .group_by(c::openid)
-            .select((c::openid, diesel::dsl::count_star()))
-            .load(conn))?;
-        // Keyed by the reports' strings, not the rows'.
-        for (openid, n) in counts {
-            if let Some((&openid, _)) = users.get_key_value(openid.as_str()) {
-                live.insert((app_id, openid), n);
+        if let DbConn::Sqlite(lite) = conn {
+            let openids: Vec<&str> = users.keys().copied().collect();
+            let counts: Vec<(String, i64)> = c::credentials
+                .filter(c::app_id.eq(app_id))
+                .filter(c::openid.eq_any(&openids))
+                .filter(c::uses_left.gt(0))
+                .filter(c::invalid.eq(false))
+                .filter(c::expires_at.is_null().or(c::expires_at.gt(now_db)))
+                .group_by(c::openid)
+                .select((c::openid, diesel::dsl::count_star()))
+                .load(lite)?;
+            // Keyed by the reports' strings, not the rows'.
+            for (openid, n) in counts {
+                if let Some((&openid, _)) = users.get_key_value(openid.as_str()) {
+                    live.insert((app_id, openid), n);
+                }
             }
         }
         // Users who could reach the cap: their duplicates must be known first.
@@ -336,6 +351,139 @@ fn store_tokens(
         }
     }
     Ok(())
+}
+
+/// A row of [`store_roomy`]'s answer: a user left to the rules (`user_no`, `held`) or
+/// a value stored (`app_id`, `value`).
+#[derive(QueryableByName)]
+struct Settled {
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Int4>)]
+    user_no: Option<i32>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::BigInt>)]
+    held: Option<i64>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+    app_id: Option<String>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+    value: Option<String>,
+}
+
+/// PostgreSQL, under the users' locks: ONE statement counts each user's live
+/// credentials and stores the tokens of every user whose report fits under the cap
+/// whatever it holds (live + reported ≤ cap), in the group's order, `ON CONFLICT DO
+/// NOTHING`. For such a user the rules cannot refuse anything for the cap, so each
+/// token is accepted if stored and a duplicate if not (known before, or earlier in
+/// the group) — what the rules decide one by one, without a statement to count
+/// first. Returns the tokens of the other users, whose live counts go into `live`
+/// for the rules. (The count runs in the same statement as the insert, so it sees
+/// what committed before the locks were granted; the lock statement came first.)
+fn store_roomy<'t, 'a>(
+    pg: &mut PgConnection,
+    cap: i64,
+    now_db: chrono::NaiveDateTime,
+    tokens: &'t [Tokens<'a>],
+    outcomes: &mut [RecordOutcome],
+    live: &mut HashMap<(&'a str, &'a str), i64>,
+) -> DbResult<Vec<&'t Tokens<'a>>> {
+    use diesel::sql_types::{Array, BigInt, Int4, Text, Timestamp};
+    // Users numbered in order of appearance; one row per token, in the group's order.
+    let mut number: HashMap<(&str, &str), i32> = HashMap::new();
+    let mut users: Vec<(&str, &str)> = Vec::new();
+    let mut cols = (
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+    );
+    for t in tokens {
+        let user = *number.entry((t.app_id, t.openid)).or_insert_with(|| {
+            users.push((t.app_id, t.openid));
+            users.len() as i32 - 1
+        });
+        for cand in &t.candidates {
+            cols.0.push(user);
+            cols.1.push(t.app_id);
+            cols.2.push(t.openid);
+            cols.3.push(cand.kind.as_str());
+            cols.4.push(cand.value.unwrap_or_default());
+            cols.5.push(cand.uses);
+            cols.6.push(to_db(cand.issued_at));
+            cols.7.push(cand.expires_at.map_or(now_db, to_db));
+        }
+    }
+    let settled: Vec<Settled> = diesel::sql_query(
+        "WITH t AS (SELECT * FROM unnest($1::int4[], $2::text[], $3::text[], $4::text[], \
+                    $5::text[], $6::int4[], $7::timestamp[], $8::timestamp[]) \
+                    WITH ORDINALITY AS t(n, a, o, k, v, u, i, e, ord)), \
+         users AS (SELECT n, a, o, count(*) AS reported, \
+                   (SELECT count(*) FROM credentials c WHERE c.app_id = t.a AND c.openid = t.o \
+                    AND c.uses_left > 0 AND NOT c.invalid \
+                    AND (c.expires_at IS NULL OR c.expires_at > $9)) AS held \
+                   FROM t GROUP BY n, a, o), \
+         ins AS (INSERT INTO credentials (app_id, openid, kind, value, uses_total, uses_left, \
+                 issued_at, expires_at, created_at, updated_at) \
+                 SELECT t.a, t.o, t.k, t.v, t.u, t.u, t.i, t.e, $9, $9 \
+                 FROM t JOIN users s ON s.n = t.n WHERE s.held + s.reported <= $10 \
+                 ORDER BY t.ord \
+                 ON CONFLICT DO NOTHING RETURNING app_id, value) \
+         SELECT n AS user_no, held, NULL::text AS app_id, NULL::text AS value \
+         FROM users WHERE held + reported > $10 \
+         UNION ALL SELECT NULL, NULL, app_id, value FROM ins",
+    )
+    .bind::<Array<Int4>, _>(cols.0)
+    .bind::<Array<Text>, _>(cols.1)
+    .bind::<Array<Text>, _>(cols.2)
+    .bind::<Array<Text>, _>(cols.3)
+    .bind::<Array<Text>, _>(cols.4)
+    .bind::<Array<Int4>, _>(cols.5)
+    .bind::<Array<Timestamp>, _>(cols.6)
+    .bind::<Array<Timestamp>, _>(cols.7)
+    .bind::<Timestamp, _>(now_db)
+    .bind::<BigInt, _>(cap)
+    .load(pg)?;
+    let mut stored: HashSet<(String, String)> = HashSet::new();
+    for row in settled {
+        match (row.user_no, row.held, row.app_id, row.value) {
+            (Some(user), Some(held), _, _) => {
+                let user = usize::try_from(user).ok().and_then(|n| users.get(n));
+                let user =
+                    user.ok_or_else(|| DbError::Corrupt("a user the group does not have".into()))?;
+                live.insert(*user, held);
+            }
+            (_, _, Some(app_id), Some(value)) => {
+                stored.insert((app_id, value));
+            }
+            _ => {
+                return Err(DbError::Corrupt(
+                    "an unexpected row of the ingest statement".into(),
+                ))
+            }
+        }
+    }
+    let mut rest = Vec::new();
+    for t in tokens {
+        if live.contains_key(&(t.app_id, t.openid)) {
+            rest.push(t);
+            continue;
+        }
+        let outcome = &mut outcomes[t.request];
+        for cand in &t.candidates {
+            // The first report of a value took it; a later one is a duplicate.
+            let key = (
+                t.app_id.to_string(),
+                cand.value.unwrap_or_default().to_string(),
+            );
+            if stored.remove(&key) {
+                outcome.accepted += 1;
+            } else {
+                outcome.duplicates += 1;
+            }
+        }
+    }
+    Ok(rest)
 }
 
 #[derive(QueryableByName)]

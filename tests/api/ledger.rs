@@ -175,6 +175,42 @@ backend_tests! {
         ]);
     }
 
+    /// One group commit whose users are far from the cap (PostgreSQL stores them
+    /// with one statement) and near it (the rules, one token at a time) answers as
+    /// the rules do for each request: on SQLite everything takes the rules' path, so
+    /// the same expectations on both backends compare the two.
+    fn a_group_of_users_near_and_far_from_the_cap_answers_as_the_rules_do(tdb) {
+        let db = tdb.connect(2);
+        let rules = Rules { user_cap: 5, ..Rules::default() };
+        let forms = |vs: &[&str]| vs.iter().map(|v| form(v)).collect::<Vec<_>>();
+        assert_eq!(record_at(&db, &rules, t0(), "full", forms(&["a1", "a2", "a3", "a4"])).accepted, 4);
+        assert_eq!(record_at(&db, &rules, t0(), "roomy", forms(&["k1"])).accepted, 1);
+        let report = |openid: &str, values: &[&str]| Report {
+            app_id: APP.into(), openid: openid.into(), items: forms(values),
+        };
+        let requests: Vec<Vec<Report>> = vec![
+            vec![report("roomy", &["n1", "k1"])],
+            vec![report("full", &["f1", "f2"]), report("roomy", &["n2"])],
+            vec![report("roomy", &["n1"])],
+            vec![report("full", &["a1"])],
+            vec![report("fresh", &["k1", "m1"])],
+        ];
+        let slices: Vec<&[Report]> = requests.iter().map(Vec::as_slice).collect();
+        let outs = ledger::record_group(&mut db.get().unwrap(), &rules, t0(), &slices).unwrap();
+        let summary: Vec<_> = outs.iter().map(|o| (o.accepted, o.duplicates, reasons(o))).collect();
+        assert_eq!(summary, vec![
+            (1, 1, vec![]),
+            (2, 0, vec![("f2".to_string(), RejectReason::UserCap)]),
+            (0, 1, vec![]),
+            (0, 1, vec![]),
+            (1, 1, vec![]),
+        ]);
+        let mut conn = db.get().unwrap();
+        for (openid, sendable) in [("roomy", 3), ("full", 5), ("fresh", 1)] {
+            assert_eq!(ledger::quota(&mut conn, APP, openid, t0()).unwrap().sendable, sendable, "{openid}");
+        }
+    }
+
     /// Issue 14.4: invented templates and results cannot grow a user's rows
     /// without bound; a result outside the four is refused, and a template new to
     /// a user who has results for the cap's worth is refused and counted nowhere.
