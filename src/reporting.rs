@@ -20,9 +20,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
-use diesel::r2d2::PooledConnection;
-
-use crate::db::{Backend, Db, DbConn, DbError, DbResult, Manager};
+use crate::db::{Backend, Db, DbConn, DbError, DbResult};
 use crate::ledger::{self, RecordOutcome, Report, Rules};
 use crate::metrics::Metrics;
 use crate::outbox::store::wake_waiting_many;
@@ -32,8 +30,8 @@ use crate::outbox::Sender;
 const MAX_REPORTS: usize = 1000;
 /// Requests waiting for a writer before new ones wait for room.
 const QUEUE: usize = 4096;
-/// A writer keeps its connection while groups keep coming; one idle longer than this
-/// is returned, and the next group checks one out (tested by the pool) anew.
+/// A writer's connection unused for longer than this is tested before its next group
+/// (as the pool tests its own at checkout), and replaced if it does not answer.
 const RECHECK_AFTER: Duration = Duration::from_millis(250);
 
 struct Job {
@@ -53,9 +51,10 @@ impl Reporting {
     /// PostgreSQL: one group commits while the next one forms, and users are locked
     /// in one order. More writers make smaller groups, which cost PostgreSQL more
     /// per report than they gain in parallelism on a small machine (BENCHMARKS.md:
-    /// 1, 2, 3 and 4 writers measured). Each writer is a thread of its own that keeps
-    /// its connection between groups, so a group costs neither a hop to the blocking
-    /// pool nor a checkout (with its ping).
+    /// 1, 2, 3 and 4 writers measured). Each writer is a thread of its own with a
+    /// connection of its own, beside the pool ([`Db::dedicated`]): a group costs
+    /// neither a hop to the blocking pool nor a checkout (with its ping), and the
+    /// writers take none of the pool's connections from the sender and the reads.
     pub fn start(db: Db, rules: Rules, sender: Arc<Sender>, metrics: Arc<Metrics>) -> Self {
         let (queue, rx) = mpsc::channel(QUEUE);
         let rx = Arc::new(Mutex::new(rx));
@@ -114,7 +113,8 @@ impl Reporting {
 /// A writer: takes what has queued, records it as one group, answers each request.
 /// Returns when the service is gone (every sender of the queue dropped).
 fn write_groups(db: &Db, rules: &Rules, rx: &Mutex<mpsc::Receiver<Job>>) {
-    let mut held: Option<(PooledConnection<Manager>, Instant)> = None;
+    // The writer's connection and when it was last used.
+    let mut own: Option<(DbConn, Instant)> = None;
     loop {
         let jobs = {
             let mut rx = rx.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -132,22 +132,21 @@ fn write_groups(db: &Db, rules: &Rules, rx: &Mutex<mpsc::Receiver<Job>>) {
         };
         let (replies, groups): (Vec<_>, Vec<_>) =
             jobs.into_iter().map(|j| (j.reply, j.reports)).unzip();
-        // A connection idle for a while goes back; the pool's checkout tests the next.
-        if held
-            .as_ref()
-            .is_some_and(|(_, used)| used.elapsed() > RECHECK_AFTER)
-        {
-            held = None;
+        let stale = own
+            .as_mut()
+            .is_some_and(|(conn, used)| used.elapsed() > RECHECK_AFTER && !Db::answers(conn));
+        if stale {
+            own = None;
         }
-        let result = match held.take() {
+        let result = match own.take() {
             Some((conn, _)) => Ok(conn),
-            None => db.get(),
+            None => db.dedicated(),
         }
         .and_then(|mut conn| {
             let recorded = record(&mut conn, rules, &groups);
-            // After an error the connection may be broken: the next group takes another.
+            // After an error the connection may be broken: the next group opens another.
             if recorded.is_ok() {
-                held = Some((conn, Instant::now()));
+                own = Some((conn, Instant::now()));
             }
             recorded
         });

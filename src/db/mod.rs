@@ -135,6 +135,7 @@ pub fn init_libpq_tls() {
 /// connection url for multiconnection", hiding libpq's reason: a wrong password, a
 /// server certificate that does not verify. This one keeps the reason (with the
 /// URL's secrets redacted by the callers).
+#[derive(Clone)]
 pub struct Manager {
     url: String,
     backend: Backend,
@@ -269,6 +270,8 @@ impl diesel::r2d2::HandleError<diesel::r2d2::Error> for LogRedacted {
 #[derive(Clone)]
 pub struct Db {
     pool: Pool<Manager>,
+    /// Opens the connections of [`Db::dedicated`].
+    manager: Manager,
     backend: Backend,
     redactions: Redactions,
 }
@@ -296,12 +299,16 @@ impl Db {
             .connection_customizer(Box::new(ConnectionSetup))
             .error_handler(Box::new(LogRedacted(redactions.clone())))
             .build(Manager {
-                url: conn_url,
+                url: conn_url.clone(),
                 backend,
             })
             .map_err(|e| DbError::Unavailable(redactions.apply(e.to_string())))?;
         Ok(Db {
             pool,
+            manager: Manager {
+                url: conn_url,
+                backend,
+            },
             backend,
             redactions,
         })
@@ -322,6 +329,23 @@ impl Db {
         self.pool
             .get()
             .map_err(|e| DbError::Unavailable(self.redactions.apply(e.to_string())))
+    }
+
+    /// A connection of its own, beside the pool and set up as the pool's are, for a
+    /// thread that writes all the time (the ingest writers): it neither waits for
+    /// the pool nor takes a connection from the pool's other users. Its owner tests
+    /// it after a pause ([`Db::answers`]) and drops it after an error.
+    pub fn dedicated(&self) -> DbResult<DbConn> {
+        let unavailable =
+            |e: diesel::r2d2::Error| DbError::Unavailable(self.redactions.apply(e.to_string()));
+        let mut conn = self.manager.connect().map_err(unavailable)?;
+        ConnectionSetup.on_acquire(&mut conn).map_err(unavailable)?;
+        Ok(conn)
+    }
+
+    /// Whether a connection still answers: the test the pool makes at checkout.
+    pub fn answers(conn: &mut DbConn) -> bool {
+        conn.ping().is_ok()
     }
 
     /// Runs `f` with a pooled connection on the blocking thread pool, never on an

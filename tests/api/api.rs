@@ -96,6 +96,26 @@ backend_app_tests! {
         assert_eq!(app.credential_count(), 1);
     }
 
+    /// The ingest writers have connections of their own, beside the pool. With one
+    /// pooled connection to share (on PostgreSQL the sender's LISTEN holds a second),
+    /// reports and reads still both go through; writers that kept a pooled
+    /// connection between groups would leave the read waiting for the pool's
+    /// timeout (5 s) and answering 503.
+    async fn ingest_writers_leave_the_pool_to_others(tdb) {
+        let pool = match &tdb {
+            crate::helpers::TestDb::Sqlite { .. } => 1,
+            crate::helpers::TestDb::Postgres { .. } => 2,
+        };
+        let app = TestApp::spawn_with(tdb, |s| s.db_pool_size = pool).await;
+        for i in 1..=3u64 {
+            let body = json!({"openid": "pooled", "kind": "form_id", "value": format!("f{i}")});
+            let (status, res) = app.post("/v1/credentials", Some(KEY_SEND), &body).await;
+            assert_eq!((status, res["accepted"].as_u64()), (200, Some(1)), "{res}");
+            let (status, q) = app.get("/v1/admin/users/pooled/quota", Some(KEY_ADMIN)).await;
+            assert_eq!((status, q["sendable"].as_u64()), (200, Some(i)), "{q}");
+        }
+    }
+
     async fn registering_and_reading_a_quota(tdb) {
         let app = TestApp::spawn_with(tdb, |s| s.prepay_id_uses = 3).await;
         let (status, res) = app
