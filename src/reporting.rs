@@ -134,7 +134,7 @@ fn write_groups(db: &Db, rules: &Rules, rx: &Mutex<mpsc::Receiver<Job>>) {
             jobs.into_iter().map(|j| (j.reply, j.reports)).unzip();
         let stale = own
             .as_mut()
-            .is_some_and(|(conn, used)| used.elapsed() > RECHECK_AFTER && !Db::answers(conn));
+            .is_some_and(|(conn, used)| used.elapsed() > RECHECK_AFTER && !db.answers(conn));
         if stale {
             own = None;
         }

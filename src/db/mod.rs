@@ -292,23 +292,21 @@ impl Db {
                 (url.to_string(), Backend::Postgres, Redactions::of(url))
             }
         };
+        let manager = Manager {
+            url: conn_url,
+            backend,
+        };
         let pool = Pool::builder()
             .max_size(max_size)
             .min_idle(Some(1))
             .connection_timeout(Duration::from_secs(5))
             .connection_customizer(Box::new(ConnectionSetup))
             .error_handler(Box::new(LogRedacted(redactions.clone())))
-            .build(Manager {
-                url: conn_url.clone(),
-                backend,
-            })
+            .build(manager.clone())
             .map_err(|e| DbError::Unavailable(redactions.apply(e.to_string())))?;
         Ok(Db {
             pool,
-            manager: Manager {
-                url: conn_url,
-                backend,
-            },
+            manager,
             backend,
             redactions,
         })
@@ -344,8 +342,8 @@ impl Db {
     }
 
     /// Whether a connection still answers: the test the pool makes at checkout.
-    pub fn answers(conn: &mut DbConn) -> bool {
-        conn.ping().is_ok()
+    pub fn answers(&self, conn: &mut DbConn) -> bool {
+        self.manager.is_valid(conn).is_ok()
     }
 
     /// Runs `f` with a pooled connection on the blocking thread pool, never on an

@@ -353,20 +353,22 @@ fn store_tokens(
     Ok(())
 }
 
-/// [`store_roomy`]'s statement. A query with a static id, unlike a `sql_query`, is
-/// prepared once per connection and kept in diesel's statement cache: each group
-/// then skips parsing and analysis (ingest-single on PostgreSQL +4 to 8%, two runs;
-/// the session's `force_custom_plan` still plans each execution for its arrays — a
+/// [`store_roomy`]'s statement: one row per token, in the group's order, with its
+/// user's number. A query with a static id, unlike a `sql_query`, is prepared once
+/// per connection and kept in diesel's statement cache: each group then skips
+/// parsing and analysis (ingest-single on PostgreSQL +4 to 8%, two runs; the
+/// session's `force_custom_plan` still plans each execution for its arrays — a
 /// generic plan, tried, made the statement four times slower).
+#[derive(Default)]
 struct RoomyStatement<'q> {
-    users: &'q [i32],
-    apps: &'q [&'q str],
-    openids: &'q [&'q str],
-    kinds: &'q [&'q str],
-    values: &'q [&'q str],
-    uses: &'q [i32],
-    issued: &'q [chrono::NaiveDateTime],
-    expires: &'q [chrono::NaiveDateTime],
+    users: Vec<i32>,
+    apps: Vec<&'q str>,
+    openids: Vec<&'q str>,
+    kinds: Vec<&'q str>,
+    values: Vec<&'q str>,
+    uses: Vec<i32>,
+    issued: Vec<chrono::NaiveDateTime>,
+    expires: Vec<chrono::NaiveDateTime>,
     now: chrono::NaiveDateTime,
     cap: i64,
 }
@@ -466,49 +468,35 @@ fn store_roomy<'t, 'a>(
     outcomes: &mut [RecordOutcome],
     live: &mut HashMap<(&'a str, &'a str), i64>,
 ) -> DbResult<Vec<&'t Tokens<'a>>> {
-    // Users numbered in order of appearance; one row per token, in the group's order.
+    // Users numbered in order of appearance.
     let mut number: HashMap<(&str, &str), i32> = HashMap::new();
     let mut users: Vec<(&str, &str)> = Vec::new();
-    let mut cols = (
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-    );
+    let mut statement = RoomyStatement {
+        now: now_db,
+        cap,
+        ..RoomyStatement::default()
+    };
     for t in tokens {
         let user = *number.entry((t.app_id, t.openid)).or_insert_with(|| {
             users.push((t.app_id, t.openid));
             users.len() as i32 - 1
         });
         for cand in &t.candidates {
-            cols.0.push(user);
-            cols.1.push(t.app_id);
-            cols.2.push(t.openid);
-            cols.3.push(cand.kind.as_str());
-            cols.4.push(cand.value.unwrap_or_default());
-            cols.5.push(cand.uses);
-            cols.6.push(to_db(cand.issued_at));
-            cols.7.push(cand.expires_at.map_or(now_db, to_db));
+            statement.users.push(user);
+            statement.apps.push(t.app_id);
+            statement.openids.push(t.openid);
+            statement.kinds.push(cand.kind.as_str());
+            statement.values.push(cand.value.unwrap_or_default());
+            statement.uses.push(cand.uses);
+            statement.issued.push(to_db(cand.issued_at));
+            statement
+                .expires
+                .push(cand.expires_at.map_or(now_db, to_db));
         }
     }
-    let statement = RoomyStatement {
-        users: &cols.0,
-        apps: &cols.1,
-        openids: &cols.2,
-        kinds: &cols.3,
-        values: &cols.4,
-        uses: &cols.5,
-        issued: &cols.6,
-        expires: &cols.7,
-        now: now_db,
-        cap,
-    };
     let settled: Vec<Settled> = statement.load(pg)?;
-    let mut stored: HashSet<(String, String)> = HashSet::new();
+    // App → values stored.
+    let mut stored: HashMap<String, HashSet<String>> = HashMap::new();
     for row in settled {
         match (row.user_no, row.held, row.app_id, row.value) {
             (Some(user), Some(held), _, _) => {
@@ -518,7 +506,7 @@ fn store_roomy<'t, 'a>(
                 live.insert(*user, held);
             }
             (_, _, Some(app_id), Some(value)) => {
-                stored.insert((app_id, value));
+                stored.entry(app_id).or_default().insert(value);
             }
             _ => {
                 return Err(DbError::Corrupt(
@@ -534,13 +522,11 @@ fn store_roomy<'t, 'a>(
             continue;
         }
         let outcome = &mut outcomes[t.request];
+        let mut app = stored.get_mut(t.app_id);
         for cand in &t.candidates {
             // The first report of a value took it; a later one is a duplicate.
-            let key = (
-                t.app_id.to_string(),
-                cand.value.unwrap_or_default().to_string(),
-            );
-            if stored.remove(&key) {
+            let value = cand.value.unwrap_or_default();
+            if app.as_mut().is_some_and(|values| values.remove(value)) {
                 outcome.accepted += 1;
             } else {
                 outcome.duplicates += 1;
