@@ -553,12 +553,17 @@ backend_app_tests! {
         }
         let sent = helpers::eventually(Duration::from_secs(30), || async { app.sim.sim.deliveries().len() == 3 });
         assert!(sent.await, "{:?}", app.sim.sim.deliveries().len());
-        let mut statuses = Vec::new();
-        for id in &ids {
-            statuses.push(message(&app, id).await["status"].as_str().unwrap().to_string());
-        }
-        statuses.sort();
-        assert_eq!(statuses, ["queued", "sent", "sent", "sent"]);
+        // WeChat records a send before the service settles it: wait for the settling.
+        let statuses = || async {
+            let mut statuses = Vec::new();
+            for id in &ids {
+                statuses.push(message(&app, id).await["status"].as_str().unwrap().to_string());
+            }
+            statuses.sort();
+            statuses
+        };
+        helpers::eventually(Duration::from_secs(10), || async { !statuses().await.contains(&"sending".to_string()) }).await;
+        assert_eq!(statuses().await, ["queued", "sent", "sent", "sent"]);
         assert_eq!(quota(&app, "u1").await["sendable"], 1, "the held message spent nothing");
         let u1 = app.sim.sim.deliveries().iter().filter(|d| d.touser == "u1").count();
         assert_eq!(u1, 2);
