@@ -3,7 +3,10 @@
 //! Queries are written once against concrete connections through [`dispatch!`]; a
 //! backend-specific branch exists only where the SQL differs (locking, transactions).
 
+mod cached;
 pub mod schema;
+
+pub use cached::{cached, Cached};
 
 use std::fmt;
 use std::path::{Path, PathBuf};

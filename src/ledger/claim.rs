@@ -7,7 +7,7 @@ use diesel::sql_types::{Text, Timestamp};
 
 use super::{Credential, CredentialRow};
 use crate::db::schema::credentials::dsl as c;
-use crate::db::{native_sql, single_write, DbConn, DbResult};
+use crate::db::{cached, native_sql, single_write, DbConn, DbResult};
 use crate::dispatch;
 use crate::time::to_db;
 
@@ -119,7 +119,7 @@ pub fn claim(
                     Some(t) if pickers.contains(&Picker::Subscription) => query.bind::<Text, _>(t),
                     _ => query,
                 };
-                query.get_result::<CredentialRow>(conn).optional()
+                cached(query).get_result::<CredentialRow>(conn).optional()
             })
         })?;
         if let Some(row) = row {

@@ -8,7 +8,9 @@ use diesel::sql_types::{BigInt, Text, Timestamp};
 use super::settle::{CredentialFate, Settlement};
 use super::{Channel, Content, Status};
 use crate::db::schema::{app_pauses, idempotency_keys, message_attempts, messages};
-use crate::db::{native_sql, single_write, skip_locked, write_tx, DbConn, DbError, DbResult};
+use crate::db::{
+    cached, native_sql, single_write, skip_locked, write_tx, DbConn, DbError, DbResult,
+};
 use crate::dispatch;
 use crate::ledger::{self, Kind};
 use crate::time::to_db;
@@ -339,12 +341,14 @@ pub fn lease_due(
     let limit = i64::try_from(limit.max(1)).unwrap_or(i64::MAX);
     for limit in [limit, limit, 1, 1, 1] {
         let leased: DbResult<Vec<MessageRow>> = single_write(conn, |conn| {
-            Ok(dispatch!(conn, |c| diesel::sql_query(&sql)
-                .bind::<Text, _>(owner)
-                .bind::<Timestamp, _>(to_db(until))
-                .bind::<Timestamp, _>(to_db(now))
-                .bind::<BigInt, _>(limit)
-                .load::<MessageRow>(c))?)
+            Ok(dispatch!(conn, |c| cached(
+                diesel::sql_query(&sql)
+                    .bind::<Text, _>(owner)
+                    .bind::<Timestamp, _>(to_db(until))
+                    .bind::<Timestamp, _>(to_db(now))
+                    .bind::<BigInt, _>(limit)
+            )
+            .load::<MessageRow>(c))?)
         });
         match leased {
             Err(DbError::Query(diesel::result::Error::DatabaseError(
@@ -523,26 +527,28 @@ pub fn claim_credential(
             return Ok(None);
         };
         let cred = &used.credential;
-        let updated = dispatch!(conn, |c| diesel::update(
-            m::messages
-                .filter(m::id.eq(msg.id))
-                .filter(m::lease_owner.eq(owner))
+        let updated = dispatch!(conn, |c| cached(
+            diesel::update(
+                m::messages
+                    .filter(m::id.eq(msg.id))
+                    .filter(m::lease_owner.eq(owner))
+            )
+            .set((
+                m::status.eq(Status::Sending.as_str()),
+                m::credential_id.eq(cred.id),
+                m::credential_kind.eq(cred.kind.as_str()),
+                m::credential_value.eq(&cred.value),
+                m::credential_uses_total.eq(cred.uses_total),
+                m::credential_created_at.eq(to_db(cred.created_at)),
+                m::credential_issued_at.eq(to_db(cred.issued_at)),
+                m::credentials_tried.eq(m::credentials_tried + 1),
+                m::retries.eq(0),
+                m::ambiguous.eq(false),
+                m::in_flight.eq(true),
+                m::updated_at.eq(to_db(now)),
+            ))
+            .returning(MessageRow::as_returning())
         )
-        .set((
-            m::status.eq(Status::Sending.as_str()),
-            m::credential_id.eq(cred.id),
-            m::credential_kind.eq(cred.kind.as_str()),
-            m::credential_value.eq(&cred.value),
-            m::credential_uses_total.eq(cred.uses_total),
-            m::credential_created_at.eq(to_db(cred.created_at)),
-            m::credential_issued_at.eq(to_db(cred.issued_at)),
-            m::credentials_tried.eq(m::credentials_tried + 1),
-            m::retries.eq(0),
-            m::ambiguous.eq(false),
-            m::in_flight.eq(true),
-            m::updated_at.eq(to_db(now)),
-        ))
-        .returning(MessageRow::as_returning())
         .get_result(c)
         .optional())?;
         match updated {
@@ -565,14 +571,19 @@ pub fn mark_in_flight(
     now: DateTime<Utc>,
 ) -> DbResult<bool> {
     use messages::dsl as m;
-    let changed = dispatch!(conn, |c| diesel::update(
-        m::messages
-            .filter(m::id.eq(id))
-            .filter(m::lease_owner.eq(owner))
+    // RETURNING, loaded: a statement run by `execute` is not kept prepared (db::cached).
+    let changed = dispatch!(conn, |c| cached(
+        diesel::update(
+            m::messages
+                .filter(m::id.eq(id))
+                .filter(m::lease_owner.eq(owner))
+        )
+        .set((m::in_flight.eq(true), m::updated_at.eq(to_db(now))))
+        .returning(m::id)
     )
-    .set((m::in_flight.eq(true), m::updated_at.eq(to_db(now))))
-    .execute(c))?;
-    Ok(changed == 1)
+    .get_result::<i64>(c)
+    .optional())?;
+    Ok(changed.is_some())
 }
 
 /// Applies a step's end if the lease is still ours; false if it was lost (another
@@ -613,7 +624,7 @@ pub fn settle(
         let keep = s.credential == CredentialFate::Keep;
         let final_status = s.status.is_final();
         let error = s.error.as_ref();
-        let changed = dispatch!(conn, |c| diesel::update(
+        let changed = dispatch!(conn, |c| cached(diesel::update(
             m::messages
                 .filter(m::id.eq(msg.id))
                 .filter(m::lease_owner.eq(owner))
@@ -633,8 +644,10 @@ pub fn settle(
             m::updated_at.eq(now_db),
             m::finished_at.eq(final_status.then_some(now_db)),
         ))
-        .execute(c))?;
-        if changed == 0 {
+        .returning(m::id))
+        .get_result::<i64>(c)
+        .optional())?;
+        if changed.is_none() {
             return Err(DbError::Query(diesel::result::Error::RollbackTransaction));
         }
         if let Some(msgid) = &s.wechat_msgid {
