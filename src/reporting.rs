@@ -7,8 +7,9 @@
 //!    answered only after that commit, so an acknowledged report is durable;
 //! 2. the ledger's rules for taking credentials in ([`ledger::record_group`]:
 //!    validation, duplicates, the per-user cap);
-//! 3. in the same transaction, messages waiting for these users are made due
-//!    ([`wake_waiting_many`]) and this instance's sender is nudged;
+//! 3. right after that commit, messages waiting for these users are made due
+//!    ([`wake_waiting_many`], one statement per app) and this instance's sender is
+//!    nudged;
 //! 4. the metrics of what was accepted, duplicate or rejected.
 //!
 //! Writers take whatever has queued while the previous group committed (at most

@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use super::{is_valid_value, Kind, Rules, MOCK_FORM_ID, SUBSCRIPTION_RESULTS, VALIDITY};
 use crate::db::schema::credentials::dsl as c;
-use crate::db::{write_tx, DbConn, DbError, DbResult};
+use crate::db::{cached, write_tx, DbConn, DbError, DbResult};
 use crate::dispatch;
 use crate::time::to_db;
 
@@ -256,18 +256,26 @@ fn store_tokens(
     let mut seen: HashSet<(&str, &str)> = HashSet::new();
     for (&app_id, users) in &apps {
         if let DbConn::Sqlite(lite) = conn {
+            // The users as one JSON array: one statement text for any number of
+            // users, kept prepared.
             let openids: Vec<&str> = users.keys().copied().collect();
-            let counts: Vec<(String, i64)> = c::credentials
-                .filter(c::app_id.eq(app_id))
-                .filter(c::openid.eq_any(&openids))
-                .filter(c::uses_left.gt(0))
-                .filter(c::invalid.eq(false))
-                .filter(c::expires_at.is_null().or(c::expires_at.gt(now_db)))
-                .group_by(c::openid)
-                .select((c::openid, diesel::dsl::count_star()))
-                .load(lite)?;
+            let openids = serde_json::to_string(&openids)
+                .map_err(|e| diesel::result::Error::SerializationError(Box::new(e)))?;
+            let counts: Vec<LiveCount> = cached(
+                diesel::sql_query(
+                    "SELECT openid, count(*) AS n FROM credentials \
+                     WHERE app_id = ?1 AND openid IN (SELECT value FROM json_each(?2)) \
+                       AND uses_left > 0 AND NOT invalid \
+                       AND (expires_at IS NULL OR expires_at > ?3) \
+                     GROUP BY openid",
+                )
+                .bind::<diesel::sql_types::Text, _>(app_id)
+                .bind::<diesel::sql_types::Text, _>(openids)
+                .bind::<diesel::sql_types::Timestamp, _>(now_db),
+            )
+            .load(lite)?;
             // Keyed by the reports' strings, not the rows'.
-            for (openid, n) in counts {
+            for LiveCount { openid, n } in counts {
                 if let Some((&openid, _)) = users.get_key_value(openid.as_str()) {
                     live.insert((app_id, openid), n);
                 }
@@ -536,6 +544,15 @@ fn store_roomy<'t, 'a>(
     Ok(rest)
 }
 
+/// A user's live credentials, counted on SQLite.
+#[derive(QueryableByName)]
+struct LiveCount {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    openid: String,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    n: i64,
+}
+
 #[derive(QueryableByName)]
 struct StoredValue {
     #[diesel(sql_type = diesel::sql_types::Text)]
@@ -573,7 +590,7 @@ fn insert_tokens(
                 rows.iter().map(|(_, r)| r.issued_at).collect();
             let expires: Vec<chrono::NaiveDateTime> =
                 rows.iter().map(|(_, r)| expires(r)).collect();
-            diesel::sql_query(
+            let insert = diesel::sql_query(
                 "INSERT INTO credentials (app_id, openid, kind, value, uses_total, uses_left, \
                  issued_at, expires_at, created_at, updated_at) \
                  SELECT a, o, k, v, u, u, i, e, $8, $8 \
@@ -588,8 +605,8 @@ fn insert_tokens(
             .bind::<Array<Int4>, _>(uses)
             .bind::<Array<Timestamp>, _>(issued)
             .bind::<Array<Timestamp>, _>(expires)
-            .bind::<Timestamp, _>(now_db)
-            .load(pg)?
+            .bind::<Timestamp, _>(now_db);
+            cached(insert).load(pg)?
         }
         DbConn::Sqlite(lite) => {
             // Timestamps as diesel writes them on SQLite; a group's rows share most.
@@ -613,7 +630,7 @@ fn insert_tokens(
             let json = serde_json::to_string(&json)
                 .map_err(|e| diesel::result::Error::SerializationError(Box::new(e)))?;
             // `WHERE true`: SQLite's INSERT … SELECT needs one before an upsert clause.
-            diesel::sql_query(
+            let insert = diesel::sql_query(
                 "INSERT INTO credentials (app_id, openid, kind, value, uses_total, uses_left, \
                  issued_at, expires_at, created_at, updated_at) \
                  SELECT r->>0, r->>1, r->>2, r->>3, r->>4, r->>4, r->>5, r->>6, ?2, ?2 \
@@ -621,8 +638,8 @@ fn insert_tokens(
                  ON CONFLICT DO NOTHING RETURNING app_id, value",
             )
             .bind::<Text, _>(json)
-            .bind::<Timestamp, _>(now_db)
-            .load(lite)?
+            .bind::<Timestamp, _>(now_db);
+            cached(insert).load(lite)?
         }
     };
     let stored: HashSet<(String, String)> =

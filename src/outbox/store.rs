@@ -1,7 +1,6 @@
 //! The outbox tables: messages, their attempts, paused apps.
 
 use chrono::{DateTime, NaiveDateTime, Utc};
-use diesel::dsl::case_when;
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Text, Timestamp};
 
@@ -840,22 +839,43 @@ pub fn wake_waiting_many(
     openids: &[&str],
     now: DateTime<Utc>,
 ) -> DbResult<usize> {
-    use messages::dsl as m;
-    let now_db = to_db(now);
-    let due_now = case_when(
-        m::next_attempt_at.gt(now_db),
-        now_db.into_sql::<Timestamp>(),
-    )
-    .otherwise(m::next_attempt_at);
-    Ok(dispatch!(conn, |c| diesel::update(
-        m::messages
-            .filter(m::app_id.eq(app_id))
-            .filter(m::openid.eq_any(openids))
-            .filter(m::status.eq(Status::Queued.as_str()))
-            .filter(m::credential_id.is_null())
-    )
-    .set((m::wakes.eq(m::wakes + 1), m::next_attempt_at.eq(due_now)))
-    .execute(c))?)
+    use diesel::sql_types::Array;
+    // One statement text for any number of users (an array on PostgreSQL, a JSON
+    // array on SQLite), kept prepared: this runs after every group of reports. The
+    // woken ids are loaded, not counted by `execute` (which would prepare it anew).
+    const SET: &str = "UPDATE messages SET wakes = wakes + 1, next_attempt_at = \
+                       CASE WHEN next_attempt_at > $3 THEN $3 ELSE next_attempt_at END \
+                       WHERE app_id = $1 AND status = 'queued' AND credential_id IS NULL";
+    let now = to_db(now);
+    let woken: Vec<Returned> = match conn {
+        DbConn::Pg(c) => cached(
+            diesel::sql_query(format!("{SET} AND openid = ANY($2) RETURNING id"))
+                .bind::<Text, _>(app_id)
+                .bind::<Array<Text>, _>(openids)
+                .bind::<Timestamp, _>(now),
+        )
+        .load(c)?,
+        DbConn::Sqlite(c) => {
+            let openids = serde_json::to_string(openids)
+                .map_err(|e| diesel::result::Error::SerializationError(Box::new(e)))?;
+            let sql = format!("{SET} AND openid IN (SELECT value FROM json_each($2)) RETURNING id");
+            cached(
+                diesel::sql_query(sql.replace('$', "?"))
+                    .bind::<Text, _>(app_id)
+                    .bind::<Text, _>(openids)
+                    .bind::<Timestamp, _>(now),
+            )
+            .load(c)?
+        }
+    };
+    Ok(woken.len())
+}
+
+/// A row of `RETURNING id`, only counted.
+#[derive(QueryableByName)]
+struct Returned {
+    #[diesel(sql_type = BigInt, column_name = id)]
+    _id: i64,
 }
 
 /// Gives up the leases this worker set holds (graceful shutdown): another instance
