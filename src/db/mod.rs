@@ -279,6 +279,29 @@ pub struct Db {
     redactions: Redactions,
 }
 
+/// How long a connection may take: the pool's checkout, and libpq's own connect.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The PostgreSQL URL with libpq's `connect_timeout`, unless it sets its own. Without
+/// one, libpq waits for a server that accepted the connection but does not answer
+/// (or a host that drops packets) as long as the OS lets it: the pool's checkout
+/// gives up after [`CONNECT_TIMEOUT`], but a connection of its own
+/// ([`Db::dedicated`], an ingest writer's) would hang, and reports queue behind it.
+fn with_connect_timeout(url: &str) -> String {
+    let query = url.split_once('?').map_or("", |(_, query)| query);
+    if query
+        .split('&')
+        .any(|pair| pair.starts_with("connect_timeout="))
+    {
+        return url.to_string();
+    }
+    let separator = if url.contains('?') { '&' } else { '?' };
+    format!(
+        "{url}{separator}connect_timeout={}",
+        CONNECT_TIMEOUT.as_secs()
+    )
+}
+
 impl Db {
     /// Builds the pool (and for SQLite creates the file and its folder, owner-only).
     /// Does not connect
@@ -292,7 +315,11 @@ impl Db {
             }
             DatabaseUrl::Postgres(url) => {
                 let url = url.expose();
-                (url.to_string(), Backend::Postgres, Redactions::of(url))
+                (
+                    with_connect_timeout(url),
+                    Backend::Postgres,
+                    Redactions::of(url),
+                )
             }
         };
         let manager = Manager {
@@ -302,7 +329,7 @@ impl Db {
         let pool = Pool::builder()
             .max_size(max_size)
             .min_idle(Some(1))
-            .connection_timeout(Duration::from_secs(5))
+            .connection_timeout(CONNECT_TIMEOUT)
             .connection_customizer(Box::new(ConnectionSetup))
             .error_handler(Box::new(LogRedacted(redactions.clone())))
             .build(manager.clone())
@@ -667,6 +694,48 @@ mod tests {
         // No password: the user and host stay readable.
         let r = Redactions::of("postgres://ledger@db.example/ledger?sslmode=verify-full");
         assert_eq!(r.apply("ledger@db.example".into()), "ledger@db.example");
+    }
+
+    #[test]
+    fn a_postgres_url_gets_a_connect_timeout_unless_it_has_one() {
+        assert_eq!(
+            with_connect_timeout("postgres://u@h/db"),
+            "postgres://u@h/db?connect_timeout=5"
+        );
+        assert_eq!(
+            with_connect_timeout("postgres://u@h/db?sslmode=require"),
+            "postgres://u@h/db?sslmode=require&connect_timeout=5"
+        );
+        let own = "postgres://u@h/db?sslmode=require&connect_timeout=30";
+        assert_eq!(with_connect_timeout(own), own);
+    }
+
+    /// A server that accepts the TCP connection and never answers (the kernel
+    /// completes the handshake for a listener that never accepts): a connection of
+    /// its own gives up (libpq's connect_timeout) instead of waiting for ever.
+    #[test]
+    fn a_dedicated_connection_to_a_silent_server_gives_up() {
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!(
+            "postgres://postgres@{}/ledger",
+            silent.local_addr().unwrap()
+        );
+        let manager = Manager {
+            url: with_connect_timeout(&url),
+            backend: Backend::Postgres,
+        };
+        let (done, outcome) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = done.send(manager.connect().is_ok());
+        });
+        // A bound on the test, not a timing claim: without the timeout it hangs.
+        let connected = outcome.recv_timeout(Duration::from_secs(60));
+        assert_eq!(
+            connected,
+            Ok(false),
+            "the connect neither failed nor returned"
+        );
+        drop(silent);
     }
 
     /// libpq quotes these URLs (whole, or the bad token) in its error message.
