@@ -340,14 +340,12 @@ pub fn lease_due(
     let limit = i64::try_from(limit.max(1)).unwrap_or(i64::MAX);
     for limit in [limit, limit, 1, 1, 1] {
         let leased: DbResult<Vec<MessageRow>> = single_write(conn, |conn| {
-            Ok(dispatch!(conn, |c| cached(
-                diesel::sql_query(&sql)
-                    .bind::<Text, _>(owner)
-                    .bind::<Timestamp, _>(to_db(until))
-                    .bind::<Timestamp, _>(to_db(now))
-                    .bind::<BigInt, _>(limit)
-            )
-            .load::<MessageRow>(c))?)
+            Ok(dispatch!(conn, |c| diesel::sql_query(&sql)
+                .bind::<Text, _>(owner)
+                .bind::<Timestamp, _>(to_db(until))
+                .bind::<Timestamp, _>(to_db(now))
+                .bind::<BigInt, _>(limit)
+                .load::<MessageRow>(c))?)
         });
         match leased {
             Err(DbError::Query(diesel::result::Error::DatabaseError(
