@@ -288,18 +288,35 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// gives up after [`CONNECT_TIMEOUT`], but a connection of its own
 /// ([`Db::dedicated`], an ingest writer's) would hang, and reports queue behind it.
 fn with_connect_timeout(url: &str) -> String {
-    let query = url.split_once('?').map_or("", |(_, query)| query);
+    let timeout = format!("connect_timeout={}", CONNECT_TIMEOUT.as_secs());
+    let Some(start) = query_start(url) else {
+        return format!("{url}?{timeout}");
+    };
+    let query = &url[start + 1..];
     if query
         .split('&')
         .any(|pair| pair.starts_with("connect_timeout="))
     {
         return url.to_string();
     }
-    let separator = if url.contains('?') { '&' } else { '?' };
-    format!(
-        "{url}{separator}connect_timeout={}",
-        CONNECT_TIMEOUT.as_secs()
-    )
+    let separator = if query.is_empty() || query.ends_with('&') {
+        ""
+    } else {
+        "&"
+    };
+    format!("{url}{separator}{timeout}")
+}
+
+/// Where the query of a PostgreSQL URL starts (its `?`), found as libpq finds it: the
+/// user's credentials end at an `@` met before any `/`, so a raw `?` in a password
+/// is not the query's.
+fn query_start(url: &str) -> Option<usize> {
+    let start = url.find("://").map_or(0, |i| i + 3);
+    let host = match url[start..].find(['@', '/']) {
+        Some(i) if url[start + i..].starts_with('@') => start + i + 1,
+        _ => start,
+    };
+    url[host..].find('?').map(|i| host + i)
 }
 
 impl Db {
@@ -708,6 +725,22 @@ mod tests {
         );
         let own = "postgres://u@h/db?sslmode=require&connect_timeout=30";
         assert_eq!(with_connect_timeout(own), own);
+        // A raw '?' in the password (libpq accepts it) is not the query.
+        assert_eq!(
+            with_connect_timeout("postgres://u:p?ss@h/db"),
+            "postgres://u:p?ss@h/db?connect_timeout=5"
+        );
+        let own = "postgres://u:p?ss@h/db?connect_timeout=30";
+        assert_eq!(with_connect_timeout(own), own);
+        // An empty query, or one ending in '&', takes no extra separator.
+        assert_eq!(
+            with_connect_timeout("postgres://u@h/db?"),
+            "postgres://u@h/db?connect_timeout=5"
+        );
+        assert_eq!(
+            with_connect_timeout("postgres://u@h/db?sslmode=require&"),
+            "postgres://u@h/db?sslmode=require&connect_timeout=5"
+        );
     }
 
     /// A server that accepts the TCP connection and never answers (the kernel
