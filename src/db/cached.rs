@@ -4,7 +4,7 @@
 //! text, but it refuses every `UPDATE` and every `sql_query` outright: their text
 //! *may* vary with the values bound (an `IN` list, a changeset with `None`s), and a
 //! cache keyed by text would then grow with each variant. A hot statement whose
-//! text is fixed — a claim, a settlement, a lease, an ingest insert — is then parsed
+//! text is fixed — a claim, a settlement, an ingest insert — is then parsed
 //! and planned again on every execution. On SQLite that was most of a message's
 //! cost: `perf` of the drain (10,000 messages) found 37 % of the service's CPU in
 //! `sqlite3_prepare_v3`, most of it the code generation of `RETURNING` clauses.

@@ -131,6 +131,14 @@ pub fn claim(
     Ok(None)
 }
 
+/// The columns of [`CredentialRow`], named: the spend statement is kept prepared
+/// (`db::cached`), and PostgreSQL refuses to reuse a prepared `RETURNING *` once a
+/// migration of another instance added a column ("cached plan must not change
+/// result type").
+const CREDENTIAL_COLUMNS: &str = "id, app_id, openid, kind, value, template_id, uses_total, \
+     uses_left, issued_at, expires_at, invalid, invalid_reason, created_at, updated_at, \
+     reported_at, pushed_at";
+
 /// `UPDATE … RETURNING` that spends one use of the row the first of `pickers` that
 /// finds one selects.
 fn spend_sql(conn: &DbConn, pickers: &[Picker], lock: &str) -> String {
@@ -146,7 +154,7 @@ fn spend_sql(conn: &DbConn, pickers: &[Picker], lock: &str) -> String {
         conn,
         &format!(
             "UPDATE credentials SET uses_left = uses_left - 1, updated_at = $3 \
-             WHERE id = {picked} AND uses_left > 0 RETURNING *"
+             WHERE id = {picked} AND uses_left > 0 RETURNING {CREDENTIAL_COLUMNS}"
         ),
     )
 }

@@ -568,7 +568,8 @@ pub fn mark_in_flight(
     now: DateTime<Utc>,
 ) -> DbResult<bool> {
     use messages::dsl as m;
-    // RETURNING, loaded: a statement run by `execute` is not kept prepared (db::cached).
+    // RETURNING, loaded to the end (in autocommit, SQLite commits when the statement
+    // finishes): a statement run by `execute` is not kept prepared (db::cached).
     let changed = dispatch!(conn, |c| cached(
         diesel::update(
             m::messages
@@ -578,9 +579,8 @@ pub fn mark_in_flight(
         .set((m::in_flight.eq(true), m::updated_at.eq(to_db(now))))
         .returning(m::id)
     )
-    .get_result::<i64>(c)
-    .optional())?;
-    Ok(changed.is_some())
+    .get_results::<i64>(c))?;
+    Ok(!changed.is_empty())
 }
 
 /// Applies a step's end if the lease is still ours; false if it was lost (another
@@ -642,9 +642,8 @@ pub fn settle(
             m::finished_at.eq(final_status.then_some(now_db)),
         ))
         .returning(m::id))
-        .get_result::<i64>(c)
-        .optional())?;
-        if changed.is_none() {
+        .get_results::<i64>(c))?;
+        if changed.is_empty() {
             return Err(DbError::Query(diesel::result::Error::RollbackTransaction));
         }
         if let Some(msgid) = &s.wechat_msgid {
