@@ -6,7 +6,7 @@
 mod cached;
 pub mod schema;
 
-pub use cached::{cached, Cached};
+pub use cached::cached;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -565,6 +565,12 @@ pub fn skip_locked(conn: &DbConn) -> &'static str {
     }
 }
 
+/// `value` as one JSON text: how a list reaches SQLite in a single parameter (read
+/// back with `json_each`), so a statement's text does not grow with the list.
+pub fn json_text<T: serde::Serialize + ?Sized>(value: &T) -> diesel::QueryResult<String> {
+    serde_json::to_string(value).map_err(|e| diesel::result::Error::SerializationError(Box::new(e)))
+}
+
 /// Raw SQL is written with PostgreSQL's `$N` parameters; SQLite numbers `$N` by first
 /// appearance, so it gets the positional `?N` instead.
 pub fn native_sql(conn: &DbConn, sql: &str) -> String {
@@ -744,10 +750,11 @@ mod tests {
     }
 
     /// A server that accepts the TCP connection and never answers (the kernel
-    /// completes the handshake for a listener that never accepts): a connection of
-    /// its own gives up (libpq's connect_timeout) instead of waiting for ever.
+    /// completes the handshake for a listener that never accepts): a connect with
+    /// the URL as `Db::connect` rewrites it gives up (libpq's connect_timeout)
+    /// instead of waiting for ever, as `Db::dedicated`'s would.
     #[test]
-    fn a_dedicated_connection_to_a_silent_server_gives_up() {
+    fn a_postgres_connect_to_a_silent_server_gives_up() {
         let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!(
             "postgres://postgres@{}/ledger",

@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use super::{is_valid_value, Kind, Rules, MOCK_FORM_ID, SUBSCRIPTION_RESULTS, VALIDITY};
 use crate::db::schema::credentials::dsl as c;
-use crate::db::{cached, write_tx, DbConn, DbError, DbResult};
+use crate::db::{cached, json_text, write_tx, DbConn, DbError, DbResult};
 use crate::dispatch;
 use crate::time::to_db;
 
@@ -259,8 +259,7 @@ fn store_tokens(
             // The users as one JSON array: one statement text for any number of
             // users, kept prepared.
             let openids: Vec<&str> = users.keys().copied().collect();
-            let openids = serde_json::to_string(&openids)
-                .map_err(|e| diesel::result::Error::SerializationError(Box::new(e)))?;
+            let openids = json_text(&openids)?;
             let counts: Vec<LiveCount> = cached(
                 diesel::sql_query(
                     "SELECT openid, count(*) AS n FROM credentials \
@@ -627,8 +626,7 @@ fn insert_tokens(
                     )
                 })
                 .collect();
-            let json = serde_json::to_string(&json)
-                .map_err(|e| diesel::result::Error::SerializationError(Box::new(e)))?;
+            let json = json_text(&json)?;
             // `WHERE true`: SQLite's INSERT … SELECT needs one before an upsert clause.
             let insert = diesel::sql_query(
                 "INSERT INTO credentials (app_id, openid, kind, value, uses_total, uses_left, \

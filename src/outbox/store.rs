@@ -8,7 +8,7 @@ use super::settle::{CredentialFate, Settlement};
 use super::{Channel, Content, Status};
 use crate::db::schema::{app_pauses, idempotency_keys, message_attempts, messages};
 use crate::db::{
-    cached, native_sql, single_write, skip_locked, write_tx, DbConn, DbError, DbResult,
+    cached, json_text, native_sql, single_write, skip_locked, write_tx, DbConn, DbError, DbResult,
 };
 use crate::dispatch;
 use crate::ledger::{self, Kind};
@@ -853,8 +853,7 @@ pub fn wake_waiting_many(
         )
         .load(c)?,
         DbConn::Sqlite(c) => {
-            let openids = serde_json::to_string(openids)
-                .map_err(|e| diesel::result::Error::SerializationError(Box::new(e)))?;
+            let openids = json_text(openids)?;
             let sql = format!("{SET} AND openid IN (SELECT value FROM json_each($2)) RETURNING id");
             cached(
                 diesel::sql_query(sql.replace('$', "?"))
