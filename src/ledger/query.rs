@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use super::{Kind, MAX_TEMPLATES_PER_USER, SUBSCRIPTION_RESULTS};
 use crate::db::schema::credentials::dsl as c;
-use crate::db::{purge_keyed, purge_where, DbConn, DbResult};
+use crate::db::{cached, purge_keyed, purge_where, DbConn, DbError, DbResult};
 use crate::dispatch;
 use crate::time::to_db;
 
@@ -81,29 +81,7 @@ pub struct Quota {
 
 /// The user's live credentials, summed up. A user never seen has zeros.
 pub fn quota(conn: &mut DbConn, app_id: &str, openid: &str, now: DateTime<Utc>) -> DbResult<Quota> {
-    let now_db = to_db(now);
-    type Row = (
-        String,
-        Option<String>,
-        i32,
-        Option<NaiveDateTime>,
-        Option<NaiveDateTime>,
-    );
-    let rows: Vec<Row> = dispatch!(conn, |conn| live!(
-        c::credentials
-            .filter(c::app_id.eq(app_id))
-            .filter(c::openid.eq(openid)),
-        now_db
-    )
-    .select((
-        c::kind,
-        c::template_id,
-        c::uses_left,
-        c::expires_at,
-        c::pushed_at
-    ))
-    .load(conn))?;
-
+    let (rows, counts) = quota_rows(conn, app_id, openid, to_db(now))?;
     let soon = now + TimeDelta::hours(24);
     let mut quota = Quota {
         app_id: app_id.into(),
@@ -118,27 +96,12 @@ pub fn quota(conn: &mut DbConn, app_id: &str, openid: &str, now: DateTime<Utc>) 
         subscription_results: BTreeMap::new(),
         expiring_within_24h: 0,
     };
-    {
-        use crate::db::schema::subscription_results::dsl as r;
-        // The template cap bounds what new reports store; the limit also bounds
-        // rows stored before it (the most recent first), and unknown results of
-        // such rows are not shown.
-        let most = i64::from(MAX_TEMPLATES_PER_USER) * SUBSCRIPTION_RESULTS.len() as i64;
-        let counts: Vec<(String, String, i64)> = dispatch!(conn, |c| r::subscription_results
-            .filter(r::app_id.eq(app_id))
-            .filter(r::openid.eq(openid))
-            .filter(r::result.eq_any(SUBSCRIPTION_RESULTS))
-            .order(r::last_at.desc())
-            .limit(most)
-            .select((r::template_id, r::result, r::count))
-            .load(c))?;
-        for (template_id, result, n) in counts {
-            quota
-                .subscription_results
-                .entry(template_id)
-                .or_default()
-                .insert(result, u64::try_from(n).unwrap_or(0));
-        }
+    for (template_id, result, n) in counts {
+        quota
+            .subscription_results
+            .entry(template_id)
+            .or_default()
+            .insert(result, u64::try_from(n).unwrap_or(0));
     }
     for (kind, template_id, uses_left, expires_at, pushed_at) in rows {
         let expires_at = expires_at.map(|t| t.and_utc());
@@ -168,6 +131,108 @@ pub fn quota(conn: &mut DbConn, app_id: &str, openid: &str, now: DateTime<Utc>) 
         }
     }
     Ok(quota)
+}
+
+/// A live credential as the quota reads it: kind, template, uses left, expiry, push.
+type LiveRow = (
+    String,
+    Option<String>,
+    i32,
+    Option<NaiveDateTime>,
+    Option<NaiveDateTime>,
+);
+
+/// Template, result, count.
+type ResultCount = (String, String, i64);
+
+/// The user's live credentials and subscription-result counts. The template cap
+/// bounds what new reports store; the limit also bounds rows stored before it (the
+/// most recent first), and unknown results of such rows are not shown.
+fn quota_rows(
+    conn: &mut DbConn,
+    app_id: &str,
+    openid: &str,
+    now: NaiveDateTime,
+) -> DbResult<(Vec<LiveRow>, Vec<ResultCount>)> {
+    use crate::db::schema::subscription_results::dsl as r;
+    let most = i64::from(MAX_TEMPLATES_PER_USER) * SUBSCRIPTION_RESULTS.len() as i64;
+    match conn {
+        // One call of `ledger_quota` (migration 2026-12-06-000001): the same two
+        // reads, planned once per connection instead of on every execution.
+        DbConn::Pg(pg) => {
+            use diesel::sql_types::{Array, BigInt, Text, Timestamp};
+            let rows: Vec<QuotaRow> = cached(
+                diesel::sql_query("SELECT * FROM ledger_quota($1, $2, $3, $4, $5)")
+                    .bind::<Text, _>(app_id)
+                    .bind::<Text, _>(openid)
+                    .bind::<Timestamp, _>(now)
+                    .bind::<Array<Text>, _>(&SUBSCRIPTION_RESULTS[..])
+                    .bind::<BigInt, _>(most),
+            )
+            .load(pg)?;
+            let (mut live, mut counts) = (Vec::new(), Vec::new());
+            for row in rows {
+                match (row.result, row.kind, row.n, row.uses_left) {
+                    (Some(result), _, Some(n), _) => {
+                        counts.push((row.template_id.unwrap_or_default(), result, n))
+                    }
+                    (None, Some(kind), _, Some(uses_left)) => live.push((
+                        kind,
+                        row.template_id,
+                        uses_left,
+                        row.expires_at,
+                        row.pushed_at,
+                    )),
+                    _ => return Err(DbError::Corrupt("a quota row without its fields".into())),
+                }
+            }
+            Ok((live, counts))
+        }
+        DbConn::Sqlite(c) => {
+            let live = live!(
+                c::credentials
+                    .filter(c::app_id.eq(app_id))
+                    .filter(c::openid.eq(openid)),
+                now
+            )
+            .select((
+                c::kind,
+                c::template_id,
+                c::uses_left,
+                c::expires_at,
+                c::pushed_at,
+            ))
+            .load(c)?;
+            let counts = r::subscription_results
+                .filter(r::app_id.eq(app_id))
+                .filter(r::openid.eq(openid))
+                .filter(r::result.eq_any(SUBSCRIPTION_RESULTS))
+                .order(r::last_at.desc())
+                .limit(most)
+                .select((r::template_id, r::result, r::count))
+                .load(c)?;
+            Ok((live, counts))
+        }
+    }
+}
+
+/// A row of `ledger_quota`: a live credential (`result` NULL) or a result count.
+#[derive(QueryableByName)]
+struct QuotaRow {
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+    kind: Option<String>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+    template_id: Option<String>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+    result: Option<String>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::BigInt>)]
+    n: Option<i64>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Integer>)]
+    uses_left: Option<i32>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Timestamp>)]
+    expires_at: Option<NaiveDateTime>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Timestamp>)]
+    pushed_at: Option<NaiveDateTime>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]

@@ -1,0 +1,1 @@
+DROP FUNCTION ledger_quota(text, text, timestamp, text[], bigint);
