@@ -288,6 +288,7 @@ impl Application {
             self.state.settings.template_refresh,
             self.stop.subscribe(),
         );
+        self.db.spawn_wal_checkpoints(self.stop.subscribe());
         crate::housekeeping::spawn(
             self.db.clone(),
             self.retention.clone(),
