@@ -17,11 +17,11 @@
 //! goes alone with no added wait.
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::db::{Backend, Db, DbConn, DbError, DbResult};
+use crate::db::{Backend, Db, DbConn, DbError, DbResult, RECHECK_AFTER};
 use crate::ledger::{self, RecordOutcome, Report, Rules};
 use crate::metrics::Metrics;
 use crate::outbox::store::wake_waiting_many;
@@ -31,9 +31,6 @@ use crate::outbox::Sender;
 const MAX_REPORTS: usize = 1000;
 /// Requests waiting for a writer before new ones wait for room.
 const QUEUE: usize = 4096;
-/// A writer's connection unused for longer than this is tested before its next group
-/// (as the pool tests its own at checkout), and replaced if it does not answer.
-const RECHECK_AFTER: Duration = Duration::from_millis(250);
 
 struct Job {
     reports: Vec<Report>,
@@ -135,7 +132,7 @@ fn write_groups(db: &Db, rules: &Rules, rx: &Mutex<mpsc::Receiver<Job>>) {
             jobs.into_iter().map(|j| (j.reply, j.reports)).unzip();
         let stale = own
             .as_mut()
-            .is_some_and(|(conn, used)| used.elapsed() > RECHECK_AFTER && !db.answers(conn));
+            .is_some_and(|(conn, used)| used.elapsed() >= RECHECK_AFTER && !db.answers(conn));
         if stale {
             own = None;
         }

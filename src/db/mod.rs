@@ -9,19 +9,27 @@ pub mod schema;
 pub use cached::cached;
 
 use std::fmt;
+use std::ops::{Deref, DerefMut};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use diesel::connection::{AnsiTransactionManager, SimpleConnection, TransactionManager};
 use diesel::prelude::*;
 use diesel::r2d2::{CustomizeConnection, ManageConnection, Pool, PooledConnection, R2D2Connection};
+use diesel::result::DatabaseErrorKind;
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 
 use crate::secret::Secret;
 
 const PG_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
 const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
+
+/// A connection that did its last work without an error less than this long ago is
+/// used again without the `SELECT 1` that tests it, in the pool ([`PoolConn`]) and
+/// in the ingest writers: under load that test was one round trip of every
+/// request's two or three. After a longer pause, or an error, it is tested first.
+pub const RECHECK_AFTER: Duration = Duration::from_millis(250);
 
 /// Any lock id will do as long as it is this service's own.
 const MIGRATION_LOCK: i64 = 0x666f_726d_6964; // "formid"
@@ -58,11 +66,15 @@ pub enum DbConn {
 }
 
 /// Runs `$body` with `$c` bound to the concrete connection of either backend, so a
-/// query is written once and compiled for both.
+/// query is written once and compiled for both. `$conn` is a `&mut DbConn` or
+/// anything that derefs to one (a pooled connection).
 #[macro_export]
 macro_rules! dispatch {
     ($conn:expr, |$c:ident| $body:expr) => {
-        match $conn {
+        match {
+            let conn: &mut $crate::db::DbConn = $conn;
+            conn
+        } {
             $crate::db::DbConn::Pg($c) => $body,
             $crate::db::DbConn::Sqlite($c) => $body,
         }
@@ -102,6 +114,12 @@ const WAL_CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 /// plans (below).
 #[derive(Debug, Clone, Copy)]
 struct ConnectionSetup;
+
+impl CustomizeConnection<PoolConn, diesel::r2d2::Error> for ConnectionSetup {
+    fn on_acquire(&self, conn: &mut PoolConn) -> Result<(), diesel::r2d2::Error> {
+        self.on_acquire(&mut conn.conn)
+    }
+}
 
 impl CustomizeConnection<DbConn, diesel::r2d2::Error> for ConnectionSetup {
     fn on_acquire(&self, conn: &mut DbConn) -> Result<(), diesel::r2d2::Error> {
@@ -156,11 +174,8 @@ pub struct Manager {
     backend: Backend,
 }
 
-impl ManageConnection for Manager {
-    type Connection = DbConn;
-    type Error = diesel::r2d2::Error;
-
-    fn connect(&self) -> Result<DbConn, Self::Error> {
+impl Manager {
+    fn open(&self) -> Result<DbConn, diesel::r2d2::Error> {
         match self.backend {
             Backend::Postgres => {
                 init_libpq_tls();
@@ -170,13 +185,56 @@ impl ManageConnection for Manager {
         }
         .map_err(diesel::r2d2::Error::ConnectionError)
     }
+}
 
-    fn is_valid(&self, conn: &mut DbConn) -> Result<(), Self::Error> {
-        conn.ping().map_err(diesel::r2d2::Error::QueryError)
+impl ManageConnection for Manager {
+    type Connection = PoolConn;
+    type Error = diesel::r2d2::Error;
+
+    fn connect(&self) -> Result<PoolConn, Self::Error> {
+        self.open().map(|conn| PoolConn {
+            conn,
+            answered: None,
+        })
     }
 
-    fn has_broken(&self, conn: &mut DbConn) -> bool {
-        std::thread::panicking() || conn.is_broken()
+    /// The test at checkout, skipped for a connection that answered [`Db::run`]
+    /// within [`RECHECK_AFTER`]. A checkout spends that mark, so whoever takes the
+    /// connection next after [`Db::get`] (whose user may have met an error) tests it.
+    fn is_valid(&self, conn: &mut PoolConn) -> Result<(), Self::Error> {
+        if conn
+            .answered
+            .take()
+            .is_some_and(|at| at.elapsed() < RECHECK_AFTER)
+        {
+            return Ok(());
+        }
+        conn.conn.ping().map_err(diesel::r2d2::Error::QueryError)
+    }
+
+    fn has_broken(&self, conn: &mut PoolConn) -> bool {
+        std::thread::panicking() || conn.conn.is_broken()
+    }
+}
+
+/// A connection of the pool, and when it last finished a [`Db::run`] without an
+/// error. Used as the [`DbConn`] it holds.
+pub struct PoolConn {
+    conn: DbConn,
+    answered: Option<Instant>,
+}
+
+impl Deref for PoolConn {
+    type Target = DbConn;
+
+    fn deref(&self) -> &DbConn {
+        &self.conn
+    }
+}
+
+impl DerefMut for PoolConn {
+    fn deref_mut(&mut self) -> &mut DbConn {
+        &mut self.conn
     }
 }
 
@@ -395,7 +453,7 @@ impl Db {
     pub fn dedicated(&self) -> DbResult<DbConn> {
         let unavailable =
             |e: diesel::r2d2::Error| DbError::Unavailable(self.redactions.apply(e.to_string()));
-        let mut conn = self.manager.connect().map_err(unavailable)?;
+        let mut conn = self.manager.open().map_err(unavailable)?;
         ConnectionSetup.on_acquire(&mut conn).map_err(unavailable)?;
         Ok(conn)
     }
@@ -453,11 +511,12 @@ impl Db {
 
     /// Whether a connection still answers: the test the pool makes at checkout.
     pub fn answers(&self, conn: &mut DbConn) -> bool {
-        self.manager.is_valid(conn).is_ok()
+        conn.ping().is_ok()
     }
 
     /// Runs `f` with a pooled connection on the blocking thread pool, never on an
-    /// async worker. A pool timeout is [`DbError::Unavailable`].
+    /// async worker. A pool timeout, or a connection the server closed, is
+    /// [`DbError::Unavailable`].
     pub async fn run<T, F>(&self, f: F) -> DbResult<T>
     where
         F: FnOnce(&mut DbConn) -> DbResult<T> + Send + 'static,
@@ -466,7 +525,19 @@ impl Db {
         let db = self.clone();
         tokio::task::spawn_blocking(move || {
             let mut conn = db.get()?;
-            f(&mut conn)
+            match f(&mut conn) {
+                Ok(value) => {
+                    conn.answered = Some(Instant::now());
+                    Ok(value)
+                }
+                // The server closed the connection (a restart, a dropped database, a
+                // network cut) after the checkout: the database does not answer.
+                Err(DbError::Query(diesel::result::Error::DatabaseError(
+                    DatabaseErrorKind::ClosedConnection,
+                    info,
+                ))) => Err(DbError::Unavailable(info.message().to_string())),
+                Err(e) => Err(e),
+            }
         })
         .await
         .map_err(|e| DbError::Unavailable(format!("database task failed: {e}")))?
@@ -476,7 +547,7 @@ impl Db {
     /// instances may start at once: an advisory lock lets one migrate at a time.
     pub fn migrate(&self) -> DbResult<Vec<String>> {
         let mut conn = self.get()?;
-        let applied = match &mut *conn {
+        let applied = match &mut **conn {
             DbConn::Pg(c) => {
                 diesel::sql_query(format!("SELECT pg_advisory_lock({MIGRATION_LOCK})"))
                     .execute(c)?;

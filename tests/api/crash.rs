@@ -6,11 +6,13 @@ use std::collections::HashMap;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use diesel::prelude::*;
 use serde_json::{json, Value};
 
 use crate::helpers::{
-    backend_app_tests, eventually, eventually_some, free_port, get_json, post_json, wait_up,
-    DatabaseUrl, Proc, TestDb, APP, APP_SECRET, KEY_ADMIN, KEY_SEND,
+    backend_app_tests, eventually, eventually_some, free_port, get_json, pg_connect, post_json,
+    postgres_admin_url, wait_up, DatabaseUrl, Db, DbConn, Proc, TestDb, APP, APP_SECRET, KEY_ADMIN,
+    KEY_SEND, RECHECK_AFTER,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_formid-ledger");
@@ -594,4 +596,71 @@ backend_app_tests! {
     async fn a_scheduled_campaign_outlives_a_kill_9(tdb) {
         a_scheduled_campaign_survives_its_instance(tdb).await;
     }
+}
+
+/// The server process behind a pooled connection, as PostgreSQL numbers it.
+async fn backend_pid(db: &Db) -> Result<i32, String> {
+    db.run(|conn| {
+        let DbConn::Pg(c) = conn else {
+            unreachable!("a PostgreSQL pool")
+        };
+        Ok(
+            diesel::select(diesel::dsl::sql::<diesel::sql_types::Integer>(
+                "pg_backend_pid()",
+            ))
+            .get_result::<i32>(c)?,
+        )
+    })
+    .await
+    .map_err(|e| e.to_string())
+}
+
+/// Ends a server process, as a PostgreSQL restart or an administrator would, and
+/// waits until it is gone.
+async fn terminate(pid: i32) {
+    let mut admin = pg_connect(&postgres_admin_url()).expect("admin connection");
+    diesel::sql_query(format!("SELECT pg_terminate_backend({pid})"))
+        .execute(&mut admin)
+        .expect("terminate");
+    let gone = eventually(Duration::from_secs(5), || {
+        let alive: i64 = diesel::select(diesel::dsl::sql::<diesel::sql_types::BigInt>(&format!(
+            "(SELECT count(*) FROM pg_stat_activity WHERE pid = {pid})"
+        )))
+        .get_result(&mut admin)
+        .expect("pg_stat_activity");
+        async move { alive == 0 }
+    })
+    .await;
+    assert!(gone, "server process {pid} still there");
+}
+
+/// A connection that answered a `Db::run` less than `RECHECK_AFTER` ago goes back
+/// out without the checkout's `SELECT 1`. One the server has closed is still
+/// replaced: after a pause, because the checkout tests it again (without that test
+/// the second run fails), and at once after a run that failed on it (diesel marks
+/// a connection the server closed as broken and the pool drops it; a failed run
+/// also leaves no mark, so the next checkout would test it anyway).
+#[actix_web::test]
+async fn a_pooled_connection_the_server_closed_is_replaced_postgres() {
+    let tdb = TestDb::postgres();
+    let db = tdb.connect(1);
+    let first = backend_pid(&db).await.expect("a first run");
+    terminate(first).await;
+    std::thread::sleep(RECHECK_AFTER);
+    let second = backend_pid(&db)
+        .await
+        .expect("after a pause the checkout tested the closed connection and replaced it");
+    assert_ne!(second, first);
+
+    terminate(second).await;
+    // Within RECHECK_AFTER of its last run the closed connection goes out untested
+    // and fails this run, as a database that does not answer (503 through HTTP);
+    // the next one must not fail.
+    if let Err(e) = backend_pid(&db).await {
+        assert!(e.starts_with("database unavailable"), "{e}");
+    }
+    let third = backend_pid(&db)
+        .await
+        .expect("the run after a failed one had its connection tested");
+    assert_ne!(third, second);
 }

@@ -13,7 +13,7 @@ use diesel::prelude::*;
 // modules import these from `crate::helpers`. When an item moves in src/, only
 // this block follows it.
 pub use formid_ledger::auth::{ApiKey, AppScope, Role, SessionKey};
-pub use formid_ledger::db::{schema, Db, DbConn};
+pub use formid_ledger::db::{schema, Db, DbConn, RECHECK_AFTER};
 pub use formid_ledger::dispatch;
 pub use formid_ledger::housekeeping::{purge, Purged};
 pub use formid_ledger::ledger;
