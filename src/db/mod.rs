@@ -343,6 +343,10 @@ impl diesel::r2d2::HandleError<diesel::r2d2::Error> for LogRedacted {
 #[derive(Clone)]
 pub struct Db {
     pool: Pool<Manager>,
+    /// One permit per pooled connection: [`Db::run`] waits here, in arrival order,
+    /// before it takes a blocking thread, instead of many threads waiting on the
+    /// pool, where a newcomer can take a connection before a thread that waited.
+    turns: Arc<tokio::sync::Semaphore>,
     /// Opens the connections of [`Db::dedicated`].
     manager: Manager,
     backend: Backend,
@@ -423,6 +427,7 @@ impl Db {
             .map_err(|e| DbError::Unavailable(redactions.apply(e.to_string())))?;
         Ok(Db {
             pool,
+            turns: Arc::new(tokio::sync::Semaphore::new(max_size as usize)),
             manager,
             backend,
             redactions,
@@ -441,8 +446,12 @@ impl Db {
 
     /// A connection for synchronous code (CLI, tests, background threads).
     pub fn get(&self) -> DbResult<PooledConnection<Manager>> {
+        self.get_within(CONNECT_TIMEOUT)
+    }
+
+    fn get_within(&self, timeout: Duration) -> DbResult<PooledConnection<Manager>> {
         self.pool
-            .get()
+            .get_timeout(timeout)
             .map_err(|e| DbError::Unavailable(self.redactions.apply(e.to_string())))
     }
 
@@ -515,16 +524,27 @@ impl Db {
     }
 
     /// Runs `f` with a pooled connection on the blocking thread pool, never on an
-    /// async worker. A pool timeout, or a connection the server closed, is
-    /// [`DbError::Unavailable`].
+    /// async worker, after the runs that asked before it. No connection within
+    /// [`CONNECT_TIMEOUT`] (turn and checkout together), or a connection the server
+    /// closed, is [`DbError::Unavailable`].
     pub async fn run<T, F>(&self, f: F) -> DbResult<T>
     where
         F: FnOnce(&mut DbConn) -> DbResult<T> + Send + 'static,
         T: Send + 'static,
     {
         let db = self.clone();
+        let asked = Instant::now();
+        let turn = tokio::time::timeout(CONNECT_TIMEOUT, Arc::clone(&self.turns).acquire_owned())
+            .await
+            .map_err(|_| {
+                DbError::Unavailable(format!(
+                    "no connection free within {CONNECT_TIMEOUT:?}: every one is in use"
+                ))
+            })?
+            .map_err(|e| DbError::Unavailable(format!("database queue closed: {e}")))?;
         tokio::task::spawn_blocking(move || {
-            let mut conn = db.get()?;
+            let _turn = turn;
+            let mut conn = db.get_within(CONNECT_TIMEOUT.saturating_sub(asked.elapsed()))?;
             match f(&mut conn) {
                 Ok(value) => {
                     conn.answered = Some(Instant::now());
@@ -974,5 +994,39 @@ mod tests {
             assert!(error.contains("[redacted]"), "{error}");
             assert!(!error.contains(secret), "{error}");
         }
+    }
+
+    /// While every connection is busy, a run waits for its turn, but no longer
+    /// than a checkout would: it gives up as unavailable (503) while the busy run
+    /// still holds the only connection, and the next run after it gets one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_run_that_gets_no_turn_gives_up_as_unavailable() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::connect(&DatabaseUrl::Sqlite(dir.path().join("ledger.db")), 1).unwrap();
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let (took, taken) = tokio::sync::oneshot::channel();
+        let busy = tokio::spawn({
+            let db = db.clone();
+            async move {
+                db.run(move |_| {
+                    took.send(()).unwrap();
+                    held.recv().unwrap();
+                    Ok(())
+                })
+                .await
+            }
+        });
+        taken.await.unwrap();
+        let waited = db.run(ping).await;
+        assert!(matches!(waited, Err(DbError::Unavailable(_))), "{waited:?}");
+        assert!(
+            !busy.is_finished(),
+            "the busy run ended before the wait gave up"
+        );
+        release.send(()).unwrap();
+        busy.await.unwrap().unwrap();
+        db.run(ping)
+            .await
+            .expect("a turn once the connection is back");
     }
 }
