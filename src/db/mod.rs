@@ -93,7 +93,7 @@ pub enum DbError {
     #[error("database unavailable: {0}")]
     Unavailable(String),
     #[error(transparent)]
-    Query(#[from] diesel::result::Error),
+    Query(diesel::result::Error),
     /// A stored row the code cannot read (an unknown kind or status, a body that does
     /// not parse): a bug or a hand-edited database, reported, never guessed around.
     #[error("corrupt row: {0}")]
@@ -101,6 +101,19 @@ pub enum DbError {
 }
 
 pub type DbResult<T> = Result<T, DbError>;
+
+impl From<diesel::result::Error> for DbError {
+    /// A connection the server closed (a restart, a dropped database, a network
+    /// cut) is the database not answering, wherever the query ran.
+    fn from(e: diesel::result::Error) -> Self {
+        match e {
+            diesel::result::Error::DatabaseError(DatabaseErrorKind::ClosedConnection, info) => {
+                DbError::Unavailable(info.message().to_string())
+            }
+            e => DbError::Query(e),
+        }
+    }
+}
 
 /// SQLite: WAL pages past which a commit checkpoints them itself (SQLite's own
 /// default is 1,000, about 4 MB).
@@ -545,19 +558,11 @@ impl Db {
         tokio::task::spawn_blocking(move || {
             let _turn = turn;
             let mut conn = db.get_within(CONNECT_TIMEOUT.saturating_sub(asked.elapsed()))?;
-            match f(&mut conn) {
-                Ok(value) => {
-                    conn.answered = Some(Instant::now());
-                    Ok(value)
-                }
-                // The server closed the connection (a restart, a dropped database, a
-                // network cut) after the checkout: the database does not answer.
-                Err(DbError::Query(diesel::result::Error::DatabaseError(
-                    DatabaseErrorKind::ClosedConnection,
-                    info,
-                ))) => Err(DbError::Unavailable(info.message().to_string())),
-                Err(e) => Err(e),
+            let result = f(&mut conn);
+            if result.is_ok() {
+                conn.answered = Some(Instant::now());
             }
+            result
         })
         .await
         .map_err(|e| DbError::Unavailable(format!("database task failed: {e}")))?

@@ -646,7 +646,7 @@ async fn a_pooled_connection_the_server_closed_is_replaced_postgres() {
     let db = tdb.connect(1);
     let first = backend_pid(&db).await.expect("a first run");
     terminate(first).await;
-    std::thread::sleep(RECHECK_AFTER);
+    tokio::time::sleep(RECHECK_AFTER).await;
     let second = backend_pid(&db)
         .await
         .expect("after a pause the checkout tested the closed connection and replaced it");
