@@ -58,8 +58,8 @@
 #   BENCH_WARMUP (2 s)  BENCH_CLIENTS (64)  BENCH_BATCH (20)  BENCH_SEND_USERS (1000, 200
 #   form_ids each)  BENCH_PHASES ("empty scale")  BENCH_PG_URL (postgres://postgres@127.0.0.1:5432)
 #   BENCH_PG_DB (ledger_bench)  BENCH_DIR (target/bench)  BENCH_PORT (18180; simulator +1)
-#   BENCH_RUST_LOG (warn)  BENCH_PG_ANALYZE_EVERY (5 s; 0 = off: emulates autovacuum's
-#   ANALYZE, which this server has turned off)  BENCH_SQLITE_CEILING_THREADS (1)
+#   BENCH_RUST_LOG (warn)  BENCH_PG_ANALYZE_EVERY (5 s; 0 = off: how often to apply
+#   autovacuum's ANALYZE rule, for servers with autovacuum off)  BENCH_SQLITE_CEILING_THREADS (1)
 #   BENCH_PG_INPROC (1: also the in-process own-SQL ceilings on PostgreSQL)  BENCH_BUILD (1)
 #   BENCH_OWN_CEILINGS (1; 0: only the plain ceilings)  BENCH_CLIENT_CURVE ("8 16 32 64";
 #   "": no curve)  BENCH_CURVE_DURATION (BENCH_DURATION)
@@ -79,7 +79,10 @@
 #   the next scenario does not run beside the senders)
 #   BENCH_PG_DB_SET (e.g. "plan_cache_mode = force_custom_plan": ALTER DATABASE … SET
 #   on the fresh database, for experiments)
-#   Any LEDGER_* variable set by the caller reaches the service (e.g. LEDGER_DB_POOL_SIZE).
+#   Any LEDGER_* variable set by the caller reaches the service (e.g. LEDGER_DB_POOL_SIZE),
+#   and libpq's PG* variables reach the service, psql and pgbench alike (e.g.
+#   PGSSLMODE=disable: no TLS on the loopback connections; the default, prefer, uses it
+#   when the server offers it).
 set -euo pipefail
 
 # The service's rate limits would measure themselves (64 clients on one key exceed
@@ -221,10 +224,28 @@ common() { # backend phase scenario [clients duration]
 
 pg_analyze_loop() { # db
   [ "$BENCH_PG_ANALYZE_EVERY" != 0 ] || return 0
+  # autovacuum's rule: ANALYZE a table once more rows changed since its last ANALYZE
+  # than autovacuum_analyze_threshold + autovacuum_analyze_scale_factor x its rows
+  # (50 + 10 %). Read-only load never sets it off; a 10 M-row table seldom does.
+  local due="SELECT string_agg(format('ANALYZE %I;', s.relname), ' ')
+    FROM pg_stat_user_tables s JOIN pg_class c ON c.oid = s.relid
+    WHERE s.relname IN ('credentials', 'messages')
+      AND s.n_mod_since_analyze > current_setting('autovacuum_analyze_threshold')::float8
+        + current_setting('autovacuum_analyze_scale_factor')::float8 * greatest(c.reltuples, 0)"
   ( while sleep "$BENCH_PG_ANALYZE_EVERY"; do
-      psql -q "$BENCH_PG_URL/$1" -c 'ANALYZE credentials; ANALYZE messages;' >/dev/null 2>&1 || true
+      sql=$(psql -qAt "$BENCH_PG_URL/$1" -c "$due" 2>/dev/null) || continue
+      [ -z "$sql" ] || psql -q "$BENCH_PG_URL/$1" -c "$sql" >/dev/null 2>&1 || true
     done ) &
   ANALYZE_PID=$!
+}
+
+# Before each measured scenario on PostgreSQL: write back what the previous one left
+# dirty (CHECKPOINT, as benchmarking guides advise), so that a checkpoint its WAL set
+# off is not spread over the next scenario's seconds. SQLite's WAL is checkpointed by
+# the service's own thread every 100 ms.
+settle() { # backend database-url
+  [ "$1" = postgres ] || return 0
+  psql -q "$2" -c CHECKPOINT >/dev/null
 }
 
 # Whether any scenario against the running service is wanted.
@@ -235,10 +256,12 @@ service_scenarios() { # backend phase database-url
   local b=$1 ph=$2 db=$3 out touched
   if want ingest-single; then
     log "$b/$ph: ingest-single"
+    settle "$b" "$db"
     load ingest $(common "$b" "$ph" ingest-single) --batch 1 --prefix "o-$ph-single-" --users 100000 | record
   fi
   if want ingest-batch || want quota; then
     log "$b/$ph: ingest-batch ($BENCH_BATCH per request)"
+    settle "$b" "$db"
     out=$(load ingest $(common "$b" "$ph" ingest-batch) --batch "$BENCH_BATCH" --prefix "o-$ph-batch-" --users 50000)
     echo "$out" | record
     touched=$(field "$out" users_touched)
@@ -250,6 +273,7 @@ service_scenarios() { # backend phase database-url
     log "$b/$ph: send (simulator latency $BENCH_SIM_LATENCY_MS ms)"
     curl -sf -o /dev/null -XPOST "$SIM/sim/faults" -H 'content-type: application/json' \
       -d "{\"send\":{\"latency_ms\":$BENCH_SIM_LATENCY_MS}}"
+    settle "$b" "$db"
     load send $(common "$b" "$ph" send) --sim "$SIM" --prefix "o-$ph-send-" \
       --users "$BENCH_SEND_USERS" --messages "$BENCH_SEND_MESSAGES" \
       --drain-timeout "$BENCH_DRAIN_TIMEOUT" | sed "s/^{/{\"sim_latency_ms\":$BENCH_SIM_LATENCY_MS,/" | record
@@ -265,6 +289,7 @@ service_scenarios() { # backend phase database-url
       curl -sf -o /dev/null -XPOST "$SIM/sim/faults" -H 'content-type: application/json' \
         -d "{\"send\":{\"latency_ms\":$lat}}"
       log "$b/$ph: drain of $BENCH_DRAIN_MESSAGES messages due in $BENCH_DRAIN_DUE_S s (simulator at $lat ms)"
+      settle "$b" "$db"
       load send $(common "$b" "$ph" "drain-${lat}ms") --sim "$SIM" --prefix "o-$ph-drain$lat-" \
         --users "$BENCH_SEND_USERS" --messages "$BENCH_DRAIN_MESSAGES" --due-in "$BENCH_DRAIN_DUE_S" \
         --drain-timeout "$BENCH_DRAIN_TIMEOUT" | sed "s/^{/{\"sim_latency_ms\":$lat,/" | record
@@ -273,6 +298,7 @@ service_scenarios() { # backend phase database-url
   fi
   if want push; then
     log "$b/$ph: push (safe mode)"
+    settle "$b" "$db"
     load push $(common "$b" "$ph" push) --app "$APP" --token "$PUSH_TOKEN" --aes-key "$PUSH_AES_KEY" \
       --db "$db" --prefix "p-$ph-" --users 100000 | record
   fi
@@ -281,6 +307,7 @@ service_scenarios() { # backend phase database-url
     load send-setup --url "$BASE" --key "$KEY" --sim "$SIM" --app "$APP" --prefix "o-$ph-wh-" \
       --users "$BENCH_WEBHOOK_USERS" --per-user "$BENCH_WEBHOOK_PER_USER" >&2
     log "$b/$ph: webhooks"
+    settle "$b" "$db"
     load webhooks $(common "$b" "$ph" webhooks) --sim "$SIM" --prefix "o-$ph-wh-" --users "$BENCH_WEBHOOK_USERS" \
       --messages "$BENCH_WEBHOOK_MESSAGES" --drain-timeout "$BENCH_DRAIN_TIMEOUT" | record
   fi
@@ -291,15 +318,18 @@ service_scenarios() { # backend phase database-url
     load send-setup --url "$BASE" --key "$KEY" --sim "$SIM" --app "$APP" --prefix "o-$ph-probe-" \
       --users 400 --per-user 1 >&2
     log "$b/$ph: campaign"
+    settle "$b" "$db"
     load campaign --url "$BASE" --key "$KEY" --sim "$SIM" --prefix "o-$ph-cmp-" \
       --probe-prefix "o-$ph-probe-" --probe-users 400 \
       --users "$BENCH_CAMPAIGN_USERS" --backend "$b" --phase "$ph" --pid "$SVC_PID" | record
   fi
   if want quota; then
     log "$b/$ph: quota ($touched users of ingest-batch)"
+    settle "$b" "$db"
     load quota $(common "$b" "$ph" quota) --prefix "o-$ph-batch-" --users "${touched:-1}" | record
     if [ "$ph" != empty ]; then
       log "$b/$ph: quota-bulk ($BENCH_USERS bulk-loaded users)"
+      settle "$b" "$db"
       load quota $(common "$b" "$ph" quota-bulk) --prefix ob --users "$BENCH_USERS" | record
     fi
   fi
@@ -309,11 +339,13 @@ service_scenarios() { # backend phase database-url
     [ "$n" != "$BENCH_CLIENTS" ] || continue
     if want ingest-single; then
       log "$b/$ph: ingest-single with $n clients"
+      settle "$b" "$db"
       load ingest $(common "$b" "$ph" "ingest-single-c$n" "$n" "$BENCH_CURVE_DURATION") --batch 1 \
         --prefix "o-$ph-single-" --users 100000 | record
     fi
     if want quota; then
       log "$b/$ph: quota with $n clients"
+      settle "$b" "$db"
       load quota $(common "$b" "$ph" "quota-c$n" "$n" "$BENCH_CURVE_DURATION") --prefix "o-$ph-batch-" \
         --users "${touched:-1}" | record
     fi
@@ -322,6 +354,7 @@ service_scenarios() { # backend phase database-url
 
 pgbench_ceiling() { # db phase scenario script prefix users
   local db=$1 ph=$2 sc=$3 script=$4 prefix=$5 users=$6 out tps lat p50 p99 n
+  settle postgres "$BENCH_PG_URL/$db"
   rm -f "$BENCH_DIR"/pgbench_log.*
   # The server is shared: wait (up to 5 min) until it has room for our clients.
   local free
@@ -382,9 +415,11 @@ run_postgres() {
     [ "$BENCH_OWN_CEILINGS" = 1 ] || continue
     pgbench_ceiling "$db" "$ph" ceiling-ingest pgbench_ingest.sql "opgb-$ph-" 100000
     if [ "$BENCH_PG_INPROC" = 1 ]; then
+      settle postgres "$url"
       load ceiling --db "$url" --op ingest --threads "$BENCH_CLIENTS" --duration "$BENCH_DURATION" \
         --warmup "$BENCH_WARMUP" --app "$APP" --prefix "o-$ph-inproc-" --users 100000 \
         --backend postgres --phase "$ph" --scenario ceiling-ingest-inproc | record
+      settle postgres "$url"
       load ceiling --db "$url" --op claim --threads "$BENCH_CLIENTS" --duration "$BENCH_DURATION" \
         --warmup "$BENCH_WARMUP" --app "$APP" --prefix oc --users "$BENCH_CLAIM_USERS" \
         --backend postgres --phase "$ph" --scenario ceiling-claim-inproc | record
