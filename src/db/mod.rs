@@ -10,8 +10,10 @@ pub use cached::cached;
 
 use std::fmt;
 use std::ops::{Deref, DerefMut};
+use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use diesel::connection::{AnsiTransactionManager, SimpleConnection, TransactionManager};
@@ -355,19 +357,70 @@ impl diesel::r2d2::HandleError<diesel::r2d2::Error> for LogRedacted {
 /// The pool, shared by every request and background task of one instance.
 #[derive(Clone)]
 pub struct Db {
-    pool: Pool<Manager>,
-    /// One permit per pooled connection: [`Db::run`] waits here, in arrival order,
-    /// before it takes a blocking thread, instead of many threads waiting on the
-    /// pool, where a newcomer can take a connection before a thread that waited.
-    turns: Arc<tokio::sync::Semaphore>,
+    /// The pool, and how its errors are told.
+    checkout: Checkout,
+    /// The queue of [`Db::run`]: served in arrival order by threads of their own,
+    /// one per pooled connection ([`start_runners`]).
+    runs: tokio::sync::mpsc::UnboundedSender<Run>,
     /// Opens the connections of [`Db::dedicated`].
     manager: Manager,
     backend: Backend,
-    redactions: Redactions,
 }
 
 /// How long a connection may take: the pool's checkout, and libpq's own connect.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A [`Db::run`] in the queue, given the pool by the thread that takes it.
+type Run = Box<dyn FnOnce(&Checkout) + Send>;
+
+/// What a thread needs to check out connections: the pool, and the URL's secrets to
+/// keep out of its errors.
+#[derive(Clone)]
+struct Checkout {
+    pool: Pool<Manager>,
+    redactions: Redactions,
+}
+
+impl Checkout {
+    fn within(&self, timeout: Duration) -> DbResult<PooledConnection<Manager>> {
+        self.pool
+            .get_timeout(timeout)
+            .map_err(|e| DbError::Unavailable(self.redactions.apply(e.to_string())))
+    }
+}
+
+/// Starts the `n` threads that serve [`Db::run`]: each takes the oldest waiting run,
+/// checks out a connection, runs it and answers, then takes the next one at once if
+/// another is waiting. Under load a run costs no hand-over to a blocking pool and
+/// no turn to be woken for, and no newcomer takes a connection before a run that
+/// waited. The threads end when the last [`Db`] (the queue's sender) is gone.
+fn start_runners(checkout: &Checkout, n: u32) -> DbResult<tokio::sync::mpsc::UnboundedSender<Run>> {
+    let (runs, queue) = tokio::sync::mpsc::unbounded_channel::<Run>();
+    let queue = Arc::new(Mutex::new(queue));
+    for i in 0..n {
+        let (checkout, queue) = (checkout.clone(), Arc::clone(&queue));
+        std::thread::Builder::new()
+            .name(format!("db-run-{i}"))
+            .spawn(move || loop {
+                let next = queue
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .blocking_recv();
+                let Some(run) = next else { return };
+                // A panic inside a run drops its answer (the caller sees the run
+                // fail); the thread goes on with the next one.
+                let _ = std::panic::catch_unwind(AssertUnwindSafe(|| run(&checkout)));
+            })
+            .map_err(|e| DbError::Unavailable(format!("no database thread: {e}")))?;
+    }
+    Ok(runs)
+}
+
+/// Where a [`Db::run`] stands: waiting, taken by a thread, or given up by its caller
+/// (a thread that meets it then skips it).
+const WAITING: u8 = 0;
+const TAKEN: u8 = 1;
+const GIVEN_UP: u8 = 2;
 
 /// The PostgreSQL URL with libpq's `connect_timeout`, unless it sets its own. Without
 /// one, libpq waits for a server that accepted the connection but does not answer
@@ -438,18 +491,19 @@ impl Db {
             .error_handler(Box::new(LogRedacted(redactions.clone())))
             .build(manager.clone())
             .map_err(|e| DbError::Unavailable(redactions.apply(e.to_string())))?;
+        let checkout = Checkout { pool, redactions };
+        let runs = start_runners(&checkout, max_size)?;
         Ok(Db {
-            pool,
-            turns: Arc::new(tokio::sync::Semaphore::new(max_size as usize)),
+            checkout,
+            runs,
             manager,
             backend,
-            redactions,
         })
     }
 
     /// (open connections, idle connections) of this pool.
     pub fn pool_state(&self) -> (u32, u32) {
-        let state = self.pool.state();
+        let state = self.checkout.pool.state();
         (state.connections, state.idle_connections)
     }
 
@@ -459,13 +513,7 @@ impl Db {
 
     /// A connection for synchronous code (CLI, tests, background threads).
     pub fn get(&self) -> DbResult<PooledConnection<Manager>> {
-        self.get_within(CONNECT_TIMEOUT)
-    }
-
-    fn get_within(&self, timeout: Duration) -> DbResult<PooledConnection<Manager>> {
-        self.pool
-            .get_timeout(timeout)
-            .map_err(|e| DbError::Unavailable(self.redactions.apply(e.to_string())))
+        self.checkout.within(CONNECT_TIMEOUT)
     }
 
     /// A connection of its own, beside the pool and set up as the pool's are, for a
@@ -473,8 +521,9 @@ impl Db {
     /// the pool nor takes a connection from the pool's other users. Its owner tests
     /// it after a pause ([`Db::answers`]) and drops it after an error.
     pub fn dedicated(&self) -> DbResult<DbConn> {
-        let unavailable =
-            |e: diesel::r2d2::Error| DbError::Unavailable(self.redactions.apply(e.to_string()));
+        let unavailable = |e: diesel::r2d2::Error| {
+            DbError::Unavailable(self.checkout.redactions.apply(e.to_string()))
+        };
         let mut conn = self.manager.open().map_err(unavailable)?;
         ConnectionSetup.on_acquire(&mut conn).map_err(unavailable)?;
         Ok(conn)
@@ -536,36 +585,58 @@ impl Db {
         conn.ping().is_ok()
     }
 
-    /// Runs `f` with a pooled connection on the blocking thread pool, never on an
+    /// Runs `f` with a pooled connection on a thread of the pool's own, never on an
     /// async worker, after the runs that asked before it. No connection within
-    /// [`CONNECT_TIMEOUT`] (turn and checkout together), or a connection the server
-    /// closed, is [`DbError::Unavailable`].
+    /// [`CONNECT_TIMEOUT`] (the wait for a thread and the checkout together), or a
+    /// connection the server closed, is [`DbError::Unavailable`]; a run that was not
+    /// taken within it never runs. A caller that goes away before its run is taken
+    /// (a client hung up) leaves nothing to run either.
     pub async fn run<T, F>(&self, f: F) -> DbResult<T>
     where
         F: FnOnce(&mut DbConn) -> DbResult<T> + Send + 'static,
         T: Send + 'static,
     {
-        let db = self.clone();
         let asked = Instant::now();
-        let turn = tokio::time::timeout(CONNECT_TIMEOUT, Arc::clone(&self.turns).acquire_owned())
-            .await
-            .map_err(|_| {
-                DbError::Unavailable(format!(
-                    "no connection free within {CONNECT_TIMEOUT:?}: every one is in use"
-                ))
-            })?
-            .map_err(|e| DbError::Unavailable(format!("database queue closed: {e}")))?;
-        tokio::task::spawn_blocking(move || {
-            let _turn = turn;
-            let mut conn = db.get_within(CONNECT_TIMEOUT.saturating_sub(asked.elapsed()))?;
-            let result = f(&mut conn);
-            if result.is_ok() {
-                conn.answered = Some(Instant::now());
+        let state = Arc::new(AtomicU8::new(WAITING));
+        let (reply, mut answer) = tokio::sync::oneshot::channel();
+        let run: Run = Box::new({
+            let state = Arc::clone(&state);
+            move |checkout| {
+                let taken =
+                    state.compare_exchange(WAITING, TAKEN, Ordering::AcqRel, Ordering::Acquire);
+                if taken.is_err() || reply.is_closed() {
+                    return;
+                }
+                let result = checkout
+                    .within(CONNECT_TIMEOUT.saturating_sub(asked.elapsed()))
+                    .and_then(|mut conn| {
+                        let result = f(&mut conn);
+                        if result.is_ok() {
+                            conn.answered = Some(Instant::now());
+                        }
+                        result
+                    });
+                let _ = reply.send(result);
             }
-            result
-        })
-        .await
-        .map_err(|e| DbError::Unavailable(format!("database task failed: {e}")))?
+        });
+        let failed = |_| DbError::Unavailable("database run failed".into());
+        self.runs
+            .send(run)
+            .map_err(|_| DbError::Unavailable("database threads stopped".into()))?;
+        match tokio::time::timeout(CONNECT_TIMEOUT, &mut answer).await {
+            Ok(answered) => answered.map_err(failed)?,
+            Err(_) => {
+                let gave_up =
+                    state.compare_exchange(WAITING, GIVEN_UP, Ordering::AcqRel, Ordering::Acquire);
+                if gave_up.is_ok() {
+                    return Err(DbError::Unavailable(format!(
+                        "no connection free within {CONNECT_TIMEOUT:?}: every one is in use"
+                    )));
+                }
+                // Taken already: it runs to its end, and its caller learns how it went.
+                answer.await.map_err(failed)?
+            }
+        }
     }
 
     /// Applies the embedded migrations of this backend. On PostgreSQL several
@@ -1033,5 +1104,48 @@ mod tests {
         db.run(ping)
             .await
             .expect("a turn once the connection is back");
+    }
+
+    /// While every connection is busy, the runs that wait are served in the order
+    /// they asked, not in whatever order threads happen to wake for a connection.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn waiting_runs_are_served_in_the_order_they_asked() {
+        use std::future::Future;
+        use std::task::{Context, Poll, Waker};
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::connect(&DatabaseUrl::Sqlite(dir.path().join("ledger.db")), 1).unwrap();
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let (took, taken) = tokio::sync::oneshot::channel();
+        let busy = tokio::spawn({
+            let db = db.clone();
+            async move {
+                db.run(move |_| {
+                    took.send(()).unwrap();
+                    held.recv().unwrap();
+                    Ok(())
+                })
+                .await
+            }
+        });
+        taken.await.unwrap();
+        let served = Arc::new(Mutex::new(Vec::new()));
+        let mut waiting = Vec::new();
+        for i in 0..20 {
+            let served = Arc::clone(&served);
+            let mut run = Box::pin(db.run(move |_| {
+                served.lock().unwrap().push(i);
+                Ok(())
+            }));
+            // Polled once, it has asked: it waits behind the ones before it.
+            let polled = run.as_mut().poll(&mut Context::from_waker(Waker::noop()));
+            assert!(matches!(polled, Poll::Pending));
+            waiting.push(run);
+        }
+        release.send(()).unwrap();
+        busy.await.unwrap().unwrap();
+        for run in waiting {
+            run.await.unwrap();
+        }
+        assert_eq!(*served.lock().unwrap(), (0..20).collect::<Vec<_>>());
     }
 }
