@@ -844,25 +844,26 @@ pub fn wake_waiting_many(
                        CASE WHEN next_attempt_at > $3 THEN $3 ELSE next_attempt_at END \
                        WHERE app_id = $1 AND status = 'queued' AND credential_id IS NULL";
     let now = to_db(now);
+    let users = match conn {
+        DbConn::Pg(_) => "openid = ANY($2)",
+        DbConn::Sqlite(_) => "openid IN (SELECT value FROM json_each($2))",
+    };
+    let sql = native_sql(conn, &format!("{SET} AND {users} RETURNING id"));
     let woken: Vec<Returned> = match conn {
         DbConn::Pg(c) => cached(
-            diesel::sql_query(format!("{SET} AND openid = ANY($2) RETURNING id"))
+            diesel::sql_query(sql)
                 .bind::<Text, _>(app_id)
                 .bind::<Array<Text>, _>(openids)
                 .bind::<Timestamp, _>(now),
         )
         .load(c)?,
-        DbConn::Sqlite(c) => {
-            let openids = json_text(openids)?;
-            let sql = format!("{SET} AND openid IN (SELECT value FROM json_each($2)) RETURNING id");
-            cached(
-                diesel::sql_query(sql.replace('$', "?"))
-                    .bind::<Text, _>(app_id)
-                    .bind::<Text, _>(openids)
-                    .bind::<Timestamp, _>(now),
-            )
-            .load(c)?
-        }
+        DbConn::Sqlite(c) => cached(
+            diesel::sql_query(sql)
+                .bind::<Text, _>(app_id)
+                .bind::<Text, _>(json_text(openids)?)
+                .bind::<Timestamp, _>(now),
+        )
+        .load(c)?,
     };
     Ok(woken.len())
 }
