@@ -51,8 +51,8 @@ impl Reporting {
     /// per report than they gain in parallelism on a small machine (BENCHMARKS.md:
     /// 1, 2, 3 and 4 writers measured). Each writer is a thread of its own with a
     /// connection of its own, beside the pool ([`Db::dedicated`]): a group costs
-    /// neither a hop to the blocking pool nor a checkout (with its ping), and the
-    /// writers take none of the pool's connections from the sender and the reads.
+    /// neither a wait for [`Db::run`]'s threads nor a checkout (with its ping), and
+    /// the writers take none of the pool's connections from the sender and the reads.
     pub fn start(db: Db, rules: Rules, sender: Arc<Sender>, metrics: Arc<Metrics>) -> Self {
         let (queue, rx) = mpsc::channel(QUEUE);
         let rx = Arc::new(Mutex::new(rx));
