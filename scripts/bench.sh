@@ -59,7 +59,8 @@
 #   form_ids each)  BENCH_PHASES ("empty scale")  BENCH_PG_URL (postgres://postgres@127.0.0.1:5432)
 #   BENCH_PG_DB (ledger_bench)  BENCH_DIR (target/bench)  BENCH_PORT (18180; simulator +1)
 #   BENCH_RUST_LOG (warn)  BENCH_PG_ANALYZE_EVERY (5 s; 0 = off: how often to apply
-#   autovacuum's ANALYZE rule, for servers with autovacuum off)  BENCH_SQLITE_CEILING_THREADS (1)
+#   autovacuum's ANALYZE rule, for servers with autovacuum off)  BENCH_PG_SETTLE (1: a
+#   CHECKPOINT before each PostgreSQL scenario and ceiling; 0: none)  BENCH_SQLITE_CEILING_THREADS (1)
 #   BENCH_PG_INPROC (1: also the in-process own-SQL ceilings on PostgreSQL)  BENCH_BUILD (1)
 #   BENCH_OWN_CEILINGS (1; 0: only the plain ceilings)  BENCH_CLIENT_CURVE ("8 16 32 64";
 #   "": no curve)  BENCH_CURVE_DURATION (BENCH_DURATION)
@@ -123,6 +124,7 @@ BENCH_PORT=${BENCH_PORT:-18180}
 SIM_PORT=$((BENCH_PORT + 1))
 BENCH_RUST_LOG=${BENCH_RUST_LOG:-warn}
 BENCH_PG_ANALYZE_EVERY=${BENCH_PG_ANALYZE_EVERY:-5}
+BENCH_PG_SETTLE=${BENCH_PG_SETTLE:-1}
 BENCH_SQLITE_CEILING_THREADS=${BENCH_SQLITE_CEILING_THREADS:-1}
 BENCH_PG_INPROC=${BENCH_PG_INPROC:-1}
 BENCH_BUILD=${BENCH_BUILD:-1}
@@ -244,7 +246,7 @@ pg_analyze_loop() { # db
 # off is not spread over the next scenario's seconds. SQLite's WAL is checkpointed by
 # the service's own thread every 100 ms.
 settle() { # backend database-url
-  [ "$1" = postgres ] || return 0
+  [ "$1" = postgres ] && [ "$BENCH_PG_SETTLE" = 1 ] || return 0
   psql -q "$2" -c CHECKPOINT >/dev/null
 }
 
@@ -489,7 +491,7 @@ done
   echo "- PostgreSQL: $(psql -qAt "$BENCH_PG_URL/postgres" -c 'SHOW server_version' 2>/dev/null || echo '?'); SQLite: $(sqlite3 --version | cut -d' ' -f1) (shell)"
   echo "- load: $(uptime | sed 's/.*load/load/') at the end (the machine may be shared)"
   echo "- BENCH_CLIENT_CURVE=\"$BENCH_CLIENT_CURVE\" BENCH_OWN_CEILINGS=$BENCH_OWN_CEILINGS BENCH_SCENARIOS=\"$BENCH_SCENARIOS\""
-  echo "- BENCH_ROWS=$BENCH_ROWS BENCH_USERS=$BENCH_USERS BENCH_DURATION=$BENCH_DURATION BENCH_WARMUP=$BENCH_WARMUP BENCH_CLIENTS=$BENCH_CLIENTS BENCH_BATCH=$BENCH_BATCH BENCH_SEND_USERS=$BENCH_SEND_USERS BENCH_SEND_MESSAGES=$BENCH_SEND_MESSAGES BENCH_WEBHOOK_MESSAGES=$BENCH_WEBHOOK_MESSAGES BENCH_CAMPAIGN_USERS=$BENCH_CAMPAIGN_USERS BENCH_PG_ANALYZE_EVERY=$BENCH_PG_ANALYZE_EVERY RUST_LOG=$BENCH_RUST_LOG"
+  echo "- BENCH_ROWS=$BENCH_ROWS BENCH_USERS=$BENCH_USERS BENCH_DURATION=$BENCH_DURATION BENCH_WARMUP=$BENCH_WARMUP BENCH_CLIENTS=$BENCH_CLIENTS BENCH_BATCH=$BENCH_BATCH BENCH_SEND_USERS=$BENCH_SEND_USERS BENCH_SEND_MESSAGES=$BENCH_SEND_MESSAGES BENCH_WEBHOOK_MESSAGES=$BENCH_WEBHOOK_MESSAGES BENCH_CAMPAIGN_USERS=$BENCH_CAMPAIGN_USERS BENCH_PG_ANALYZE_EVERY=$BENCH_PG_ANALYZE_EVERY BENCH_PG_SETTLE=$BENCH_PG_SETTLE RUST_LOG=$BENCH_RUST_LOG"
   echo "- service settings from the caller: $(env | grep '^LEDGER_' | tr '\n' ' ' || true)"
   grep '"setup":"bulk_load"' "$RESULTS" | sed 's/^/- bulk load: /' || true
   "$BIN/ledger-load" report "$RESULTS"
