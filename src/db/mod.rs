@@ -1072,13 +1072,16 @@ mod tests {
         }
     }
 
-    /// While every connection is busy, a run waits for its turn, but no longer
-    /// than a checkout would: it gives up as unavailable (503) while the busy run
-    /// still holds the only connection, and the next run after it gets one.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_run_that_gets_no_turn_gives_up_as_unavailable() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = Db::connect(&DatabaseUrl::Sqlite(dir.path().join("ledger.db")), 1).unwrap();
+    /// A pool of one connection, held by a run until the returned sender says
+    /// release; the run's task answers once it has let go.
+    async fn hold_the_only_connection(
+        dir: &Path,
+    ) -> (
+        Db,
+        std::sync::mpsc::Sender<()>,
+        tokio::task::JoinHandle<DbResult<()>>,
+    ) {
+        let db = Db::connect(&DatabaseUrl::Sqlite(dir.join("ledger.db")), 1).unwrap();
         let (release, held) = std::sync::mpsc::channel::<()>();
         let (took, taken) = tokio::sync::oneshot::channel();
         let busy = tokio::spawn({
@@ -1093,6 +1096,23 @@ mod tests {
             }
         });
         taken.await.unwrap();
+        (db, release, busy)
+    }
+
+    /// Polls a run once: it has then asked, and waits behind the runs before it.
+    fn ask<F: std::future::Future<Output = DbResult<()>>>(run: &mut std::pin::Pin<Box<F>>) {
+        use std::task::{Context, Poll, Waker};
+        let polled = run.as_mut().poll(&mut Context::from_waker(Waker::noop()));
+        assert!(matches!(polled, Poll::Pending));
+    }
+
+    /// While every connection is busy, a run waits for its turn, but no longer
+    /// than a checkout would: it gives up as unavailable (503) while the busy run
+    /// still holds the only connection, and the next run after it gets one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_run_that_gets_no_turn_gives_up_as_unavailable() {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, release, busy) = hold_the_only_connection(dir.path()).await;
         let waited = db.run(ping).await;
         assert!(matches!(waited, Err(DbError::Unavailable(_))), "{waited:?}");
         assert!(
@@ -1110,24 +1130,8 @@ mod tests {
     /// they asked, not in whatever order threads happen to wake for a connection.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn waiting_runs_are_served_in_the_order_they_asked() {
-        use std::future::Future;
-        use std::task::{Context, Poll, Waker};
         let dir = tempfile::tempdir().unwrap();
-        let db = Db::connect(&DatabaseUrl::Sqlite(dir.path().join("ledger.db")), 1).unwrap();
-        let (release, held) = std::sync::mpsc::channel::<()>();
-        let (took, taken) = tokio::sync::oneshot::channel();
-        let busy = tokio::spawn({
-            let db = db.clone();
-            async move {
-                db.run(move |_| {
-                    took.send(()).unwrap();
-                    held.recv().unwrap();
-                    Ok(())
-                })
-                .await
-            }
-        });
-        taken.await.unwrap();
+        let (db, release, busy) = hold_the_only_connection(dir.path()).await;
         let served = Arc::new(Mutex::new(Vec::new()));
         let mut waiting = Vec::new();
         for i in 0..20 {
@@ -1136,9 +1140,7 @@ mod tests {
                 served.lock().unwrap().push(i);
                 Ok(())
             }));
-            // Polled once, it has asked: it waits behind the ones before it.
-            let polled = run.as_mut().poll(&mut Context::from_waker(Waker::noop()));
-            assert!(matches!(polled, Poll::Pending));
+            ask(&mut run);
             waiting.push(run);
         }
         release.send(()).unwrap();
@@ -1147,5 +1149,28 @@ mod tests {
             run.await.unwrap();
         }
         assert_eq!(*served.lock().unwrap(), (0..20).collect::<Vec<_>>());
+    }
+
+    /// A caller that goes away while its run waits (a client hung up) leaves
+    /// nothing to run: the run is skipped when its turn comes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_run_whose_caller_left_before_its_turn_never_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, release, busy) = hold_the_only_connection(dir.path()).await;
+        let ran = Arc::new(Mutex::new(false));
+        let mut left = Box::pin(db.run({
+            let ran = Arc::clone(&ran);
+            move |_| {
+                *ran.lock().unwrap() = true;
+                Ok(())
+            }
+        }));
+        ask(&mut left);
+        drop(left);
+        release.send(()).unwrap();
+        busy.await.unwrap().unwrap();
+        // The run queued after it runs, so the one before it has had its turn.
+        db.run(ping).await.expect("the next run");
+        assert!(!*ran.lock().unwrap(), "a run nobody waits for ran");
     }
 }
