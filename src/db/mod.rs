@@ -5,6 +5,7 @@
 
 mod cached;
 pub mod schema;
+mod turns;
 
 pub use cached::cached;
 
@@ -722,7 +723,8 @@ fn names(versions: Vec<diesel::migration::MigrationVersion<'_>>) -> Vec<String> 
 }
 
 /// Runs `f` in a write transaction: `BEGIN IMMEDIATE` on SQLite, so a read-then-write
-/// takes the write lock up front and never fails on a lock upgrade; an ordinary
+/// takes the write lock up front and never fails on a lock upgrade, and begins after
+/// the writers of this process that asked before it (`turns`); an ordinary
 /// transaction on PostgreSQL (row locks do the rest there).
 pub fn write_tx<T, E, F>(conn: &mut DbConn, f: F) -> Result<T, E>
 where
@@ -742,6 +744,9 @@ where
             DbConn::Pg(_) => unreachable!("checked above"),
         }
     }
+    // In this process, write transactions of one database begin in arrival order.
+    let turns = turns_of(inner(conn))?;
+    let _turn = turns.as_deref().and_then(|t| t.take(turns::TURN_WAIT));
     AnsiTransactionManager::begin_transaction_sql(inner(conn), "BEGIN IMMEDIATE")?;
     match f(conn) {
         Ok(value) => {
@@ -753,6 +758,24 @@ where
             Err(e)
         }
     }
+}
+
+/// The write turns of a SQLite connection's database file (none for a database in
+/// memory, which has no other connection).
+fn turns_of(conn: &mut SqliteConnection) -> diesel::QueryResult<Option<Arc<turns::Turns>>> {
+    #[derive(QueryableByName)]
+    struct File {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        file: String,
+    }
+    let files: Vec<File> = cached(diesel::sql_query(
+        "SELECT file FROM pragma_database_list WHERE name = 'main'",
+    ))
+    .load(conn)?;
+    Ok(files
+        .into_iter()
+        .find(|f| !f.file.is_empty())
+        .map(|f| turns::Turns::of(&f.file)))
 }
 
 /// Whether a SQLite connection is inside a transaction; None on PostgreSQL.
@@ -1017,6 +1040,67 @@ mod tests {
         );
         stop.send(true).unwrap();
         thread.join().unwrap();
+    }
+
+    /// Write transactions of one SQLite database, each on a connection of its own,
+    /// begin in the order they asked (`turns`), not as SQLite's busy handler lets
+    /// its sleepers in.
+    #[test]
+    fn sqlite_write_transactions_begin_in_the_order_they_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::connect(&DatabaseUrl::Sqlite(dir.path().join("ledger.db")), 1).unwrap();
+        let mut first = db.dedicated().unwrap();
+        first
+            .batch_execute("CREATE TABLE t (n INTEGER NOT NULL)")
+            .unwrap();
+        let turns = match &mut first {
+            DbConn::Sqlite(c) => turns_of(c).unwrap().expect("a file has turns"),
+            DbConn::Pg(_) => unreachable!(),
+        };
+        let insert = |conn: &mut DbConn, n: i32| {
+            write_tx(conn, |c| {
+                c.batch_execute(&format!("INSERT INTO t VALUES ({n})"))
+            })
+        };
+        // The first writer holds its transaction open until told.
+        let (began, has_begun) = std::sync::mpsc::channel();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let holder = std::thread::spawn(move || {
+            write_tx(&mut first, |c| {
+                c.batch_execute("INSERT INTO t VALUES (0)")?;
+                began.send(()).unwrap();
+                released.recv().unwrap();
+                Ok::<_, diesel::result::Error>(())
+            })
+        });
+        has_begun.recv().unwrap();
+        let mut writers = Vec::new();
+        for n in 1..=8 {
+            let mut conn = db.dedicated().unwrap();
+            writers.push(std::thread::spawn(move || insert(&mut conn, n)));
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while turns.waiting() != n as u64 {
+                assert!(
+                    Instant::now() < deadline,
+                    "writer {n} never waited for a turn"
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        release.send(()).unwrap();
+        holder.join().unwrap().unwrap();
+        for w in writers {
+            w.join().unwrap().unwrap();
+        }
+        let order: Vec<i32> = match &mut db.dedicated().unwrap() {
+            DbConn::Sqlite(c) => {
+                diesel::dsl::sql::<diesel::sql_types::Integer>("SELECT n FROM t ORDER BY rowid")
+                    .load(c)
+                    .unwrap()
+            }
+            DbConn::Pg(_) => unreachable!(),
+        };
+        assert_eq!(order, (0..=8).collect::<Vec<_>>());
     }
 
     /// A server that accepts the TCP connection and never answers (the kernel
