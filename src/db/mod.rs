@@ -309,6 +309,11 @@ impl Redactions {
         text.truncate(text.trim_end().len());
         text
     }
+
+    /// The database is unavailable, for the reason `error` gives, secrets removed.
+    fn unavailable(&self, error: impl fmt::Display) -> DbError {
+        DbError::Unavailable(self.apply(error.to_string()))
+    }
 }
 
 impl fmt::Debug for Redactions {
@@ -386,7 +391,7 @@ impl Checkout {
     fn within(&self, timeout: Duration) -> DbResult<PooledConnection<Manager>> {
         self.pool
             .get_timeout(timeout)
-            .map_err(|e| DbError::Unavailable(self.redactions.apply(e.to_string())))
+            .map_err(|e| self.redactions.unavailable(e))
     }
 }
 
@@ -491,7 +496,7 @@ impl Db {
             .connection_customizer(Box::new(ConnectionSetup))
             .error_handler(Box::new(LogRedacted(redactions.clone())))
             .build(manager.clone())
-            .map_err(|e| DbError::Unavailable(redactions.apply(e.to_string())))?;
+            .map_err(|e| redactions.unavailable(e))?;
         let checkout = Checkout { pool, redactions };
         let runs = start_runners(&checkout, max_size)?;
         Ok(Db {
@@ -522,9 +527,7 @@ impl Db {
     /// the pool nor takes a connection from the pool's other users. Its owner tests
     /// it after a pause ([`Db::answers`]) and drops it after an error.
     pub fn dedicated(&self) -> DbResult<DbConn> {
-        let unavailable = |e: diesel::r2d2::Error| {
-            DbError::Unavailable(self.checkout.redactions.apply(e.to_string()))
-        };
+        let unavailable = |e| self.checkout.redactions.unavailable(e);
         let mut conn = self.manager.open().map_err(unavailable)?;
         ConnectionSetup.on_acquire(&mut conn).map_err(unavailable)?;
         Ok(conn)
