@@ -7,9 +7,9 @@
 //!    answered only after that commit, so an acknowledged report is durable;
 //! 2. the ledger's rules for taking credentials in ([`ledger::record_group`]:
 //!    validation, duplicates, the per-user cap);
-//! 3. right after that commit, messages waiting for these users are made due
-//!    ([`wake_waiting_many`], one statement per app) and this instance's sender is
-//!    nudged;
+//! 3. messages waiting for these users are made due ([`wake_waiting_many`], one
+//!    statement per app: on PostgreSQL right after that commit, on SQLite inside
+//!    the same transaction) and this instance's sender is nudged;
 //! 4. the metrics of what was accepted, duplicate or rejected.
 //!
 //! Writers take whatever has queued while the previous group committed (at most
@@ -21,7 +21,7 @@ use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::db::{Backend, Db, DbConn, DbError, DbResult, RECHECK_AFTER};
+use crate::db::{write_tx, Backend, Db, DbConn, DbError, DbResult, RECHECK_AFTER};
 use crate::ledger::{self, RecordOutcome, Report, Rules};
 use crate::metrics::Metrics;
 use crate::outbox::store::wake_waiting_many;
@@ -173,7 +173,23 @@ fn write_groups(db: &Db, rules: &Rules, rx: &Mutex<mpsc::Receiver<Job>>) {
 }
 
 /// One group: the ledger's rules, then the messages waiting for its users made due.
+/// On SQLite both in one write transaction: an autocommit wake-up after the commit
+/// would need the write lock again, and while a sender's transaction holds it that
+/// statement waits in SQLite's busy handler (sleeps of 1 ms and up), holding up the
+/// next group; write turns ([`write_tx`]) order transactions, not lone statements.
+/// On PostgreSQL after the commit, so the group's transaction locks no messages.
 fn record(
+    conn: &mut DbConn,
+    rules: &Rules,
+    groups: &[Vec<Report>],
+) -> DbResult<(Vec<RecordOutcome>, usize)> {
+    match conn {
+        DbConn::Sqlite(_) => write_tx(conn, |conn| record_and_wake(conn, rules, groups)),
+        DbConn::Pg(_) => record_and_wake(conn, rules, groups),
+    }
+}
+
+fn record_and_wake(
     conn: &mut DbConn,
     rules: &Rules,
     groups: &[Vec<Report>],

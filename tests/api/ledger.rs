@@ -526,3 +526,49 @@ crate::helpers::backend_app_tests! {
         }
     }
 }
+
+/// Runs one statement on the app's database, on the blocking pool as the service's
+/// own queries run.
+async fn execute(app: &crate::helpers::TestApp, sql: &'static str) {
+    use diesel::RunQueryDsl;
+    app.db
+        .run(move |conn| Ok(formid_ledger::dispatch!(conn, |c| diesel::sql_query(sql).execute(c))?))
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+}
+
+/// On SQLite a group of reports and the wake-up of its users' waiting messages are
+/// one write transaction (one lock, one turn). So when the wake-up fails, the
+/// request is answered 503 and none of its credentials is kept: its retry is then
+/// accepted, not called a duplicate of a report that was refused. A trigger makes
+/// the wake-up (the only statement that sets `wakes`) fail.
+#[actix_web::test]
+async fn a_report_whose_wake_up_fails_keeps_nothing_sqlite() {
+    use crate::helpers::{TestApp, TestDb, KEY_SEND};
+    use serde_json::json;
+
+    let app = TestApp::spawn(TestDb::sqlite()).await;
+    // u holds no credential: the message waits for one.
+    let waiting = json!({"openid": "u", "template_id": "TPL", "await_credential_s": 600});
+    let (status, res) = app.post("/v1/messages", Some(KEY_SEND), &waiting).await;
+    assert!(status < 300, "{status} {res}");
+    execute(
+        &app,
+        "CREATE TRIGGER refuse_wake_up BEFORE UPDATE OF wakes ON messages \
+         BEGIN SELECT RAISE(ABORT, 'wake-up refused'); END",
+    )
+    .await;
+    let report = json!({"openid": "u", "kind": "form_id", "value": "f1"});
+    let (status, res) = app.post("/v1/credentials", Some(KEY_SEND), &report).await;
+    assert_eq!(
+        (status, res["error"]["code"].as_str()),
+        (503, Some("unavailable")),
+        "{res}"
+    );
+    assert_eq!(app.credential_count(), 0, "the refused report kept nothing");
+
+    execute(&app, "DROP TRIGGER refuse_wake_up").await;
+    let (status, res) = app.post("/v1/credentials", Some(KEY_SEND), &report).await;
+    assert_eq!((status, res["accepted"].as_u64()), (200, Some(1)), "{res}");
+    assert_eq!(app.credential_count(), 1);
+}
