@@ -34,6 +34,12 @@
 #                  in send (own users, own send-setup); webhook events delivered per
 #                  second (first arrival of each event id), and every posted
 #                  message's event must arrive
+#   mixed          (only when named in BENCH_SCENARIOS) reports while the senders
+#                  drain: BENCH_MIXED_MESSAGES messages posted with one send_at
+#                  BENCH_MIXED_DUE_S ahead (users and form_ids as in send, simulator
+#                  at 0 ms); from 1 s after send_at, BENCH_MIXED_CLIENTS clients post
+#                  single form_ids for BENCH_MIXED_DURATION s: mixed-ingest (their
+#                  rate and latency) and mixed-drain (the drain beside them)
 #   plain-insert   the plain ceilings, what ratios are against: the database doing the
 #   plain-claim    plainest durable write per row, one statement per transaction
 #                  (autocommit): one credential INSERT … ON CONFLICT DO NOTHING, or one
@@ -74,6 +80,8 @@
 #   BENCH_WEBHOOK_USERS (250) x BENCH_WEBHOOK_PER_USER (40) simulator form_ids, and
 #   BENCH_WEBHOOK_MESSAGES (10000: most messages the webhooks scenario posts)
 #   BENCH_CAMPAIGN_USERS (100000: recipients of the campaign scenario)
+#   BENCH_MIXED_MESSAGES (40000)  BENCH_MIXED_DUE_S (35)  BENCH_MIXED_CLIENTS (16)
+#   BENCH_MIXED_DURATION (5 s): the mixed scenario
 #   BENCH_DRAIN_MESSAGES (10000)  BENCH_DRAIN_DUE_S (25: posting must end before)
 #   BENCH_DRAIN_LATENCIES ("0 50": simulator latencies in ms, one drain each)
 #   BENCH_DRAIN_TIMEOUT (90 s: how long it then waits for the backlog to be sent, so
@@ -110,6 +118,10 @@ BENCH_DRAIN_DUE_S=${BENCH_DRAIN_DUE_S:-25}
 BENCH_DRAIN_LATENCIES=${BENCH_DRAIN_LATENCIES:-"0 50"}
 BENCH_SIM_LATENCY_MS=${BENCH_SIM_LATENCY_MS:-0}
 BENCH_DRAIN_TIMEOUT=${BENCH_DRAIN_TIMEOUT:-90}
+BENCH_MIXED_MESSAGES=${BENCH_MIXED_MESSAGES:-40000}
+BENCH_MIXED_DUE_S=${BENCH_MIXED_DUE_S:-35}
+BENCH_MIXED_CLIENTS=${BENCH_MIXED_CLIENTS:-16}
+BENCH_MIXED_DURATION=${BENCH_MIXED_DURATION:-5}
 BENCH_WEBHOOK_USERS=${BENCH_WEBHOOK_USERS:-250}
 BENCH_WEBHOOK_PER_USER=${BENCH_WEBHOOK_PER_USER:-40}
 BENCH_WEBHOOK_MESSAGES=${BENCH_WEBHOOK_MESSAGES:-10000}
@@ -251,7 +263,7 @@ settle() { # backend database-url
 }
 
 # Whether any scenario against the running service is wanted.
-want_service() { want ingest-single || want ingest-batch || want send || want drain || want quota || want push || want webhooks || want campaign; }
+want_service() { want ingest-single || want ingest-batch || want send || want drain || want quota || want push || want webhooks || want campaign || want mixed; }
 
 # The service scenarios of one phase, against the running service.
 service_scenarios() { # backend phase database-url
@@ -297,6 +309,24 @@ service_scenarios() { # backend phase database-url
         --drain-timeout "$BENCH_DRAIN_TIMEOUT" | sed "s/^{/{\"sim_latency_ms\":$lat,/" | record
       curl -sf -o /dev/null -XPOST "$SIM/sim/faults" -H 'content-type: application/json' -d '{}'
     done
+  fi
+  if want mixed; then
+    log "$b/$ph: mixed setup ($BENCH_SEND_USERS users)"
+    load send-setup --url "$BASE" --key "$KEY" --sim "$SIM" --app "$APP" --prefix "o-$ph-mixed-" \
+      --users "$BENCH_SEND_USERS" --per-user $(( BENCH_MIXED_MESSAGES / BENCH_SEND_USERS + 1 )) >&2
+    log "$b/$ph: mixed: $BENCH_MIXED_MESSAGES messages due in $BENCH_MIXED_DUE_S s, $BENCH_MIXED_CLIENTS clients reporting while they drain"
+    settle "$b" "$db"
+    # The reporters start 1 s after send_at (send's own clock starts just after).
+    ( sleep $(( BENCH_MIXED_DUE_S + 1 ))
+      load ingest --url "$BASE" --key "$KEY" --clients "$BENCH_MIXED_CLIENTS" --duration "$BENCH_MIXED_DURATION" \
+        --warmup 0 --backend "$b" --phase "$ph" --scenario mixed-ingest --pid "$SVC_PID" \
+        --batch 1 --prefix "o-$ph-mixed-in-" --users 10000 > "$LOGS/mixed-ingest-$b-$ph.json" ) &
+    local reporters=$!
+    load send $(common "$b" "$ph" mixed-drain) --sim "$SIM" --prefix "o-$ph-mixed-" \
+      --users "$BENCH_SEND_USERS" --messages "$BENCH_MIXED_MESSAGES" --due-in "$BENCH_MIXED_DUE_S" \
+      --drain-timeout "$BENCH_DRAIN_TIMEOUT" | sed 's/^{/{"sim_latency_ms":0,/' | record
+    wait "$reporters"
+    record < "$LOGS/mixed-ingest-$b-$ph.json"
   fi
   if want push; then
     log "$b/$ph: push (safe mode)"

@@ -164,6 +164,12 @@ pub fn report(file: &str) {
                     )
                 } else if sc == "push" {
                     format!("{} applied/s", f(&r["items_per_s"]))
+                } else if sc == "mixed-drain" {
+                    format!(
+                        "{} sent/s drained ({} posted) beside reporters",
+                        f(&r["drain_sent_per_s"]),
+                        r["posted"]
+                    )
                 } else if sc == "campaign" {
                     format!(
                         "{} sent/s ({} recipients, created in {} ms)",
