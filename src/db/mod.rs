@@ -1081,14 +1081,7 @@ mod tests {
         for n in 1..=8 {
             let mut conn = db.dedicated().unwrap();
             writers.push(std::thread::spawn(move || insert(&mut conn, n)));
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while turns.waiting() != n as u64 {
-                assert!(
-                    Instant::now() < deadline,
-                    "writer {n} never waited for a turn"
-                );
-                std::thread::sleep(Duration::from_millis(1));
-            }
+            turns.until_waiting(n as u64);
         }
         release.send(()).unwrap();
         holder.join().unwrap().unwrap();

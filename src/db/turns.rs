@@ -72,9 +72,20 @@ impl Turns {
 
     /// Callers waiting for a turn (tests).
     #[cfg(test)]
-    pub(super) fn waiting(&self) -> u64 {
+    fn waiting(&self) -> u64 {
         let state = self.lock();
         (state.next - state.serving).saturating_sub(1 + state.gone.len() as u64)
+    }
+
+    /// Polls until `n` callers wait (tests; no timing asserted: it only orders
+    /// arrivals).
+    #[cfg(test)]
+    pub(super) fn until_waiting(&self, n: u64) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.waiting() != n {
+            assert!(Instant::now() < deadline, "{n} callers never waited");
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -99,15 +110,6 @@ impl Drop for Turn<'_> {
 mod tests {
     use super::*;
 
-    /// Polls until `n` callers wait (no timing asserted: it only orders the arrivals).
-    fn until_waiting(turns: &Turns, n: u64) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while turns.waiting() != n {
-            assert!(Instant::now() < deadline, "{n} callers never waited");
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    }
-
     #[test]
     fn turns_come_in_the_order_they_were_asked_for() {
         let turns = Arc::new(Turns::default());
@@ -120,7 +122,7 @@ mod tests {
                 let _turn = turns2.take(TURN_WAIT).expect("a turn within 10 s");
                 order.lock().unwrap().push(n);
             }));
-            until_waiting(&turns, n + 1);
+            turns.until_waiting(n + 1);
         }
         drop(first);
         for t in threads {
@@ -140,7 +142,7 @@ mod tests {
             let turns = turns.clone();
             move || turns.take(TURN_WAIT).is_some()
         });
-        until_waiting(&turns, 1);
+        turns.until_waiting(1);
         drop(first);
         assert!(third.join().unwrap(), "the third caller's turn never came");
     }

@@ -117,30 +117,6 @@ async fn recipients(app: &TestApp, key: &str, id: &str, limit: usize) -> Vec<Val
     }
 }
 
-/// Runs `sql` on the app's database: a count (`... AS n`), or rows changed. On the
-/// blocking pool, as the service's own queries run: the app shares the test's one
-/// async thread, which a query run in place would stall for its length at each poll.
-async fn sql_count(app: &TestApp, sql: &str) -> i64 {
-    use diesel::prelude::*;
-    #[derive(QueryableByName)]
-    struct N {
-        #[diesel(sql_type = diesel::sql_types::BigInt)]
-        n: i64,
-    }
-    let sql = sql.to_string();
-    let what = sql.clone();
-    app.db
-        .run(move |conn| {
-            Ok(if sql.starts_with("SELECT") {
-                formid_ledger::dispatch!(conn, |c| diesel::sql_query(&sql).get_result::<N>(c))?.n
-            } else {
-                formid_ledger::dispatch!(conn, |c| diesel::sql_query(&sql).execute(c))? as i64
-            })
-        })
-        .await
-        .unwrap_or_else(|e| panic!("{what}: {e}"))
-}
-
 async fn recipients_page(app: &TestApp, id: &str, limit: usize) -> Value {
     let (status, page) = app
         .get(
@@ -427,7 +403,7 @@ backend_app_tests! {
         let id = c["id"].as_str().unwrap().to_string();
         let c = until(&app, &id, 20, |c| !c["paused_until"].is_null()).await;
         assert_eq!(c["status"], "running", "{c}");
-        let held = || sql_count(&app, "SELECT COUNT(*) AS n FROM messages WHERE status = 'held'");
+        let held = || app.sql("SELECT COUNT(*) AS n FROM messages WHERE status = 'held'");
         let held_at_pause = held().await;
         assert!(held_at_pause > 0, "the pace had not released every recipient yet");
         // A fixed interval on purpose: nothing may happen in it (at 20/s the
@@ -441,8 +417,8 @@ backend_app_tests! {
         // and for the message that met 45009 (due again then).
         app.sim.sim.set_faults(helpers::Faults::default()).unwrap();
         app.sim.sim.reset_limits();
-        sql_count(&app, "UPDATE app_pauses SET until = '2000-01-01 00:00:00'").await;
-        sql_count(&app, "UPDATE messages SET next_attempt_at = '2000-01-01 00:00:00' WHERE status = 'queued'").await;
+        app.sql("UPDATE app_pauses SET until = '2000-01-01 00:00:00'").await;
+        app.sql("UPDATE messages SET next_attempt_at = '2000-01-01 00:00:00' WHERE status = 'queued'").await;
         let c = until(&app, &id, 30, finished).await;
         assert_eq!((c["status"].as_str(), c["counts"]["sent"].as_i64()), (Some("done"), Some(30)), "{c}");
         let to: HashSet<String> = app.sim.sim.deliveries().into_iter().map(|d| d.touser).collect();
@@ -465,7 +441,7 @@ backend_app_tests! {
         // It sends (no one holds a credential: no_quota) while recipients are made.
         until(&app, &id, 120, |c| c["counts"]["no_quota"].as_i64() >= Some(10)).await;
         let sending = started.elapsed();
-        let made = || sql_count(&app, "SELECT COUNT(*) AS n FROM messages WHERE campaign_id IS NOT NULL");
+        let made = || app.sql("SELECT COUNT(*) AS n FROM messages WHERE campaign_id IS NOT NULL");
         let all_made = helpers::eventually(Duration::from_secs(180), || async { made().await == 100_000 }).await;
         assert!(all_made, "{} of 100,000 made after {:?} (sending after {sending:?})", made().await, started.elapsed());
         let first = recipients_page(&app, &id, 3).await;

@@ -281,6 +281,29 @@ impl TestApp {
     }
 
     /// Rows in the credentials table: "nothing stored" checks.
+    /// Runs `sql` on the app's database: a count (`... AS n`), or rows changed. On the
+    /// blocking pool, as the service's own queries run: the app shares the test's one
+    /// async thread, which a query run in place would stall for its length at each poll.
+    pub async fn sql(&self, sql: &str) -> i64 {
+        #[derive(QueryableByName)]
+        struct N {
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            n: i64,
+        }
+        let sql = sql.to_string();
+        let what = sql.clone();
+        self.db
+            .run(move |conn| {
+                Ok(if sql.starts_with("SELECT") {
+                    dispatch!(conn, |c| diesel::sql_query(&sql).get_result::<N>(c))?.n
+                } else {
+                    dispatch!(conn, |c| diesel::sql_query(&sql).execute(c))? as i64
+                })
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e}"))
+    }
+
     pub fn credential_count(&self) -> i64 {
         use schema::credentials::dsl::credentials;
         let mut conn = self.db.get().expect("connection");

@@ -527,16 +527,6 @@ crate::helpers::backend_app_tests! {
     }
 }
 
-/// Runs one statement on the app's database, on the blocking pool as the service's
-/// own queries run.
-async fn execute(app: &crate::helpers::TestApp, sql: &'static str) {
-    use diesel::RunQueryDsl;
-    app.db
-        .run(move |conn| Ok(formid_ledger::dispatch!(conn, |c| diesel::sql_query(sql).execute(c))?))
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"));
-}
-
 /// On SQLite a group of reports and the wake-up of its users' waiting messages are
 /// one write transaction (one lock, one turn). So when the wake-up fails, the
 /// request is answered 503 and none of its credentials is kept: its retry is then
@@ -552,8 +542,7 @@ async fn a_report_whose_wake_up_fails_keeps_nothing_sqlite() {
     let waiting = json!({"openid": "u", "template_id": "TPL", "await_credential_s": 600});
     let (status, res) = app.post("/v1/messages", Some(KEY_SEND), &waiting).await;
     assert!(status < 300, "{status} {res}");
-    execute(
-        &app,
+    app.sql(
         "CREATE TRIGGER refuse_wake_up BEFORE UPDATE OF wakes ON messages \
          BEGIN SELECT RAISE(ABORT, 'wake-up refused'); END",
     )
@@ -567,7 +556,7 @@ async fn a_report_whose_wake_up_fails_keeps_nothing_sqlite() {
     );
     assert_eq!(app.credential_count(), 0, "the refused report kept nothing");
 
-    execute(&app, "DROP TRIGGER refuse_wake_up").await;
+    app.sql("DROP TRIGGER refuse_wake_up").await;
     let (status, res) = app.post("/v1/credentials", Some(KEY_SEND), &report).await;
     assert_eq!((status, res["accepted"].as_u64()), (200, Some(1)), "{res}");
     assert_eq!(app.credential_count(), 1);
